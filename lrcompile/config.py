@@ -1,0 +1,57 @@
+"""The compile configuration: one field per CLI option of ``lrcompile compile``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from lrcompile import decompose
+from lrcompile.verify import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
+from lrcompile.errors import LrcompileError
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    """What to factor and how, and how to check the result.
+
+    Attributes:
+        rank: Default rank spec: ``64``, ``0.5`` or ``energy:0.95`` (see ``lrcompile.ranks``).
+        overrides: JSON/YAML file mapping glob patterns of node or weight names to a spec or
+            ``skip``; the first matching pattern wins.
+        rank_multiple: Ranks are rounded to multiples of this (tensor cores want 16).
+        decomposition: ``auto`` (randomized SVD for large weights at low rank), ``exact`` or
+            ``randomized``.
+        seed: Seed of the randomized SVD and of synthetic verification inputs.
+        allow_no_saving: Factor layers even when the rank saves nothing (for experiments).
+        external_data: Always write weights to ``<output>.data`` (automatic above 2 GB).
+        verify: Compare the output with the input model after compiling.
+        tolerance: Largest relative L2 error of any output that verification accepts.
+        verify_data: ``.npz`` of inputs for verification (synthetic inputs when None).
+        input_shapes: ``name:DxD`` entries giving shapes of synthetic inputs.
+        batch_size: Rows per verification batch.
+    """
+
+    rank: str
+    overrides: Path | None = None
+    rank_multiple: int = 16
+    decomposition: str = "auto"
+    seed: int = 0
+    allow_no_saving: bool = False
+    external_data: bool = False
+    verify: bool = True
+    tolerance: float = DEFAULT_TOLERANCE
+    verify_data: Path | None = None
+    input_shapes: tuple[str, ...] = ()
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+    def __post_init__(self) -> None:
+        if self.rank_multiple < 1:
+            raise LrcompileError(f"rank multiple must be >= 1, got {self.rank_multiple}")
+        if self.decomposition not in decompose.METHODS:
+            raise LrcompileError(
+                f"decomposition {self.decomposition!r} is not one of {', '.join(decompose.METHODS)}"
+            )
+        if not self.tolerance >= 0:
+            raise LrcompileError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.batch_size < 1:
+            raise LrcompileError(f"batch size must be >= 1, got {self.batch_size}")

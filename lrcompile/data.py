@@ -1,0 +1,193 @@
+"""Model inputs: ``.npz`` files checked against the model, batching, and synthetic data.
+
+An ``.npz`` holds one array per model input, samples along axis 0. Batches are slices along that
+axis: ``batch_size`` rows, or exactly the model's batch dimension when it is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from lrcompile.errors import DataError
+
+Feed = dict[str, np.ndarray]
+_SHAPE = re.compile(r"^([^:]+):(\d+(?:x\d+)*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, numpy dtype, and dimensions (int when static, else a name or None)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+def model_inputs(model: ir.Model) -> list[InputSpec]:
+    """The graph inputs that are fed at run time (initializers listed as inputs excluded)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.const_value is not None or value.name in model.graph.initializers:
+            continue
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        dims = tuple(
+            d if isinstance(d, int) else (d.value if d is not None else None)
+            for d in (value.shape or ())
+        )
+        specs.append(InputSpec(value.name or "", np.dtype(dtype), dims))
+    return specs
+
+
+def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Parses ``["input_ids:1x128", "mask:1x128"]`` (comma-separated entries too).
+
+    Raises:
+        DataError: An entry is not ``name:DxDx...``.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        for entry in filter(None, (e.strip() for e in item.split(","))):
+            match = _SHAPE.match(entry)
+            if not match:
+                raise DataError(
+                    f"invalid input shape {entry!r}: expected name:DxDx..., e.g. input_ids:1x128"
+                )
+            shapes[match.group(1)] = tuple(int(d) for d in match.group(2).split("x"))
+    return shapes
+
+
+def load_npz(path: str | Path, inputs: Sequence[InputSpec]) -> Feed:
+    """Reads an ``.npz`` and checks it against the model's inputs.
+
+    Raises:
+        DataError: The file is missing or not an npz, is empty, names an unknown input, lacks an
+            input, or has an array of the wrong dtype, rank, static dimension or length.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file, expected an .npz of model inputs") from None
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    if not isinstance(arrays, dict) or not arrays:
+        raise DataError(f"{path}: holds no arrays, expected one per model input")
+    check_feed(str(path), arrays, inputs)
+    return arrays
+
+
+def check_feed(source: str, arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec]) -> None:
+    """Checks names, dtypes, ranks, static dimensions and lengths of ``arrays`` (see load_npz)."""
+    expected = {spec.name: spec for spec in inputs}
+    names = ", ".join(expected) or "none"
+    for name in arrays:
+        if name not in expected:
+            raise DataError(f"{source}: array {name!r} is not a model input (inputs: {names})")
+    for spec in inputs:
+        if spec.name not in arrays:
+            raise DataError(f"{source}: no array for model input {spec.name!r}")
+        _check_array(source, arrays[spec.name], spec)
+    lengths = {name: array.shape[0] for name, array in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{source}: arrays differ in length along axis 0: {lengths}")
+    if next(iter(lengths.values())) == 0:
+        raise DataError(f"{source}: arrays hold no samples (length 0 along axis 0)")
+
+
+def _check_array(source: str, array: np.ndarray, spec: InputSpec) -> None:
+    where = f"{source}: array {spec.name!r}"
+    if array.dtype != spec.dtype:
+        raise DataError(f"{where} has dtype {array.dtype}, the model expects {spec.dtype}")
+    if array.ndim != len(spec.shape) or array.ndim == 0:
+        raise DataError(
+            f"{where} has shape {list(array.shape)}, the model expects rank {len(spec.shape)}"
+            f" {_format_shape(spec.shape)} with samples along axis 0"
+        )
+    for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+        if axis > 0 and isinstance(want, int) and got != want:
+            raise DataError(
+                f"{where} has shape {list(array.shape)}, the model expects"
+                f" {_format_shape(spec.shape)} (axis {axis} must be {want})"
+            )
+    batch = spec.shape[0]
+    if isinstance(batch, int) and array.shape[0] % batch:
+        raise DataError(
+            f"{where} has {array.shape[0]} samples, not a multiple of the model's static batch"
+            f" dimension {batch}"
+        )
+
+
+def batches(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec], batch_size: int) -> list[Feed]:
+    """Slices ``arrays`` along axis 0 into feeds of ``batch_size`` rows (or the static batch)."""
+    static = {spec.shape[0] for spec in inputs if isinstance(spec.shape[0], int)}
+    size = static.pop() if len(static) == 1 else batch_size
+    total = next(iter(arrays.values())).shape[0]
+    return [
+        {name: np.ascontiguousarray(array[start : start + size]) for name, array in arrays.items()}
+        for start in range(0, total, size)
+    ]
+
+
+def resolve_shapes(
+    inputs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]], batch_size: int
+) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes for synthetic data: ``shapes`` where given, else static dimensions,
+    ``batch_size`` for a dynamic leading dimension and 1 for any other dynamic dimension.
+
+    Raises:
+        DataError: ``shapes`` names an unknown input or contradicts a static dimension.
+    """
+    known = {spec.name for spec in inputs}
+    for name in shapes:
+        if name not in known:
+            raise DataError(f"--input-shapes: {name!r} is not a model input (inputs: {sorted(known)})")
+    resolved = {}
+    for spec in inputs:
+        if spec.name in shapes:
+            shape = tuple(shapes[spec.name])
+            _check_given_shape(spec, shape)
+        else:
+            shape = tuple(
+                d if isinstance(d, int) else (batch_size if axis == 0 else 1)
+                for axis, d in enumerate(spec.shape)
+            )
+        resolved[spec.name] = shape
+    return resolved
+
+
+def _check_given_shape(spec: InputSpec, shape: tuple[int, ...]) -> None:
+    fits = len(shape) == len(spec.shape) and all(
+        not isinstance(want, int) or want == got for got, want in zip(shape, spec.shape, strict=True)
+    )
+    if not fits:
+        raise DataError(
+            f"--input-shapes: {spec.name}:{'x'.join(map(str, shape))} does not fit the model's"
+            f" input shape {_format_shape(spec.shape)}"
+        )
+
+
+def synthetic_feeds(
+    inputs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]], iterations: int, seed: int
+) -> Iterator[Feed]:
+    """Seeded random feeds from Polygraphy's ``DataLoader`` with the given concrete shapes."""
+    from polygraphy.common import TensorMetadata
+    from polygraphy.comparator import DataLoader
+
+    metadata = TensorMetadata()
+    for spec in inputs:
+        metadata.add(spec.name, spec.dtype, shapes[spec.name])
+    loader = DataLoader(seed=seed, iterations=iterations, input_metadata=metadata)
+    for index in range(iterations):
+        yield {name: np.asarray(array) for name, array in loader[index].items()}
+
+
+def _format_shape(shape: Sequence[int | str | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

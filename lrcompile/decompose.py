@@ -1,0 +1,146 @@
+"""Low-rank decompositions of weight matrices: plain functions on arrays, no ONNX.
+
+``W[K, N] ~= left[K, r] @ right[r, N]`` with balanced factors: the square roots of the singular
+values go to each side, so both factors have similar ranges (FP8 quantization depends on it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+Method = Literal["exact", "randomized"]
+METHODS: tuple[str, ...] = ("auto", "exact", "randomized")
+
+# Randomized SVD pays off once the rank is well below the dimension; below this size an exact
+# SVD takes milliseconds anyway.
+RANDOMIZED_MIN_DIM = 512
+RANDOMIZED_MAX_RANK_FRACTION = 0.25
+DEFAULT_OVERSAMPLE = 16
+DEFAULT_POWER_ITERATIONS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Factorization:
+    """A rank-r factorization ``W ~= left @ right`` and what it keeps of ``W``."""
+
+    left: np.ndarray
+    right: np.ndarray
+    singular_values: np.ndarray
+    total_energy: float
+    method: Method
+
+    @property
+    def rank(self) -> int:
+        return int(self.singular_values.shape[0])
+
+    @property
+    def kept_energy(self) -> float:
+        """Fraction of ``||W||_F^2`` kept: sum of the kept squared singular values over the total."""
+        if self.total_energy == 0.0:
+            return 1.0
+        kept = float(np.sum(np.square(self.singular_values, dtype=np.float64)))
+        return min(1.0, kept / self.total_energy)
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype decompositions run in: float64 stays float64, everything else is float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def choose_method(shape: tuple[int, int], rank: int) -> Method:
+    """Randomized SVD for large matrices at ranks well below their dimension, exact otherwise."""
+    small = min(shape)
+    if small >= RANDOMIZED_MIN_DIM and rank <= RANDOMIZED_MAX_RANK_FRACTION * small:
+        return "randomized"
+    return "exact"
+
+
+def svd_exact(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD ``w = u @ diag(s) @ vt`` with deterministic signs."""
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    return _fix_signs(u, s, vt)
+
+
+def svd_randomized(
+    w: np.ndarray,
+    rank: int,
+    *,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    power_iterations: int = DEFAULT_POWER_ITERATIONS,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank-``rank`` truncated SVD by randomized range finding (Halko, Martinsson, Tropp 2011).
+
+    Sketches the range of ``w`` with ``rank + oversample`` Gaussian test vectors, sharpens it with
+    ``power_iterations`` rounds of subspace iteration (re-orthonormalized each half step, which
+    keeps small singular values from drowning in rounding), then takes an exact SVD of the small
+    projected matrix. The same ``seed`` gives the same result.
+    """
+    m, n = w.shape
+    sketch = min(rank + oversample, m, n)
+    rng = np.random.default_rng(seed)
+    omega = rng.standard_normal((n, sketch)).astype(w.dtype, copy=False)
+    q, _ = np.linalg.qr(w @ omega)
+    for _ in range(power_iterations):
+        z, _ = np.linalg.qr(w.T @ q)
+        q, _ = np.linalg.qr(w @ z)
+    ub, s, vt = np.linalg.svd(q.T @ w, full_matrices=False)
+    u, s, vt = _fix_signs(q @ ub[:, :rank], s[:rank], vt[:rank])
+    return u, s, vt
+
+
+def factorize(w: np.ndarray, rank: int, *, method: Method = "exact", seed: int = 0) -> Factorization:
+    """Best rank-``rank`` approximation of ``w`` as balanced factors in ``w``'s compute dtype.
+
+    Args:
+        w: A 2-D weight ``[K, N]``.
+        rank: Rank to keep, ``1 <= rank <= min(K, N)``.
+        method: ``"exact"`` (LAPACK SVD) or ``"randomized"`` (seeded randomized SVD).
+        seed: Seed of the randomized method.
+
+    Returns:
+        The factorization; ``left`` is ``[K, rank]`` and ``right`` is ``[rank, N]``.
+    """
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {w.shape}")
+    if not 1 <= rank <= min(w.shape):
+        raise ValueError(f"rank {rank} is outside [1, {min(w.shape)}] for shape {w.shape}")
+    work = np.asarray(w, dtype=compute_dtype(w.dtype))
+    total = float(np.sum(np.square(work, dtype=np.float64)))
+    if method == "randomized":
+        u, s, vt = svd_randomized(work, rank, seed=seed)
+    else:
+        u, s, vt = svd_exact(work)
+        u, s, vt = u[:, :rank], s[:rank], vt[:rank]
+    root = np.sqrt(s)
+    left = np.ascontiguousarray(u * root[np.newaxis, :])
+    right = np.ascontiguousarray(root[:, np.newaxis] * vt)
+    return Factorization(left, right, s, total, method)
+
+
+def singular_values(w: np.ndarray) -> np.ndarray:
+    """All singular values of ``w``, largest first."""
+    return np.linalg.svd(np.asarray(w, dtype=compute_dtype(w.dtype)), compute_uv=False)
+
+
+def relative_error(w: np.ndarray, left: np.ndarray, right: np.ndarray) -> float:
+    """``||w - left @ right||_F / ||w||_F`` computed in float64 (0 for an all-zero ``w``)."""
+    w64 = np.asarray(w, dtype=np.float64)
+    norm = float(np.linalg.norm(w64))
+    if norm == 0.0:
+        return 0.0
+    approx = np.asarray(left, dtype=np.float64) @ np.asarray(right, dtype=np.float64)
+    return float(np.linalg.norm(w64 - approx)) / norm
+
+
+def _fix_signs(
+    u: np.ndarray, s: np.ndarray, vt: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # Singular vectors are defined up to sign; pinning the sign of each column's largest entry
+    # makes the factors independent of LAPACK's internal choices.
+    pivot = u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])]
+    signs = np.where(pivot < 0, -1.0, 1.0).astype(u.dtype)
+    return u * signs, s, vt * signs[:, np.newaxis]

@@ -1,0 +1,193 @@
+"""Loading and saving models: validated on the way in, atomic on the way out.
+
+Loading reads the protobuf without its external data; weights stay memory-mapped
+(``onnx_ir.ExternalTensor``) until a pass reads them. Every external-data reference is checked
+first: it must stay inside the model's folder (a ``location`` of ``../../etc/passwd`` or an absolute
+path is an ONNX path-traversal vulnerability class) and lie within its file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from lrcompile.errors import ModelLoadError, OutputPathError
+
+# ONNX Runtime rejects IR version 14 (what onnx 1.23 writes); 10 is accepted everywhere we target.
+OUTPUT_IR_VERSION = 10
+# Protobuf cannot serialize 2 GiB; leave room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+
+
+def load_model(path: str | Path) -> ir.Model:
+    """Loads and validates a model, leaving external weights on disk until they are read.
+
+    Raises:
+        ModelLoadError: The file is missing or not ONNX, fails the ONNX checker, or references
+            external data that is missing, outside the model's folder, or out of range.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "no such file"
+        raise ModelLoadError(f"{path}: {what}, expected an ONNX model file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError) as e:
+        raise ModelLoadError(f"{path}: not an ONNX model (protobuf does not parse: {e})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e.strerror})") from None
+    if not proto.HasField("graph"):
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph in the file)")
+    for tensor in _external_tensors(proto.graph):
+        _check_external_reference(path, tensor)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(e)}") from None
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    return model
+
+
+def external_data_files(path: str | Path) -> set[Path]:
+    """The resolved external-data files that the model at ``path`` references."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    return {
+        (path.parent / _location(t)).resolve() for t in _external_tensors(proto.graph)
+    }
+
+
+def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> None:
+    """Saves ``model`` to ``path`` atomically, with IR version 10.
+
+    The model and its external data are written into a temporary folder beside ``path`` and
+    renamed into place; a failure leaves nothing behind.
+
+    Args:
+        model: The model; it is not changed except for loading external tensors into memory when
+            the output is saved without external data.
+        path: Output path.
+        external_data: ``True`` writes all weights to ``<name>.data`` beside the model, ``False``
+            keeps them inline, ``None`` chooses external data when the model would pass 2 GB.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    model.ir_version = min(model.ir_version, OUTPUT_IR_VERSION)
+    data_name = f"{path.name}.data" if external_data else None
+    if not external_data:
+        # Tensors still pointing into the input's data file would be written as references to it.
+        ir.external_data.load_to_model(model)
+    with _staging_folder(path.parent) as staging:
+        ir.save(model, staging / path.name, external_data=data_name)
+        if data_name is not None:
+            os.replace(staging / data_name, path.parent / data_name)
+        os.replace(staging / path.name, path)
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers of the main graph (what an inline model would carry)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += math.ceil(math.prod(tensor.shape.numpy()) * tensor.dtype.itemsize)
+    return total
+
+
+def check_output_path(input_path: str | Path, output_path: str | Path) -> None:
+    """Refuses an output that would overwrite the input model or its external data.
+
+    Raises:
+        OutputPathError: ``output_path`` is the input, its folder is missing, or its data file
+            would overwrite one the input reads.
+    """
+    src, dst = Path(input_path).resolve(), Path(output_path).resolve()
+    if src == dst:
+        raise OutputPathError(f"{output_path}: the output must not be the input model")
+    if not dst.parent.is_dir():
+        raise OutputPathError(f"{output_path}: the output folder {dst.parent} does not exist")
+    if dst.is_dir():
+        raise OutputPathError(f"{output_path}: is a directory, expected a file path")
+    data = dst.parent / f"{dst.name}.data"
+    if data in external_data_files(src) or data == src:
+        raise OutputPathError(
+            f"{output_path}: its external data file {data.name} is read by the input model;"
+            " choose another output name"
+        )
+
+
+@contextlib.contextmanager
+def _staging_folder(parent: Path) -> Iterator[Path]:
+    staging = Path(tempfile.mkdtemp(prefix=".lrcompile-", dir=parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _external_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t") and attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                yield attr.t
+            if attr.HasField("g"):
+                yield from _external_tensors(attr.g)
+            for subgraph in attr.graphs:
+                yield from _external_tensors(subgraph)
+
+
+def _location(tensor: onnx.TensorProto) -> str:
+    return next((e.value for e in tensor.external_data if e.key == "location"), "")
+
+
+def _check_external_reference(model_path: Path, tensor: onnx.TensorProto) -> None:
+    info = {e.key: e.value for e in tensor.external_data}
+    where = f"{model_path}: tensor {tensor.name!r}"
+    location = info.get("location", "")
+    if not location:
+        raise ModelLoadError(f"{where}: external data without a 'location'")
+    folder = model_path.parent.resolve()
+    target = (folder / location).resolve()
+    if os.path.isabs(location) or not target.is_relative_to(folder):
+        raise ModelLoadError(
+            f"{where}: external data location {location!r} points outside the model's folder"
+            f" {folder}; expected a relative path inside it"
+        )
+    if not target.is_file():
+        raise ModelLoadError(f"{where}: external data file {location!r} is missing")
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        raise ModelLoadError(f"{where}: external data offset/length are not integers") from None
+    size = target.stat().st_size
+    expected = math.ceil(math.prod(tensor.dims) * ir.DataType(tensor.data_type).itemsize)
+    if length is not None and length != expected:
+        raise ModelLoadError(
+            f"{where}: external data length {length} does not match its shape"
+            f" {list(tensor.dims)} ({expected} bytes)"
+        )
+    if offset < 0 or offset + expected > size:
+        raise ModelLoadError(
+            f"{where}: external data [{offset}, {offset + expected}) lies outside {location!r}"
+            f" ({size} bytes); the file is truncated or the offset is wrong"
+        )
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(error).__name__

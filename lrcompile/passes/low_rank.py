@@ -1,0 +1,204 @@
+"""Factor constant MatMul/Gemm weights into two low-rank factors.
+
+    MatMul(x, W[K,N])        -> MatMul(MatMul(x, A[K,r]), B[r,N])
+    Gemm(a, W, C; alpha, tA, tB) -> Gemm(Gemm(a, A; tA), B, C; beta)   (A B ~= alpha * op(W))
+
+``A = U_r sqrt(S_r)`` and ``B = sqrt(S_r) V_r^T`` (balanced factors), stored in the weight's
+dtype as initializers ``<weight>_lr_A`` and ``<weight>_lr_B``. Nodes sharing a weight share the
+factors. The last node keeps the original output name, so the model's signature is unchanged.
+
+Preconditions: the candidates of ``lrcompile.candidates``. A layer stays dense when its rank
+saves nothing (``r*(K+N) >= K*N``), when its weight holds NaN/Inf, or when an override says
+``skip``. Runs first in the pipeline; the cleanup pass then drops the dense weights left unused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from lrcompile import decompose, ranks
+from lrcompile.candidates import Skipped, WeightGroup, find_candidates
+from lrcompile.report import LayerReport
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int, str], None]
+
+
+@dataclasses.dataclass
+class FactorizeResult(ir.passes.PassResult):
+    """The pass result, with one report entry per weight group and per skipped node."""
+
+    layers: list[LayerReport] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizeLowRankPass(ir.passes.InPlacePass):
+    """Replaces ``MatMul(x, W)`` by ``MatMul(MatMul(x, A), B)`` with ``A @ B`` the rank-r SVD of W."""
+
+    rank: ranks.RankSpec
+    overrides: tuple[ranks.Override, ...] = ()
+    rank_multiple: int = 16
+    decomposition: str = "auto"
+    seed: int = 0
+    allow_no_saving: bool = False
+    progress: ProgressCallback | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.rank.kind == "skip":
+            raise ValueError("the default rank spec cannot be 'skip'")
+        if self.rank_multiple < 1:
+            raise ValueError(f"rank_multiple must be >= 1, got {self.rank_multiple}")
+        if self.decomposition not in decompose.METHODS:
+            raise ValueError(
+                f"decomposition must be one of {decompose.METHODS}, got {self.decomposition!r}"
+            )
+
+    def call(self, model: ir.Model) -> FactorizeResult:
+        groups, skipped = find_candidates(model.graph)
+        layers: list[LayerReport] = []
+        for index, group in enumerate(groups):
+            if self.progress is not None:
+                self.progress(index, len(groups), group.name)
+            layers.append(self._factor_group(model.graph, group))
+        if self.progress is not None and groups:
+            self.progress(len(groups), len(groups), "")
+        layers.extend(_skipped_report(s) for s in skipped)
+        modified = any(layer.status == "factored" for layer in layers)
+        return FactorizeResult(model, modified, layers)
+
+    def _factor_group(self, graph: ir.Graph, group: WeightGroup) -> LayerReport:
+        start = time.perf_counter()
+        k, n = group.shape
+        names = [group.name, *(node.name or "" for node in group.nodes)]
+        spec = ranks.resolve_spec(self.rank, self.overrides, names)
+        base = _base_report(group, spec)
+        if spec.kind == "skip":
+            return dataclasses.replace(base, status="dense", reason="override says skip")
+        weight = _effective_weight(group)
+        if not np.all(np.isfinite(weight)):
+            return dataclasses.replace(base, status="dense", reason="weight contains NaN or Inf")
+        factors, rank = self._decompose(weight, spec, group.name)
+        if factors is None:
+            return dataclasses.replace(
+                base,
+                status="dense",
+                rank=rank,
+                reason=f"rank {rank} saves nothing (break-even rank"
+                f" {ranks.break_even_rank(k, n):.0f})",
+            )
+        dtype = group.tensor.dtype.numpy()
+        left, right = factors.left.astype(dtype), factors.right.astype(dtype)
+        _rewrite(graph, group, left, right)
+        return dataclasses.replace(
+            base,
+            status="factored",
+            rank=rank,
+            method=factors.method,
+            kept_energy=factors.kept_energy,
+            relative_error=decompose.relative_error(weight, left, right),
+            params_after=rank * (k + n),
+            flops_after=rank * (k + n) * len(group.nodes),
+            seconds=time.perf_counter() - start,
+        )
+
+    def _decompose(
+        self, weight: np.ndarray, spec: ranks.RankSpec, name: str
+    ) -> tuple[decompose.Factorization | None, int]:
+        """The factorization at the rank ``spec`` gives, or None and the rank when it saves nothing."""
+        k, n = weight.shape
+        spectrum = decompose.singular_values(weight) if spec.needs_spectrum else None
+        rank = ranks.choose_rank(spec, k, n, multiple=self.rank_multiple, spectrum=spectrum)
+        if not (self.allow_no_saving or ranks.saves(rank, k, n)):
+            return None, rank
+        method = self.decomposition
+        if method == "auto":
+            method = decompose.choose_method((k, n), rank)
+        # A per-weight seed keeps each layer's randomized SVD independent of the order of layers.
+        seed = zlib.crc32(name.encode()) ^ self.seed
+        factors = decompose.factorize(weight, rank, method=method, seed=seed)
+        logger.debug("%s: rank %d of %dx%d by %s SVD", name, rank, k, n, method)
+        return factors, rank
+
+
+def _effective_weight(group: WeightGroup) -> np.ndarray:
+    weight = group.tensor.numpy()
+    if group.transposed:
+        weight = weight.T
+    if group.alpha != 1.0:
+        weight = weight.astype(decompose.compute_dtype(weight.dtype)) * group.alpha
+    return weight
+
+
+def _base_report(group: WeightGroup, spec: ranks.RankSpec) -> LayerReport:
+    k, n = group.shape
+    return LayerReport(
+        nodes=tuple(node.name or "" for node in group.nodes),
+        op=group.nodes[0].op_type,
+        weight=group.weight.name,
+        status="dense",
+        shape=(k, n),
+        spec=str(spec),
+        params_before=k * n,
+        params_after=k * n,
+        flops_before=k * n * len(group.nodes),
+        flops_after=k * n * len(group.nodes),
+    )
+
+
+def _skipped_report(skipped: Skipped) -> LayerReport:
+    node = skipped.node
+    weight = node.inputs[1].name if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    return LayerReport(
+        nodes=(node.name or "",), op=node.op_type, weight=weight, status="skipped",
+        reason=skipped.reason,
+    )
+
+
+def _rewrite(graph: ir.Graph, group: WeightGroup, left: np.ndarray, right: np.ndarray) -> None:
+    a = _initializer(graph, f"{group.name}_lr_A", left)
+    b = _initializer(graph, f"{group.name}_lr_B", right)
+    for node in group.nodes:
+        first, second = _factored_nodes(node, a, b)
+        output = node.outputs[0]
+        first.outputs[0].name = f"{output.name}_lr_mid"
+        first.outputs[0].type = output.type
+        if output.shape is not None and len(output.shape) > 0:
+            first.outputs[0].shape = ir.Shape([*list(output.shape)[:-1], left.shape[1]])
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], [first, second], [output], [second.outputs[0]]
+        )
+
+
+def _factored_nodes(node: ir.Node, a: ir.Value, b: ir.Value) -> tuple[ir.Node, ir.Node]:
+    x = node.inputs[0]
+    name = node.name or node.outputs[0].name
+    if node.op_type == "MatMul":
+        first = ir.node("MatMul", [x, a], name=f"{name}_lr_A")
+        second = ir.node("MatMul", [first.outputs[0], b], name=f"{name}_lr_B")
+        return first, second
+    trans_a = node.attributes.get_int("transA", 0)
+    first = ir.node("Gemm", [x, a], {"transA": trans_a}, name=f"{name}_lr_A")
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    attributes = {"beta": node.attributes.get_float("beta", 1.0)} if bias is not None else {}
+    inputs = [first.outputs[0], b] + ([bias] if bias is not None else [])
+    second = ir.node("Gemm", inputs, attributes, name=f"{name}_lr_B")
+    return first, second
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    unique, suffix = name, 1
+    while unique in graph.initializers:
+        unique, suffix = f"{name}_{suffix}", suffix + 1
+    value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
+    value.shape = ir.Shape(array.shape)
+    value.type = ir.TensorType(value.const_value.dtype)
+    graph.register_initializer(value)
+    return value

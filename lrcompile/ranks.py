@@ -1,0 +1,212 @@
+"""Rank specs, per-layer overrides and the rank each spec gives a layer: plain numerics.
+
+Specs, as the user writes them:
+
+- ``64``: a fixed rank (rounded UP to the rank multiple, so never less accurate than asked);
+- ``0.5``: the fraction of the layer's weight parameters kept, ``r = floor(f*K*N/(K+N))``
+  (rounded DOWN to the multiple, so never over the budget);
+- ``energy:0.95``: the smallest rank keeping that fraction of the squared singular values
+  (rounded UP);
+- ``skip`` (overrides only): leave the layer dense.
+
+``auto`` is reserved for the calibrated search and not accepted yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from lrcompile.errors import RankSpecError
+
+SpecKind = Literal["fixed", "fraction", "energy", "skip"]
+SPEC_HELP = "an integer rank (64), a fraction of parameters kept (0.5), or energy:F (energy:0.95)"
+_ENERGY = re.compile(r"^energy:(.+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankSpec:
+    """How to choose one layer's rank."""
+
+    kind: SpecKind
+    value: float = 0.0
+
+    def __str__(self) -> str:
+        if self.kind == "fixed":
+            return str(int(self.value))
+        if self.kind == "energy":
+            return f"energy:{self.value:g}"
+        if self.kind == "skip":
+            return "skip"
+        return f"{self.value:g}"
+
+    @property
+    def needs_spectrum(self) -> bool:
+        """Whether choosing the rank needs every singular value of the weight."""
+        return self.kind == "energy"
+
+    @classmethod
+    def parse(cls, text: str | float, *, allow_skip: bool = False) -> RankSpec:
+        """Parses ``64``, ``0.5``, ``energy:0.95`` (and ``skip`` where allowed).
+
+        Raises:
+            RankSpecError: The text is none of those.
+        """
+        if isinstance(text, bool):
+            raise RankSpecError(f"invalid rank spec {text!r}: expected {SPEC_HELP}")
+        if isinstance(text, int):
+            return cls._fixed(text, str(text))
+        if isinstance(text, float):
+            return cls._fraction(text, str(text))
+        raw = str(text).strip()
+        if raw == "auto":
+            raise RankSpecError(
+                "rank spec 'auto' is reserved for the calibrated search, which is not available"
+                f" in this version: use {SPEC_HELP}"
+            )
+        if raw == "skip":
+            if allow_skip:
+                return cls("skip")
+            raise RankSpecError("rank spec 'skip' is only valid in a per-layer override file")
+        match = _ENERGY.match(raw)
+        if match:
+            return cls("energy", _unit_interval(match.group(1), raw))
+        if re.fullmatch(r"[+]?\d+", raw):
+            return cls._fixed(int(raw), raw)
+        try:
+            return cls._fraction(float(raw), raw)
+        except ValueError:
+            raise RankSpecError(f"invalid rank spec {raw!r}: expected {SPEC_HELP}") from None
+
+    @classmethod
+    def _fixed(cls, rank: int, raw: str) -> RankSpec:
+        if rank < 1:
+            raise RankSpecError(f"invalid rank spec {raw!r}: a fixed rank must be >= 1")
+        return cls("fixed", float(rank))
+
+    @classmethod
+    def _fraction(cls, fraction: float, raw: str) -> RankSpec:
+        return cls("fraction", _unit_interval(fraction, raw))
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """A glob pattern over node or weight names and the spec for the layers it matches."""
+
+    pattern: str
+    spec: RankSpec
+
+
+def load_overrides(path: str | Path) -> tuple[Override, ...]:
+    """Reads a JSON or YAML mapping ``{glob pattern: spec or "skip"}``, in file order.
+
+    Raises:
+        RankSpecError: The file is missing, unparsable, not a mapping, or holds a bad spec.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RankSpecError(f"{path}: cannot read the override file ({e.strerror})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml  # only needed for YAML override files
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # json and yaml raise many types; the message is what matters
+        raise RankSpecError(f"{path}: not valid JSON/YAML: {_first_line(e)}") from None
+    if not isinstance(data, dict) or not data:
+        raise RankSpecError(f"{path}: expected a non-empty mapping of name pattern -> rank spec")
+    overrides = []
+    for pattern, spec in data.items():
+        try:
+            overrides.append(Override(str(pattern), RankSpec.parse(spec, allow_skip=True)))
+        except RankSpecError as e:
+            raise RankSpecError(f"{path}: pattern {pattern!r}: {e}") from None
+    return tuple(overrides)
+
+
+def resolve_spec(default: RankSpec, overrides: Sequence[Override], names: Iterable[str]) -> RankSpec:
+    """The spec of the first override whose pattern matches any of ``names``, else ``default``."""
+    names = [n for n in names if n]
+    for override in overrides:
+        if any(fnmatch.fnmatchcase(name, override.pattern) for name in names):
+            return override.spec
+    return default
+
+
+def break_even_rank(k: int, n: int) -> float:
+    """The rank at which ``r*(K+N) == K*N``: factoring at this rank or above saves nothing."""
+    return k * n / (k + n)
+
+
+def saves(rank: int, k: int, n: int) -> bool:
+    """Whether rank ``rank`` stores (and computes) strictly less than the dense ``K x N``."""
+    return rank * (k + n) < k * n
+
+
+def choose_rank(
+    spec: RankSpec,
+    k: int,
+    n: int,
+    *,
+    multiple: int = 16,
+    spectrum: np.ndarray | None = None,
+) -> int:
+    """The rank ``spec`` gives a ``K x N`` weight, rounded to ``multiple`` and clamped to min(K, N).
+
+    Args:
+        spec: A fixed, fraction or energy spec.
+        k: Rows of the weight (input features).
+        n: Columns of the weight (output features).
+        multiple: Ranks are multiples of this (1 disables rounding).
+        spectrum: All singular values, largest first; required for energy specs.
+    """
+    full = min(k, n)
+    if spec.kind == "fixed":
+        rank = _round_up(int(spec.value), multiple)
+    elif spec.kind == "fraction":
+        rank = max(multiple, _round_down(math.floor(spec.value * k * n / (k + n)), multiple))
+    elif spec.kind == "energy":
+        if spectrum is None:
+            raise ValueError("an energy spec needs the singular values")
+        energy = np.cumsum(np.square(spectrum, dtype=np.float64))
+        if energy[-1] == 0.0:
+            return min(full, multiple)
+        needed = int(np.searchsorted(energy, spec.value * energy[-1] * (1 - 1e-12))) + 1
+        rank = _round_up(needed, multiple)
+    else:
+        raise ValueError(f"spec {spec} gives no rank")
+    return max(1, min(rank, full))
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _round_down(value: int, multiple: int) -> int:
+    return value // multiple * multiple
+
+
+def _unit_interval(value: str | float, raw: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise RankSpecError(f"invalid rank spec {raw!r}: expected {SPEC_HELP}") from None
+    if not 0.0 < number <= 1.0 or math.isnan(number):
+        raise RankSpecError(f"invalid rank spec {raw!r}: the fraction must be in (0, 1]")
+    return number
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,233 @@
+"""Accuracy check: run a reference and a candidate model on the same inputs and compare outputs.
+
+Polygraphy's ``Comparator`` runs both ONNX Runtime sessions in streaming mode (one batch in memory
+at a time); per output the error is accumulated over all batches:
+
+- relative L2 error ``||y - y_ref|| / ||y_ref||`` over all data (the gate: ``<= tolerance``);
+- cosine similarity of the flattened outputs;
+- max absolute error.
+
+A relative L2 over all data is used rather than Polygraphy's elementwise default, which fails
+compressed models on near-zero outputs (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lrcompile import data as data_lib
+from lrcompile.errors import LrcompileError
+from lrcompile.model_io import load_model
+
+logger = logging.getLogger(__name__)
+
+# 5% relative L2 over all outputs: low-rank compression always costs some accuracy, and the gate
+# should pass a model whose outputs are close in aggregate while failing one that drifted.
+DEFAULT_TOLERANCE = 0.05
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_ITERATIONS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputMetrics:
+    """How far one candidate output is from the reference over all data."""
+
+    name: str
+    relative_l2: float
+    cosine: float
+    max_abs_error: float
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """The comparison of every output, and the verdict."""
+
+    outputs: tuple[OutputMetrics, ...]
+    tolerance: float
+    batches: int
+    data_source: str
+
+    @property
+    def passed(self) -> bool:
+        return all(output.passed for output in self.outputs)
+
+    @property
+    def worst_relative_l2(self) -> float:
+        return max((o.relative_l2 for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "tolerance": self.tolerance,
+            "batches": self.batches,
+            "data_source": self.data_source,
+            "outputs": [dataclasses.asdict(o) for o in self.outputs],
+        }
+
+
+@dataclasses.dataclass
+class _Accumulator:
+    diff_sq: float = 0.0
+    ref_sq: float = 0.0
+    cand_sq: float = 0.0
+    dot: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        ref = np.asarray(reference, dtype=np.float64).ravel()
+        cand = np.asarray(candidate, dtype=np.float64).ravel()
+        diff = cand - ref
+        self.diff_sq += float(diff @ diff)
+        self.ref_sq += float(ref @ ref)
+        self.cand_sq += float(cand @ cand)
+        self.dot += float(ref @ cand)
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
+
+    def metrics(self, name: str, tolerance: float) -> OutputMetrics:
+        if self.ref_sq > 0:
+            rel = math.sqrt(self.diff_sq / self.ref_sq)
+        else:
+            rel = 0.0 if self.diff_sq == 0 else math.inf
+        norms = math.sqrt(self.ref_sq * self.cand_sq)
+        cosine = self.dot / norms if norms > 0 else float(self.diff_sq == 0)
+        passed = math.isfinite(rel) and rel <= tolerance
+        return OutputMetrics(name, rel, cosine, self.max_abs, passed)
+
+
+def verify(
+    reference: str | Path,
+    candidate: str | Path,
+    *,
+    data: str | Path | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    iterations: int = DEFAULT_ITERATIONS,
+    seed: int = 0,
+) -> VerifyResult:
+    """Compares ``candidate`` against ``reference`` with Polygraphy and ONNX Runtime.
+
+    Args:
+        reference: The original ONNX model.
+        candidate: The model to check (for example the compressed one).
+        data: An ``.npz`` of inputs (samples along axis 0); synthetic inputs when None.
+        tolerance: Largest relative L2 error allowed per output.
+        input_shapes: Shapes for synthetic inputs with dynamic dimensions.
+        batch_size: Rows per batch for ``data`` and for a dynamic leading dimension.
+        iterations: Number of synthetic batches.
+        seed: Seed of the synthetic inputs.
+
+    Raises:
+        LrcompileError: A model or the data is invalid, or the models' inputs/outputs differ.
+    """
+    if not tolerance >= 0:
+        raise LrcompileError(f"tolerance must be >= 0, got {tolerance}")
+    ref_model, cand_model = load_model(reference), load_model(candidate)
+    inputs = data_lib.model_inputs(ref_model)
+    _check_same_signature(reference, candidate, ref_model, cand_model)
+    if data is not None:
+        arrays = data_lib.load_npz(data, inputs)
+        feeds: Iterable[data_lib.Feed] = data_lib.batches(arrays, inputs, batch_size)
+        source = str(data)
+    else:
+        shapes = data_lib.resolve_shapes(inputs, input_shapes or {}, batch_size)
+        with _quiet_polygraphy():
+            feeds = list(data_lib.synthetic_feeds(inputs, shapes, iterations, seed))
+        source = f"synthetic ({iterations} batches, seed {seed})"
+    outputs = [value.name for value in ref_model.graph.outputs]
+    accumulators = {name: _Accumulator() for name in outputs}
+    count = 0
+    with _quiet_polygraphy():
+        for ref_out, cand_out in _run_pair(reference, candidate, feeds):
+            for name in outputs:
+                accumulators[name].add(ref_out[name], cand_out[name])
+            count += 1
+    metrics = tuple(accumulators[name].metrics(name, tolerance) for name in outputs)
+    return VerifyResult(metrics, tolerance, count, source)
+
+
+def session_options(model_path: str | Path) -> Any:
+    """ONNX Runtime session options for ``model_path``: BASIC optimisation when it holds FP8.
+
+    ONNX Runtime's QDQ fusion at the default level builds FP8 ops with no CPU kernel (DESIGN.md).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if _has_fp8(model_path):
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    return options
+
+
+def _run_pair(
+    reference: str | Path, candidate: str | Path, feeds: Iterable[data_lib.Feed]
+) -> Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator
+
+    runners = [
+        OnnxrtRunner(_session_loader(reference), name="reference"),
+        OnnxrtRunner(_session_loader(candidate), name="candidate"),
+    ]
+    for results in Comparator.run(runners, data_loader=feeds, streaming=True):
+        (_, (ref_out,)), (_, (cand_out,)) = results
+        yield ref_out, cand_out
+
+
+@contextlib.contextmanager
+def _quiet_polygraphy() -> Iterator[None]:
+    # The library never prints; Polygraphy logs to stdout, so only its errors get through.
+    from polygraphy.logger import G_LOGGER
+
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):
+        yield
+
+
+def _session_loader(path: str | Path):
+    def load():
+        import onnxruntime as ort
+
+        return ort.InferenceSession(
+            str(path), sess_options=session_options(path), providers=["CPUExecutionProvider"]
+        )
+
+    return load
+
+
+def _has_fp8(path: str | Path) -> bool:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    fp8 = {
+        onnx.TensorProto.FLOAT8E4M3FN,
+        onnx.TensorProto.FLOAT8E4M3FNUZ,
+        onnx.TensorProto.FLOAT8E5M2,
+        onnx.TensorProto.FLOAT8E5M2FNUZ,
+    }
+    return any(t.data_type in fp8 for t in proto.graph.initializer)
+
+
+def _check_same_signature(reference, candidate, ref_model, cand_model) -> None:
+    ref_in = [v.name for v in data_lib.model_inputs(ref_model)]
+    cand_in = [v.name for v in data_lib.model_inputs(cand_model)]
+    if sorted(ref_in) != sorted(cand_in):
+        raise LrcompileError(
+            f"{candidate}: inputs {cand_in} differ from the reference {reference}'s {ref_in}"
+        )
+    ref_out = [v.name for v in ref_model.graph.outputs]
+    cand_out = [v.name for v in cand_model.graph.outputs]
+    if sorted(ref_out) != sorted(cand_out):
+        raise LrcompileError(
+            f"{candidate}: outputs {cand_out} differ from the reference {reference}'s {ref_out}"
+        )
