@@ -143,7 +143,7 @@ def verify(
         shapes = data_lib.resolve_shapes(inputs, input_shapes or {}, batch_size)
         with _quiet_polygraphy():
             feeds = list(data_lib.synthetic_feeds(inputs, shapes, iterations, seed))
-        source = f"synthetic ({iterations} batches, seed {seed})"
+        source = f"synthetic inputs (seed {seed})"
     outputs = [value.name for value in ref_model.graph.outputs]
     accumulators = {name: _Accumulator() for name in outputs}
     count = 0

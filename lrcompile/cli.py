@@ -1,0 +1,230 @@
+"""The command line, a veneer over the library: each option maps to one config field.
+
+    lrcompile model.onnx --rank 64 -o model.lr.onnx --report report.json
+    lrcompile verify model.onnx model.lr.onnx --data inputs.npz --tolerance 0.05
+
+Exit codes: 0 success; 1 verification failed; 2 bad usage or bad input (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from lrcompile import __version__, decompose
+from lrcompile.compiler import CompileResult, compile_model
+from lrcompile.config import CompileConfig
+from lrcompile.errors import LrcompileError
+from lrcompile.report import format_table
+from lrcompile.verify import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, VerifyResult
+from lrcompile.verify import verify as verify_models
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+_PATH = click.Path(path_type=Path, dir_okay=False)
+
+
+class _DefaultToCompile(click.Group):
+    """A group where ``lrcompile MODEL ...`` means ``lrcompile compile MODEL ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["compile", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultToCompile, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lrcompile")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def main(verbose: int) -> None:
+    """Low-rank compiler for ONNX models: factor MatMul/Gemm weights, verify the result.
+
+    Run `lrcompile MODEL --rank SPEC` to compile (same as `lrcompile compile ...`).
+    """
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _input_shapes_option(func):
+    return click.option(
+        "--input-shapes",
+        multiple=True,
+        metavar="NAME:DxD,...",
+        help="Shapes of synthetic inputs with dynamic dimensions, e.g. input_ids:8x128.",
+    )(func)
+
+
+@main.command("compile")
+@click.argument("model", type=_PATH)
+@click.option("-o", "--output", type=_PATH, help="Output model [default: MODEL.lr.onnx].")
+@click.option(
+    "--rank",
+    required=True,
+    metavar="SPEC",
+    help="N (fixed rank), F in (0,1] (fraction of weight parameters kept) or energy:F.",
+)
+@click.option(
+    "--overrides",
+    type=_PATH,
+    help="JSON/YAML mapping glob patterns of node/weight names to a spec or 'skip'.",
+)
+@click.option(
+    "--rank-multiple", type=int, default=16, show_default=True, help="Round ranks to this multiple."
+)
+@click.option(
+    "--decomposition",
+    type=click.Choice(decompose.METHODS),
+    default="auto",
+    show_default=True,
+    help="SVD method; auto uses randomized SVD for large weights at low rank.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed (randomized SVD, data).")
+@click.option(
+    "--allow-no-saving", is_flag=True, help="Factor layers even when the rank saves nothing."
+)
+@click.option(
+    "--external-data", is_flag=True, help="Write weights to OUTPUT.data (automatic above 2 GB)."
+)
+@click.option(
+    "--verify/--no-verify", default=True, show_default=True, help="Check the output after compiling."
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=DEFAULT_TOLERANCE,
+    show_default=True,
+    help="Largest relative L2 error of any output the check accepts.",
+)
+@click.option("--verify-data", type=_PATH, help=".npz of inputs for the check [default: synthetic].")
+@_input_shapes_option
+@click.option(
+    "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Rows per batch."
+)
+@click.option("--report", type=_PATH, help="Write the per-layer report as JSON here.")
+def compile_command(model: Path, output: Path | None, report: Path | None, **options) -> None:
+    """Factor the weights of MODEL and write the compressed model."""
+    options["input_shapes"] = tuple(options["input_shapes"])
+    with _user_errors():
+        config = CompileConfig(**options)
+        with _Progress() as progress:
+            result = compile_model(model, output, config, progress=progress)
+        if report is not None:
+            result.write_report(report)
+    _print_compile(result)
+    if not result.passed:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command("verify")
+@click.argument("reference", type=_PATH)
+@click.argument("candidate", type=_PATH)
+@click.option("--data", type=_PATH, help=".npz of inputs, samples along axis 0 [default: synthetic].")
+@click.option(
+    "--tolerance",
+    type=float,
+    default=DEFAULT_TOLERANCE,
+    show_default=True,
+    help="Largest relative L2 error ||y - y_ref|| / ||y_ref|| allowed per output.",
+)
+@_input_shapes_option
+@click.option(
+    "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Rows per batch."
+)
+@click.option(
+    "--iterations",
+    type=int,
+    default=DEFAULT_ITERATIONS,
+    show_default=True,
+    help="Number of synthetic batches.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthetic inputs.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write JSON here (- for stdout).")
+def verify_command(
+    reference: Path, candidate: Path, input_shapes: tuple[str, ...], json_path: Path | None, **options
+) -> None:
+    """Compare CANDIDATE's outputs with REFERENCE's; exit 1 when over the tolerance."""
+    from lrcompile.data import parse_input_shapes
+
+    with _user_errors():
+        result = verify_models(
+            reference, candidate, input_shapes=parse_input_shapes(input_shapes), **options
+        )
+    if json_path is not None and str(json_path) == "-":
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_verification(result)
+        if json_path is not None:
+            json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if not result.passed:
+        sys.exit(EXIT_FAILED)
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turns an ``LrcompileError`` into one line on stderr and exit code 2."""
+    try:
+        yield
+    except LrcompileError as error:
+        click.echo(f"lrcompile: error: {error}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+class _Progress:
+    """A progress bar on stderr while factoring, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._done = 0
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.render_finish()
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if not sys.stderr.isatty():
+            return
+        if self._bar is None:
+            self._bar = click.progressbar(length=total, label="factoring", file=sys.stderr,
+                                          item_show_func=lambda item: item)
+        self._bar.update(done - self._done, name)
+        self._done = done
+
+
+def _print_compile(result: CompileResult) -> None:
+    click.echo(format_table(result.layers))
+    if result.output_path is None:
+        click.echo(f"{result.input_path}: nothing to factor; no output written.")
+        return
+    total = result.totals
+    click.echo(
+        f"wrote {result.output_path}: weight parameters x{total.params_ratio:.3f},"
+        f" predicted FLOPs x{total.flop_ratio:.3f}"
+    )
+    if result.verification is not None:
+        _print_verification(result.verification)
+
+
+def _print_verification(result: VerifyResult) -> None:
+    header = ("output", "rel L2", "cosine", "max abs err", "status")
+    rows = [
+        (o.name, f"{o.relative_l2:.3e}", f"{o.cosine:.6f}", f"{o.max_abs_error:.3e}",
+         "ok" if o.passed else "FAIL")
+        for o in result.outputs
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    verdict = "PASS" if result.passed else "FAIL"
+    click.echo(
+        f"verdict: {verdict} (worst relative L2 {result.worst_relative_l2:.3e}, tolerance"
+        f" {result.tolerance:g}, {result.batches} batches of {result.data_source})"
+    )
