@@ -79,7 +79,7 @@ class RankSpec:
         match = _ENERGY.match(raw)
         if match:
             return cls("energy", _unit_interval(match.group(1), raw))
-        if re.fullmatch(r"[+]?\d+", raw):
+        if re.fullmatch(r"[+-]?\d+", raw):
             return cls._fixed(int(raw), raw)
         try:
             return cls._fraction(float(raw), raw)

@@ -1,0 +1,67 @@
+"""Tiny seeded models built in code, and helpers to run them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+
+def make_model(
+    graph_text: str, weights: Mapping[str, np.ndarray], *, opset: int = 19, ir_version: int = 10
+) -> onnx.ModelProto:
+    """A checked model from ONNX text (a ``graph`` block) and named numpy initializers."""
+    graph = onnx.parser.parse_graph(graph_text)
+    graph.initializer.extend(numpy_helper.from_array(a, name) for name, a in weights.items())
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=ir_version
+    )
+    onnx.checker.check_model(model)
+    return model
+
+
+def save(model: onnx.ModelProto, path: Path, **kwargs) -> Path:
+    onnx.save(model, str(path), **kwargs)
+    return path
+
+
+def run(path: Path, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, dict(feeds))
+
+
+def low_rank_matrix(rng: np.random.Generator, k: int, n: int, decay: float = 0.7) -> np.ndarray:
+    """A K x N float32 matrix with a known, geometrically decaying spectrum."""
+    u, _ = np.linalg.qr(rng.standard_normal((k, min(k, n))))
+    v, _ = np.linalg.qr(rng.standard_normal((n, min(k, n))))
+    s = decay ** np.arange(min(k, n))
+    return ((u * s) @ v.T).astype(np.float32)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def mlp(tmp_path: Path, rng: np.random.Generator) -> Path:
+    """x[N, 64] -> MatMul(64x96) -> Relu -> Gemm(96x48, bias) -> y, with a dynamic batch."""
+    model = make_model(
+        """
+        mlp (float[N, 64] x) => (float[N, 48] y) {
+            h = MatMul(x, W1)
+            r = Relu(h)
+            y = Gemm(r, W2, C)
+        }""",
+        {
+            "W1": low_rank_matrix(rng, 64, 96),
+            "W2": low_rank_matrix(rng, 96, 48),
+            "C": rng.standard_normal(48).astype(np.float32),
+        },
+    )
+    return save(model, tmp_path / "mlp.onnx")
