@@ -50,7 +50,8 @@ def load_model(path: str | Path) -> ir.Model:
     for tensor in _external_tensors(proto.graph):
         _check_external_reference(path, tensor)
     try:
-        onnx.checker.check_model(proto)
+        # By path, so external data resolves against the model's folder (and > 2 GB works).
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(e)}") from None
     model = ir.serde.deserialize_model(proto)

@@ -1,0 +1,5 @@
+"""``python -m lrcompile`` runs the CLI."""
+
+from lrcompile.cli import main
+
+main()

@@ -1,0 +1,153 @@
+"""Loading, external data, atomic writes, the untouched input, and deterministic output."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import lrcompile
+from lrcompile import model_io
+from lrcompile.errors import ModelLoadError, OutputPathError
+from tests.conftest import run
+
+
+def _digest(*paths: Path) -> list[str]:
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+def _external_copy(mlp: Path, folder: Path, location: str = "weights.bin") -> Path:
+    model = onnx.load(str(mlp))
+    target = folder / "ext.onnx"
+    onnx.save(model, str(target), save_as_external_data=True, location=location,
+              size_threshold=0, all_tensors_to_one_file=True)
+    return target
+
+
+def _set_location(path: Path, location: str, **info: str) -> None:
+    model = onnx.load(str(path), load_external_data=False)
+    tensor = model.graph.initializer[0]
+    for entry in tensor.external_data:
+        if entry.key == "location":
+            entry.value = location
+        elif entry.key in info:
+            entry.value = info[entry.key]
+    onnx.save(model, str(path))
+
+
+def _x(rng) -> dict[str, np.ndarray]:
+    return {"x": rng.standard_normal((5, 64)).astype(np.float32)}
+
+
+def test_output_has_ir_version_10_and_keeps_opset(mlp, tmp_path):
+    result = lrcompile.compile_model(mlp, tmp_path / "o.onnx", rank="8", verify=False)
+    model = onnx.load(str(result.output_path))
+    assert model.ir_version == 10
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 19)]
+
+
+def test_external_data_round_trip(mlp, tmp_path, rng):
+    source = _external_copy(mlp, tmp_path)
+    inline = lrcompile.compile_model(source, tmp_path / "inline.onnx", rank="8", verify=False)
+    ext = lrcompile.compile_model(
+        source, tmp_path / "ext.lr.onnx", rank="8", external_data=True, verify=False
+    )
+    data = tmp_path / "ext.lr.onnx.data"
+    assert data.is_file()
+    proto = onnx.load(str(ext.output_path), load_external_data=False)
+    big = [t for t in proto.graph.initializer if t.name.endswith(("_lr_A", "_lr_B"))]
+    assert len(big) == 4 and all(onnx.external_data_helper.uses_external_data(t) for t in big)
+    assert {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"} == {
+        "ext.lr.onnx.data"
+    }
+    # The inline output carries its own weights: it runs after the input's data file is gone.
+    (tmp_path / "weights.bin").unlink()
+    feeds = _x(rng)
+    np.testing.assert_array_equal(run(inline.output_path, feeds)[0], run(ext.output_path, feeds)[0])
+
+
+def test_external_data_chosen_automatically_above_threshold(mlp, tmp_path, monkeypatch):
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    result = lrcompile.compile_model(mlp, tmp_path / "big.onnx", rank="8", verify=False)
+    assert (tmp_path / "big.onnx.data").is_file()
+    assert lrcompile.verify(mlp, result.output_path, tolerance=1.0).batches == 8
+
+
+def test_weights_stay_on_disk_until_read(mlp, tmp_path):
+    model = model_io.load_model(_external_copy(mlp, tmp_path))
+    tensors = [v.const_value for v in model.graph.initializers.values()]
+    assert all(isinstance(t, ir.ExternalTensor) for t in tensors)
+    assert all(t.raw is None for t in tensors)  # nothing mapped yet
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "sub/../../secret.bin", "/etc/passwd"])
+def test_escaping_external_location_is_refused(mlp, tmp_path, location):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 100000)
+    source = _external_copy(mlp, folder)
+    _set_location(source, location)
+    with pytest.raises(ModelLoadError, match="points outside the model's folder"):
+        model_io.load_model(source)
+
+
+def test_missing_and_truncated_external_data(mlp, tmp_path):
+    source = _external_copy(mlp, tmp_path)
+    data = tmp_path / "weights.bin"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="lies outside 'weights.bin'.*truncated"):
+        model_io.load_model(source)
+    data.unlink()
+    with pytest.raises(ModelLoadError, match="external data file 'weights.bin' is missing"):
+        model_io.load_model(source)
+
+
+def test_external_length_must_match_shape(mlp, tmp_path):
+    source = _external_copy(mlp, tmp_path)
+    _set_location(source, "weights.bin", length="12")
+    with pytest.raises(ModelLoadError, match="length 12 does not match its shape"):
+        model_io.load_model(source)
+
+
+def test_input_is_byte_identical_and_output_deterministic(mlp, tmp_path):
+    source = _external_copy(mlp, tmp_path)
+    before = _digest(source, tmp_path / "weights.bin")
+    for run_dir in ("one", "two"):
+        (tmp_path / run_dir).mkdir()
+        lrcompile.compile_model(source, tmp_path / run_dir / "a.onnx", rank="0.5", rank_multiple=8,
+                                decomposition="randomized", verify=False)
+        lrcompile.compile_model(source, tmp_path / run_dir / "x.onnx", rank="0.5",
+                                external_data=True, verify=False)
+    assert _digest(source, tmp_path / "weights.bin") == before
+    outputs = ("a.onnx", "x.onnx", "x.onnx.data")
+    assert _digest(*(tmp_path / "one" / n for n in outputs)) == _digest(
+        *(tmp_path / "two" / n for n in outputs)
+    )
+
+
+def test_failed_write_leaves_nothing_behind(mlp, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def broken_save(model, path, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ir, "save", broken_save)
+    with pytest.raises(OSError, match="No space left"):
+        lrcompile.compile_model(mlp, out / "o.onnx", rank="8", verify=False)
+    assert list(out.iterdir()) == []
+
+
+def test_output_paths_that_would_touch_the_input_are_refused(mlp, tmp_path):
+    with pytest.raises(OutputPathError, match="must not be the input"):
+        lrcompile.compile_model(mlp, mlp, rank="8")
+    source = _external_copy(mlp, tmp_path, location="o.onnx.data")
+    with pytest.raises(OutputPathError, match="is read by the input model"):
+        lrcompile.compile_model(source, tmp_path / "o.onnx", rank="8", external_data=True)
+    with pytest.raises(OutputPathError, match="does not exist"):
+        lrcompile.compile_model(mlp, tmp_path / "nodir" / "o.onnx", rank="8")

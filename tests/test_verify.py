@@ -1,0 +1,111 @@
+"""verify(): Polygraphy comparison with ONNX Runtime, metrics, and input data checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lrcompile
+from lrcompile import data as data_lib
+from lrcompile.errors import DataError, LrcompileError
+from lrcompile.model_io import load_model
+from tests.conftest import make_model, run, save
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def test_identical_models_pass_with_zero_error(mlp):
+    result = lrcompile.verify(mlp, mlp, tolerance=0.0)
+    (out,) = result.outputs
+    assert result.passed and out.relative_l2 == 0.0 and out.max_abs_error == 0.0
+    assert out.cosine == pytest.approx(1.0)
+
+
+def test_metrics_equal_numpy_over_all_batches(mlp, tmp_path, rng):
+    compressed = lrcompile.compile_model(mlp, tmp_path / "c.onnx", rank="8", verify=False)
+    x = rng.standard_normal((20, 64)).astype(np.float32)
+    data = _npz(tmp_path / "d.npz", x=x)
+    result = lrcompile.verify(mlp, compressed.output_path, data=data, batch_size=6, tolerance=1.0)
+    assert result.batches == 4  # 6 + 6 + 6 + 2 rows
+    (ref,) = run(mlp, {"x": x})
+    (got,) = run(compressed.output_path, {"x": x})
+    diff = got.astype(np.float64) - ref
+    (out,) = result.outputs
+    assert out.relative_l2 == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(ref), rel=1e-6)
+    assert out.max_abs_error == pytest.approx(np.abs(diff).max(), rel=1e-6)
+    cos = np.dot(got.ravel(), ref.ravel()) / (np.linalg.norm(got) * np.linalg.norm(ref))
+    assert out.cosine == pytest.approx(cos, rel=1e-6)
+
+
+def test_gate_passes_and_fails_at_the_tolerance(mlp, tmp_path):
+    compressed = lrcompile.compile_model(mlp, tmp_path / "c.onnx", rank="8", verify=False)
+    error = lrcompile.verify(mlp, compressed.output_path).outputs[0].relative_l2
+    assert 0 < error
+    assert lrcompile.verify(mlp, compressed.output_path, tolerance=error * 1.001).passed
+    assert not lrcompile.verify(mlp, compressed.output_path, tolerance=error * 0.999).passed
+
+
+def test_synthetic_inputs_use_input_shapes_and_are_seeded(mlp):
+    inputs = data_lib.model_inputs(load_model(mlp))
+    shapes = data_lib.resolve_shapes(inputs, data_lib.parse_input_shapes(["x:3x64"]), 8)
+    assert shapes == {"x": (3, 64)}
+    assert data_lib.resolve_shapes(inputs, {}, 5) == {"x": (5, 64)}
+    first = list(data_lib.synthetic_feeds(inputs, shapes, 2, seed=1))
+    again = list(data_lib.synthetic_feeds(inputs, shapes, 2, seed=1))
+    assert [f["x"].shape for f in first] == [(3, 64), (3, 64)]
+    assert all(np.array_equal(a["x"], b["x"]) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x": np.zeros((4, 64), np.float32), "bogus": np.zeros(4)}, "array 'bogus' is not a model input \\(inputs: x\\)"),
+        ({}, "holds no arrays"),
+        ({"x": np.zeros((4, 64), np.float64)}, "array 'x' has dtype float64, the model expects float32"),
+        ({"x": np.zeros((4, 63), np.float32)}, "axis 1 must be 64"),
+        ({"x": np.zeros((4, 2, 64), np.float32)}, "the model expects rank 2"),
+        ({"x": np.zeros((0, 64), np.float32)}, "no samples"),
+    ],
+)
+def test_bad_data_files(mlp, tmp_path, arrays, message):
+    path = _npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        lrcompile.verify(mlp, mlp, data=path)
+
+
+def test_not_an_npz(mlp, tmp_path):
+    path = tmp_path / "bad.npz"
+    path.write_text("hello")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        lrcompile.verify(mlp, mlp, data=path)
+
+
+def test_static_batch_dimension_sets_the_batch(tmp_path, rng):
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    model = save(make_model("g (float[2, 8] x) => (float[2, 8] y) { y = MatMul(x, W) }", {"W": w}),
+                 tmp_path / "s.onnx")
+    path = _npz(tmp_path / "d.npz", x=np.zeros((6, 8), np.float32))
+    assert lrcompile.verify(model, model, data=path, batch_size=5).batches == 3
+    odd = _npz(tmp_path / "odd.npz", x=np.zeros((5, 8), np.float32))
+    with pytest.raises(DataError, match="not a multiple of the model's static batch dimension 2"):
+        lrcompile.verify(model, model, data=odd)
+
+
+def test_bad_input_shapes(mlp):
+    with pytest.raises(DataError, match="expected name:DxDx"):
+        data_lib.parse_input_shapes(["x=3x64"])
+    with pytest.raises(DataError, match="'y' is not a model input"):
+        lrcompile.verify(mlp, mlp, input_shapes={"y": (1, 2)})
+    with pytest.raises(DataError, match="does not fit the model's input shape"):
+        lrcompile.verify(mlp, mlp, input_shapes={"x": (1, 3)})
+
+
+def test_models_with_different_signatures_are_refused(mlp, tmp_path, rng):
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    other = save(make_model("g (float[N, 64] x) => (float[N, 48] z) { z = MatMul(x, W) }", {"W": w}),
+                 tmp_path / "o.onnx")
+    with pytest.raises(LrcompileError, match="outputs \\['z'\\] differ"):
+        lrcompile.verify(mlp, other)
