@@ -62,7 +62,9 @@ def find_candidates(graph: ir.Graph) -> tuple[list[WeightGroup], list[Skipped]]:
         if node.op_type not in _OPS or node.domain not in ("", "ai.onnx"):
             continue
         if node.graph is not graph:
-            skipped.append(Skipped(node, "inside an If/Loop/Scan body; subgraphs are not rewritten"))
+            skipped.append(
+                Skipped(node, "inside an If/Loop/Scan body; subgraphs are not rewritten")
+            )
             continue
         reason, tensor = _weight_problem(node)
         if reason is not None:

@@ -48,7 +48,9 @@ def main(verbose: int) -> None:
     Run `lrcompile MODEL --rank SPEC` to compile (same as `lrcompile compile ...`).
     """
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def _input_shapes_option(func):
@@ -92,7 +94,10 @@ def _input_shapes_option(func):
     "--external-data", is_flag=True, help="Write weights to OUTPUT.data (automatic above 2 GB)."
 )
 @click.option(
-    "--verify/--no-verify", default=True, show_default=True, help="Check the output after compiling."
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Check the output after compiling.",
 )
 @click.option(
     "--tolerance",
@@ -101,7 +106,9 @@ def _input_shapes_option(func):
     show_default=True,
     help="Largest relative L2 error of any output the check accepts.",
 )
-@click.option("--verify-data", type=_PATH, help=".npz of inputs for the check [default: synthetic].")
+@click.option(
+    "--verify-data", type=_PATH, help=".npz of inputs for the check [default: synthetic]."
+)
 @_input_shapes_option
 @click.option(
     "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Rows per batch."
@@ -124,7 +131,9 @@ def compile_command(model: Path, output: Path | None, report: Path | None, **opt
 @main.command("verify")
 @click.argument("reference", type=_PATH)
 @click.argument("candidate", type=_PATH)
-@click.option("--data", type=_PATH, help=".npz of inputs, samples along axis 0 [default: synthetic].")
+@click.option(
+    "--data", type=_PATH, help=".npz of inputs, samples along axis 0 [default: synthetic]."
+)
 @click.option(
     "--tolerance",
     type=float,
@@ -144,9 +153,15 @@ def compile_command(model: Path, output: Path | None, report: Path | None, **opt
     help="Number of synthetic batches.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthetic inputs.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write JSON here (- for stdout).")
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), help="Write JSON here (- for stdout)."
+)
 def verify_command(
-    reference: Path, candidate: Path, input_shapes: tuple[str, ...], json_path: Path | None, **options
+    reference: Path,
+    candidate: Path,
+    input_shapes: tuple[str, ...],
+    json_path: Path | None,
+    **options,
 ) -> None:
     """Compare CANDIDATE's outputs with REFERENCE's; exit 1 when over the tolerance."""
     from lrcompile.data import parse_input_shapes
@@ -193,8 +208,9 @@ class _Progress:
         if not sys.stderr.isatty():
             return
         if self._bar is None:
-            self._bar = click.progressbar(length=total, label="factoring", file=sys.stderr,
-                                          item_show_func=lambda item: item)
+            self._bar = click.progressbar(
+                length=total, label="factoring", file=sys.stderr, item_show_func=lambda item: item
+            )
         self._bar.update(done - self._done, name)
         self._done = done
 
@@ -216,8 +232,13 @@ def _print_compile(result: CompileResult) -> None:
 def _print_verification(result: VerifyResult) -> None:
     header = ("output", "rel L2", "cosine", "max abs err", "status")
     rows = [
-        (o.name, f"{o.relative_l2:.3e}", f"{o.cosine:.6f}", f"{o.max_abs_error:.3e}",
-         "ok" if o.passed else "FAIL")
+        (
+            o.name,
+            f"{o.relative_l2:.3e}",
+            f"{o.cosine:.6f}",
+            f"{o.max_abs_error:.3e}",
+            "ok" if o.passed else "FAIL",
+        )
         for o in result.outputs
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

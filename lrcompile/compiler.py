@@ -39,8 +39,10 @@ class CompileResult:
         return self.verification is None or self.verification.passed
 
     def to_dict(self) -> dict[str, Any]:
-        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in
-                  dataclasses.asdict(self.config).items()}
+        config = {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in dataclasses.asdict(self.config).items()
+        }
         return {
             "input": str(self.input_path),
             "output": str(self.output_path) if self.output_path else None,

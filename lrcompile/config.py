@@ -6,8 +6,8 @@ import dataclasses
 from pathlib import Path
 
 from lrcompile import decompose
-from lrcompile.verify import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
 from lrcompile.errors import LrcompileError
+from lrcompile.verify import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,7 +125,9 @@ def _check_array(source: str, array: np.ndarray, spec: InputSpec) -> None:
         )
 
 
-def batches(arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec], batch_size: int) -> list[Feed]:
+def batches(
+    arrays: Mapping[str, np.ndarray], inputs: Sequence[InputSpec], batch_size: int
+) -> list[Feed]:
     """Slices ``arrays`` along axis 0 into feeds of ``batch_size`` rows (or the static batch)."""
     static = {spec.shape[0] for spec in inputs if isinstance(spec.shape[0], int)}
     size = static.pop() if len(static) == 1 else batch_size
@@ -148,7 +150,9 @@ def resolve_shapes(
     known = {spec.name for spec in inputs}
     for name in shapes:
         if name not in known:
-            raise DataError(f"--input-shapes: {name!r} is not a model input (inputs: {sorted(known)})")
+            raise DataError(
+                f"--input-shapes: {name!r} is not a model input (inputs: {sorted(known)})"
+            )
     resolved = {}
     for spec in inputs:
         if spec.name in shapes:
@@ -165,7 +169,8 @@ def resolve_shapes(
 
 def _check_given_shape(spec: InputSpec, shape: tuple[int, ...]) -> None:
     fits = len(shape) == len(spec.shape) and all(
-        not isinstance(want, int) or want == got for got, want in zip(shape, spec.shape, strict=True)
+        not isinstance(want, int) or want == got
+        for got, want in zip(shape, spec.shape, strict=True)
     )
     if not fits:
         raise DataError(

@@ -38,7 +38,7 @@ class Factorization:
 
     @property
     def kept_energy(self) -> float:
-        """Fraction of ``||W||_F^2`` kept: sum of the kept squared singular values over the total."""
+        """Fraction of ``||W||_F^2`` kept: kept squared singular values over their total."""
         if self.total_energy == 0.0:
             return 1.0
         kept = float(np.sum(np.square(self.singular_values, dtype=np.float64)))
@@ -92,7 +92,9 @@ def svd_randomized(
     return u, s, vt
 
 
-def factorize(w: np.ndarray, rank: int, *, method: Method = "exact", seed: int = 0) -> Factorization:
+def factorize(
+    w: np.ndarray, rank: int, *, method: Method = "exact", seed: int = 0
+) -> Factorization:
     """Best rank-``rank`` approximation of ``w`` as balanced factors in ``w``'s compute dtype.
 
     Args:

@@ -63,9 +63,7 @@ def external_data_files(path: str | Path) -> set[Path]:
     """The resolved external-data files that the model at ``path`` references."""
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
-    return {
-        (path.parent / _location(t)).resolve() for t in _external_tensors(proto.graph)
-    }
+    return {(path.parent / _location(t)).resolve() for t in _external_tensors(proto.graph)}
 
 
 def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> None:

@@ -127,16 +127,19 @@ def load_overrides(path: str | Path) -> tuple[Override, ...]:
         raise RankSpecError(f"{path}: not valid JSON/YAML: {_first_line(e)}") from None
     if not isinstance(data, dict) or not data:
         raise RankSpecError(f"{path}: expected a non-empty mapping of name pattern -> rank spec")
-    overrides = []
-    for pattern, spec in data.items():
-        try:
-            overrides.append(Override(str(pattern), RankSpec.parse(spec, allow_skip=True)))
-        except RankSpecError as e:
-            raise RankSpecError(f"{path}: pattern {pattern!r}: {e}") from None
-    return tuple(overrides)
+    return tuple(_override(path, str(pattern), spec) for pattern, spec in data.items())
 
 
-def resolve_spec(default: RankSpec, overrides: Sequence[Override], names: Iterable[str]) -> RankSpec:
+def _override(path: Path, pattern: str, spec: str | float) -> Override:
+    try:
+        return Override(pattern, RankSpec.parse(spec, allow_skip=True))
+    except RankSpecError as e:
+        raise RankSpecError(f"{path}: pattern {pattern!r}: {e}") from None
+
+
+def resolve_spec(
+    default: RankSpec, overrides: Sequence[Override], names: Iterable[str]
+) -> RankSpec:
     """The spec of the first override whose pattern matches any of ``names``, else ``default``."""
     names = [n for n in names if n]
     for override in overrides:

@@ -109,10 +109,13 @@ def format_table(layers: Sequence[LayerReport]) -> str:
         )
     )
     widths = [max(len(r[i]) for r in [_COLUMNS, *rows]) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [
-        _COLUMNS,
-        *rows[:-1],
-    ]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [
+            _COLUMNS,
+            *rows[:-1],
+        ]
+    ]
     rule = "-" * len(lines[0])
     last = "  ".join(c.ljust(w) for c, w in zip(rows[-1], widths, strict=True)).rstrip()
     return "\n".join([lines[0], rule, *lines[1:], rule, last])

@@ -24,8 +24,12 @@ def test_factors_are_balanced(rng):
     w = rng.standard_normal((80, 120)).astype(np.float32) * 10
     f = decompose.factorize(w, 16)
     # Each factor carries sqrt(S): column norms of A equal row norms of B equal sqrt(sigma).
-    np.testing.assert_allclose(np.linalg.norm(f.left, axis=0), np.sqrt(f.singular_values), rtol=1e-4)
-    np.testing.assert_allclose(np.linalg.norm(f.right, axis=1), np.sqrt(f.singular_values), rtol=1e-4)
+    np.testing.assert_allclose(
+        np.linalg.norm(f.left, axis=0), np.sqrt(f.singular_values), rtol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.linalg.norm(f.right, axis=1), np.sqrt(f.singular_values), rtol=1e-4
+    )
 
 
 def test_full_rank_reconstructs(rng):

@@ -68,7 +68,9 @@ def test_matmul_rank_r_error_is_eckart_young(tmp_path, rng):
 
 @pytest.mark.parametrize("trans_a", [0, 1])
 @pytest.mark.parametrize("trans_b", [0, 1])
-@pytest.mark.parametrize(("alpha", "beta", "bias"), [(1.0, 1.0, True), (0.5, 2.0, True), (1.5, 1.0, False)])
+@pytest.mark.parametrize(
+    ("alpha", "beta", "bias"), [(1.0, 1.0, True), (0.5, 2.0, True), (1.5, 1.0, False)]
+)
 def test_gemm_variants_full_rank(tmp_path, rng, trans_a, trans_b, alpha, beta, bias):
     k, n = 24, 20
     a_shape = "K, M" if trans_a else "M, K"
@@ -78,11 +80,11 @@ def test_gemm_variants_full_rank(tmp_path, rng, trans_a, trans_b, alpha, beta, b
     if bias:
         weights["C"] = rng.standard_normal(n).astype(np.float32)
         inputs += ", C"
-    text = f"""g (float[{a_shape.replace('K', str(k))}] a) => (float[M, {n}] y) {{
+    text = f"""g (float[{a_shape.replace("K", str(k))}] a) => (float[M, {n}] y) {{
         y = Gemm <alpha = {alpha}, beta = {beta}, transA = {trans_a}, transB = {trans_b}> ({inputs})
     }}"""
     model = make_model(text, weights)
-    result, out = _apply(model, str(n), rank_multiple=1, allow_no_saving=True)
+    _result, out = _apply(model, str(n), rank_multiple=1, allow_no_saving=True)
     assert _ops(out) == ["Gemm", "Gemm"]
     onnx.checker.check_model(out)
     a = rng.standard_normal((k, 3) if trans_a else (3, k)).astype(np.float32)
@@ -119,8 +121,10 @@ def test_shared_weight_is_factored_once(tmp_path, rng):
     assert sorted(i.name for i in out.graph.initializer) == ["W_lr_A", "W_lr_B"]
     (layer,) = result.layers
     assert len(layer.nodes) == 2 and layer.flops_after == 2 * 16 * (32 + 48)
-    feeds = {"x": rng.standard_normal((3, 32)).astype(np.float32),
-             "z": rng.standard_normal((3, 32)).astype(np.float32)}
+    feeds = {
+        "x": rng.standard_normal((3, 32)).astype(np.float32),
+        "z": rng.standard_normal((3, 32)).astype(np.float32),
+    }
     _compare(tmp_path, model, out, feeds, rtol=1e-2, atol=1e-2)  # 0.7**16 truncation
 
 
@@ -141,7 +145,9 @@ def test_3d_activations_and_dynamic_dims_stay_dynamic(tmp_path, rng):
         _compare(tmp_path, model, out, {"x": x}, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("dtype", "onnx_type"), [(np.float16, "float16"), (ml_dtypes.bfloat16, "bfloat16")])
+@pytest.mark.parametrize(
+    ("dtype", "onnx_type"), [(np.float16, "float16"), (ml_dtypes.bfloat16, "bfloat16")]
+)
 def test_half_precision_factors_keep_the_weight_dtype(tmp_path, rng, dtype, onnx_type):
     w = low_rank_matrix(rng, 32, 32, decay=0.3).astype(dtype)
     model = make_model(
@@ -200,8 +206,10 @@ def test_refusals_are_reported_with_reasons(rng):
             onnx.helper.make_tensor_value_info("Wi", onnx.TensorProto.FLOAT, [32, 32]),
         ],
         [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [32, 32]) for n in "asbc"]
-        + [onnx.helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, [2, 32, 32]),
-           onnx.helper.make_tensor_value_info("d", onnx.TensorProto.INT32, [32, 32])],
+        + [
+            onnx.helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, [2, 32, 32]),
+            onnx.helper.make_tensor_value_info("d", onnx.TensorProto.INT32, [32, 32]),
+        ],
         [
             onnx.numpy_helper.from_array(rng.integers(-8, 8, (32, 32)).astype(np.int8), "Wq"),
             onnx.numpy_helper.from_array(np.array(0.1, dtype=np.float32), "scale"),
@@ -216,9 +224,18 @@ def test_refusals_are_reported_with_reasons(rng):
     result, out = _apply(model, "8")
     assert not result.modified
     statuses = _statuses(result)
-    assert statuses["from_input"] == ("skipped", "weight is a graph input (can be overridden at run time)")
-    assert statuses["activation"][0] == "skipped" and "computed at run time (by Transpose)" in statuses["activation"][1]
-    assert statuses["quantized"] == ("skipped", "weight is already quantized (produced by DequantizeLinear)")
+    assert statuses["from_input"] == (
+        "skipped",
+        "weight is a graph input (can be overridden at run time)",
+    )
+    assert (
+        statuses["activation"][0] == "skipped"
+        and "computed at run time (by Transpose)" in statuses["activation"][1]
+    )
+    assert statuses["quantized"] == (
+        "skipped",
+        "weight is already quantized (produced by DequantizeLinear)",
+    )
     assert statuses["nan"] == ("dense", "weight contains NaN or Inf")
     assert statuses["integer"] == ("skipped", "weight dtype INT32 is not a float type")
     assert statuses["three_d"] == ("skipped", "weight is 3-D [2, 32, 32], expected 2-D")
@@ -249,7 +266,7 @@ def test_override_skip_and_per_layer_spec(rng):
         {"Wa": low_rank_matrix(rng, 64, 64), "Wb": low_rank_matrix(rng, 64, 64)},
     )
     overrides = (Override("Wa", RankSpec("skip")), Override("W*", RankSpec("fixed", 8)))
-    result, out = _apply(model, "16", overrides=overrides, rank_multiple=1)
+    result, _out = _apply(model, "16", overrides=overrides, rank_multiple=1)
     by_weight = {layer.weight: layer for layer in result.layers}
     assert (by_weight["Wa"].status, by_weight["Wa"].reason) == ("dense", "override says skip")
     assert (by_weight["Wb"].status, by_weight["Wb"].rank) == ("factored", 8)
@@ -259,14 +276,22 @@ def test_subgraph_nodes_are_skipped(rng):
     w = onnx.numpy_helper.from_array(low_rank_matrix(rng, 32, 32), "Wsub")
     branch = onnx.helper.make_graph(
         [onnx.helper.make_node("MatMul", ["x", "Wsub"], ["o"], name="inner")],
-        "branch", [], [onnx.helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, [4, 32])],
+        "branch",
+        [],
+        [onnx.helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, [4, 32])],
         [w],
     )
     graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch, name="if")],
+        [
+            onnx.helper.make_node(
+                "If", ["c"], ["y"], then_branch=branch, else_branch=branch, name="if"
+            )
+        ],
         "g",
-        [onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
-         onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 32])],
+        [
+            onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 32]),
+        ],
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 32])],
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 19)])

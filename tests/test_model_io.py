@@ -23,8 +23,14 @@ def _digest(*paths: Path) -> list[str]:
 def _external_copy(mlp: Path, folder: Path, location: str = "weights.bin") -> Path:
     model = onnx.load(str(mlp))
     target = folder / "ext.onnx"
-    onnx.save(model, str(target), save_as_external_data=True, location=location,
-              size_threshold=0, all_tensors_to_one_file=True)
+    onnx.save(
+        model,
+        str(target),
+        save_as_external_data=True,
+        location=location,
+        size_threshold=0,
+        all_tensors_to_one_file=True,
+    )
     return target
 
 
@@ -61,9 +67,9 @@ def test_external_data_round_trip(mlp, tmp_path, rng):
     proto = onnx.load(str(ext.output_path), load_external_data=False)
     big = [t for t in proto.graph.initializer if t.name.endswith(("_lr_A", "_lr_B"))]
     assert len(big) == 4 and all(onnx.external_data_helper.uses_external_data(t) for t in big)
-    assert {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"} == {
-        "ext.lr.onnx.data"
-    }
+    assert {
+        e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"
+    } == {"ext.lr.onnx.data"}
     # The inline output carries its own weights: it runs after the input's data file is gone.
     (tmp_path / "weights.bin").unlink()
     feeds = _x(rng)
@@ -99,10 +105,10 @@ def test_missing_and_truncated_external_data(mlp, tmp_path):
     source = _external_copy(mlp, tmp_path)
     data = tmp_path / "weights.bin"
     data.write_bytes(data.read_bytes()[:1000])
-    with pytest.raises(ModelLoadError, match="lies outside 'weights.bin'.*truncated"):
+    with pytest.raises(ModelLoadError, match=r"lies outside 'weights\.bin'.*truncated"):
         model_io.load_model(source)
     data.unlink()
-    with pytest.raises(ModelLoadError, match="external data file 'weights.bin' is missing"):
+    with pytest.raises(ModelLoadError, match=r"external data file 'weights\.bin' is missing"):
         model_io.load_model(source)
 
 
@@ -118,10 +124,17 @@ def test_input_is_byte_identical_and_output_deterministic(mlp, tmp_path):
     before = _digest(source, tmp_path / "weights.bin")
     for run_dir in ("one", "two"):
         (tmp_path / run_dir).mkdir()
-        lrcompile.compile_model(source, tmp_path / run_dir / "a.onnx", rank="0.5", rank_multiple=8,
-                                decomposition="randomized", verify=False)
-        lrcompile.compile_model(source, tmp_path / run_dir / "x.onnx", rank="0.5",
-                                external_data=True, verify=False)
+        lrcompile.compile_model(
+            source,
+            tmp_path / run_dir / "a.onnx",
+            rank="0.5",
+            rank_multiple=8,
+            decomposition="randomized",
+            verify=False,
+        )
+        lrcompile.compile_model(
+            source, tmp_path / run_dir / "x.onnx", rank="0.5", external_data=True, verify=False
+        )
     assert _digest(source, tmp_path / "weights.bin") == before
     outputs = ("a.onnx", "x.onnx", "x.onnx.data")
     assert _digest(*(tmp_path / "one" / n for n in outputs)) == _digest(

@@ -12,8 +12,14 @@ from lrcompile.ranks import RankSpec
 
 @pytest.mark.parametrize(
     ("text", "kind", "value"),
-    [("64", "fixed", 64), ("0.5", "fraction", 0.5), ("1.0", "fraction", 1.0),
-     ("energy:0.95", "energy", 0.95), (32, "fixed", 32), (0.25, "fraction", 0.25)],
+    [
+        ("64", "fixed", 64),
+        ("0.5", "fraction", 0.5),
+        ("1.0", "fraction", 1.0),
+        ("energy:0.95", "energy", 0.95),
+        (32, "fixed", 32),
+        (0.25, "fraction", 0.25),
+    ],
 )
 def test_parse(text, kind, value):
     spec = RankSpec.parse(text)
@@ -22,9 +28,16 @@ def test_parse(text, kind, value):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("abc", "expected an integer rank"), ("0", "must be >= 1"), ("1.5", "in \\(0, 1\\]"),
-     ("energy:2", "in \\(0, 1\\]"), ("energy:x", "expected"), ("auto", "reserved"),
-     ("skip", "only valid in a per-layer override"), ("-3", "must be >= 1")],
+    [
+        ("abc", "expected an integer rank"),
+        ("0", "must be >= 1"),
+        ("1.5", "in \\(0, 1\\]"),
+        ("energy:2", "in \\(0, 1\\]"),
+        ("energy:x", "expected"),
+        ("auto", "reserved"),
+        ("skip", "only valid in a per-layer override"),
+        ("-3", "must be >= 1"),
+    ],
 )
 def test_parse_rejects(text, message):
     with pytest.raises(RankSpecError, match=message):
@@ -50,7 +63,9 @@ def test_energy_is_smallest_rank_reaching_the_fraction():
     spectrum = np.sqrt(np.array([50.0, 30.0, 10.0, 5.0, 3.0, 2.0]))  # energies sum to 100
     spec = RankSpec.parse("energy:0.9")
     assert ranks.choose_rank(spec, 6, 6, multiple=1, spectrum=spectrum) == 3
-    assert ranks.choose_rank(RankSpec.parse("energy:0.91"), 6, 6, multiple=1, spectrum=spectrum) == 4
+    assert (
+        ranks.choose_rank(RankSpec.parse("energy:0.91"), 6, 6, multiple=1, spectrum=spectrum) == 4
+    )
     assert ranks.choose_rank(RankSpec.parse("energy:1.0"), 6, 6, multiple=1, spectrum=spectrum) == 6
 
 
@@ -78,9 +93,13 @@ def test_overrides_json_and_yaml_first_match_wins(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "suffix", "message"),
-    [("{", ".json", "not valid JSON/YAML"), ("[1, 2]", ".json", "expected a non-empty mapping"),
-     ('{"W1": "bogus"}', ".json", "pattern 'W1': invalid rank spec 'bogus'"),
-     ("a: [1\n", ".yaml", "not valid JSON/YAML"), ("{}", ".json", "non-empty mapping")],
+    [
+        ("{", ".json", "not valid JSON/YAML"),
+        ("[1, 2]", ".json", "expected a non-empty mapping"),
+        ('{"W1": "bogus"}', ".json", "pattern 'W1': invalid rank spec 'bogus'"),
+        ("a: [1\n", ".yaml", "not valid JSON/YAML"),
+        ("{}", ".json", "non-empty mapping"),
+    ],
 )
 def test_bad_override_files(tmp_path, content, suffix, message):
     path = tmp_path / f"o{suffix}"

@@ -41,7 +41,7 @@ class FactorizeResult(ir.passes.PassResult):
 
 @dataclasses.dataclass(frozen=True)
 class FactorizeLowRankPass(ir.passes.InPlacePass):
-    """Replaces ``MatMul(x, W)`` by ``MatMul(MatMul(x, A), B)`` with ``A @ B`` the rank-r SVD of W."""
+    """Replaces ``MatMul(x, W)`` by ``MatMul(MatMul(x, A), B)``, ``A @ B`` the rank-r SVD of W."""
 
     rank: ranks.RankSpec
     overrides: tuple[ranks.Override, ...] = ()
@@ -112,7 +112,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     def _decompose(
         self, weight: np.ndarray, spec: ranks.RankSpec, name: str
     ) -> tuple[decompose.Factorization | None, int]:
-        """The factorization at the rank ``spec`` gives, or None and the rank when it saves nothing."""
+        """The rank ``spec`` gives, with its factors (None when it saves nothing)."""
         k, n = weight.shape
         spectrum = decompose.singular_values(weight) if spec.needs_spectrum else None
         rank = ranks.choose_rank(spec, k, n, multiple=self.rank_multiple, spectrum=spectrum)
@@ -157,7 +157,10 @@ def _skipped_report(skipped: Skipped) -> LayerReport:
     node = skipped.node
     weight = node.inputs[1].name if len(node.inputs) > 1 and node.inputs[1] is not None else None
     return LayerReport(
-        nodes=(node.name or "",), op=node.op_type, weight=weight, status="skipped",
+        nodes=(node.name or "",),
+        op=node.op_type,
+        weight=weight,
+        status="skipped",
         reason=skipped.reason,
     )
 
