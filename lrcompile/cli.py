@@ -53,13 +53,33 @@ def main(verbose: int) -> None:
     )
 
 
-def _input_shapes_option(func):
-    return click.option(
-        "--input-shapes",
-        multiple=True,
-        metavar="NAME:DxD,...",
-        help="Shapes of synthetic inputs with dynamic dimensions, e.g. input_ids:8x128.",
-    )(func)
+def _check_options(func):
+    """The options the accuracy check shares between ``compile`` and ``verify``."""
+    options = [
+        click.option(
+            "--tolerance",
+            type=float,
+            default=DEFAULT_TOLERANCE,
+            show_default=True,
+            help="Largest relative L2 error ||y - y_ref|| / ||y_ref|| allowed per output.",
+        ),
+        click.option(
+            "--input-shapes",
+            multiple=True,
+            metavar="NAME:DxD,...",
+            help="Shapes of synthetic inputs with dynamic dimensions, e.g. input_ids:8x128.",
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=DEFAULT_BATCH_SIZE,
+            show_default=True,
+            help="Rows per batch.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
 @main.command("compile")
@@ -100,19 +120,9 @@ def _input_shapes_option(func):
     help="Check the output after compiling.",
 )
 @click.option(
-    "--tolerance",
-    type=float,
-    default=DEFAULT_TOLERANCE,
-    show_default=True,
-    help="Largest relative L2 error of any output the check accepts.",
-)
-@click.option(
     "--verify-data", type=_PATH, help=".npz of inputs for the check [default: synthetic]."
 )
-@_input_shapes_option
-@click.option(
-    "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Rows per batch."
-)
+@_check_options
 @click.option("--report", type=_PATH, help="Write the per-layer report as JSON here.")
 def compile_command(model: Path, output: Path | None, report: Path | None, **options) -> None:
     """Factor the weights of MODEL and write the compressed model."""
@@ -134,17 +144,7 @@ def compile_command(model: Path, output: Path | None, report: Path | None, **opt
 @click.option(
     "--data", type=_PATH, help=".npz of inputs, samples along axis 0 [default: synthetic]."
 )
-@click.option(
-    "--tolerance",
-    type=float,
-    default=DEFAULT_TOLERANCE,
-    show_default=True,
-    help="Largest relative L2 error ||y - y_ref|| / ||y_ref|| allowed per output.",
-)
-@_input_shapes_option
-@click.option(
-    "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Rows per batch."
-)
+@_check_options
 @click.option(
     "--iterations",
     type=int,

@@ -1,9 +1,15 @@
-"""The one place that chooses and orders the passes: factorize -> cleanup."""
+"""The one place that chooses and orders the passes.
+
+    drop initializers from graph inputs -> factorize -> cleanup
+
+Old exporters (``keep_initializers_as_inputs``) list weights as optional graph inputs; ONNX Runtime
+lets a caller override them, so they are not constants until they are removed from the inputs.
+"""
 
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.passes.common import RemoveInitializersFromInputsPass, RemoveUnusedNodesPass
 
 from lrcompile import ranks
 from lrcompile.config import CompileConfig
@@ -20,6 +26,7 @@ def build_pipeline(
     """
     overrides = ranks.load_overrides(config.overrides) if config.overrides else ()
     return [
+        RemoveInitializersFromInputsPass(),
         FactorizeLowRankPass(
             rank=ranks.RankSpec.parse(config.rank),
             overrides=overrides,

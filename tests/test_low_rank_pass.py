@@ -308,3 +308,20 @@ def test_pass_options_are_validated():
     with pytest.raises(ValueError, match="decomposition"):
         FactorizeLowRankPass(RankSpec.parse("8"), decomposition="qr")
     assert repr(FactorizeLowRankPass(RankSpec.parse("8"))).startswith("FactorizeLowRankPass(rank=")
+
+
+def test_weight_also_read_elsewhere_is_kept_and_counted(tmp_path, rng):
+    w = low_rank_matrix(rng, 32, 64)
+    model = make_model(
+        """g (float[N, 32] x, int64[N] ids) => (float[N, 64] y, float[N, 64] e) {
+            y = MatMul(x, W)
+            e = Gather(W, ids)
+        }""",
+        {"W": w},
+    )
+    result, out = _apply(model, "8", rank_multiple=1)
+    (layer,) = [layer for layer in result.layers if layer.weight == "W"]
+    assert layer.status == "factored"
+    assert layer.reason == "weight also read by other nodes; kept beside its factors"
+    assert layer.params_after == 8 * (32 + 64) + 32 * 64
+    assert sorted(i.name for i in out.graph.initializer) == ["W", "W_lr_A", "W_lr_B"]

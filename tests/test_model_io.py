@@ -164,3 +164,17 @@ def test_output_paths_that_would_touch_the_input_are_refused(mlp, tmp_path):
         lrcompile.compile_model(source, tmp_path / "o.onnx", rank="8", external_data=True)
     with pytest.raises(OutputPathError, match="does not exist"):
         lrcompile.compile_model(mlp, tmp_path / "nodir" / "o.onnx", rank="8")
+
+
+def test_initializers_listed_as_inputs_are_factored(mlp, tmp_path, rng):
+    model = onnx.load(str(mlp))
+    for init in model.graph.initializer:  # as torch's keep_initializers_as_inputs=True writes
+        model.graph.input.append(
+            onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+        )
+    source = tmp_path / "old.onnx"
+    onnx.save(model, str(source))
+    result = lrcompile.compile_model(source, tmp_path / "o.onnx", rank="8", tolerance=1.0)
+    assert result.totals.factored == 2 and result.verification.passed
+    out = onnx.load(str(result.output_path))
+    assert [i.name for i in out.graph.input] == ["x"]

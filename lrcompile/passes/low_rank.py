@@ -97,6 +97,8 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         dtype = group.tensor.dtype.numpy()
         left, right = factors.left.astype(dtype), factors.right.astype(dtype)
         _rewrite(graph, group, left, right)
+        # A weight also read elsewhere (a tied embedding, say) stays beside its factors.
+        kept = k * n if group.weight.uses() or group.weight.is_graph_output() else 0
         return dataclasses.replace(
             base,
             status="factored",
@@ -104,7 +106,8 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
             method=factors.method,
             kept_energy=factors.kept_energy,
             relative_error=decompose.relative_error(weight, left, right),
-            params_after=rank * (k + n),
+            params_after=rank * (k + n) + kept,
+            reason="weight also read by other nodes; kept beside its factors" if kept else None,
             flops_after=rank * (k + n) * len(group.nodes),
             seconds=time.perf_counter() - start,
         )
