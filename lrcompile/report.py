@@ -122,7 +122,8 @@ def format_table(layers: Sequence[LayerReport]) -> str:
 
 
 def _row(layer: LayerReport) -> tuple[str, ...]:
-    name = layer.weight or layer.nodes[0]
+    # Node names say where a layer is (exporters often name weights onnx::MatMul_922).
+    name = layer.nodes[0] or layer.weight or "?"
     if len(layer.nodes) > 1:
         name += f" (x{len(layer.nodes)})"
     shape = "x".join(str(d) for d in layer.shape) if layer.shape else "-"

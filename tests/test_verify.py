@@ -119,3 +119,45 @@ def test_models_with_different_signatures_are_refused(mlp, tmp_path, rng):
     )
     with pytest.raises(LrcompileError, match="outputs \\['z'\\] differ"):
         lrcompile.verify(mlp, other)
+
+
+def _fp8_qdq_model(path, rng):
+    """x -> Q/DQ (FP8) -> MatMul(DequantizeLinear(W_fp8)): fails ONNX Runtime's default level."""
+    import ml_dtypes
+    import onnx
+    from onnx import numpy_helper
+
+    w = (rng.standard_normal((16, 16)) * 10).astype(ml_dtypes.float8_e4m3fn)
+    zero = numpy_helper.from_array(np.zeros((), ml_dtypes.float8_e4m3fn), "zp")
+    nodes = [
+        onnx.helper.make_node("QuantizeLinear", ["x", "xs", "zp"], ["xq"]),
+        onnx.helper.make_node("DequantizeLinear", ["xq", "xs", "zp"], ["xd"]),
+        onnx.helper.make_node("DequantizeLinear", ["W", "ws", "zp"], ["wd"]),
+        onnx.helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "fp8",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 16])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 16])],
+        [
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(np.array(0.01, np.float32), "xs"),
+            numpy_helper.from_array(np.array(0.1, np.float32), "ws"),
+            zero,
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 19)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_fp8_models_run_at_the_basic_optimisation_level(tmp_path, rng):
+    import onnxruntime as ort
+
+    model = _fp8_qdq_model(tmp_path / "fp8.onnx", rng)
+    with pytest.raises(Exception, match=r"MatMulIntegerToFloat|NOT_IMPLEMENTED"):
+        ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])  # default level
+    result = lrcompile.verify(model, model, tolerance=0.0)
+    assert result.passed and result.outputs[0].relative_l2 == 0.0
