@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -209,3 +210,18 @@ def test_console_entry_point_runs(mlp, tmp_path):
         "lrcompile: error: invalid rank spec 'bad': expected an integer rank (64), a fraction of"
         " parameters kept (0.5), or energy:F (energy:0.95)"
     )
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    for stream, shown in ((io.StringIO(), False), (_Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        with cli._Progress() as progress:
+            for done in range(4):
+                progress(done, 3, f"w{done}")
+        text = stream.getvalue()
+        assert ("factoring" in text and "100%" in text) is shown, text
