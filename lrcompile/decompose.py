@@ -59,8 +59,8 @@ def choose_method(shape: tuple[int, int], rank: int) -> Method:
 
 
 def svd_exact(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thin SVD ``w = u @ diag(s) @ vt`` with deterministic signs."""
-    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    """Thin SVD ``w = u @ diag(s) @ vt`` in the compute dtype, with deterministic signs."""
+    u, s, vt = np.linalg.svd(np.asarray(w, dtype=compute_dtype(w.dtype)), full_matrices=False)
     return _fix_signs(u, s, vt)
 
 
@@ -93,7 +93,12 @@ def svd_randomized(
 
 
 def factorize(
-    w: np.ndarray, rank: int, *, method: Method = "exact", seed: int = 0
+    w: np.ndarray,
+    rank: int,
+    *,
+    method: Method = "exact",
+    seed: int = 0,
+    svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> Factorization:
     """Best rank-``rank`` approximation of ``w`` as balanced factors in ``w``'s compute dtype.
 
@@ -102,6 +107,7 @@ def factorize(
         rank: Rank to keep, ``1 <= rank <= min(K, N)``.
         method: ``"exact"`` (LAPACK SVD) or ``"randomized"`` (seeded randomized SVD).
         seed: Seed of the randomized method.
+        svd: ``svd_exact(w)``, when already computed, for the exact method to reuse.
 
     Returns:
         The factorization; ``left`` is ``[K, rank]`` and ``right`` is ``[rank, N]``.
@@ -115,17 +121,12 @@ def factorize(
     if method == "randomized":
         u, s, vt = svd_randomized(work, rank, seed=seed)
     else:
-        u, s, vt = svd_exact(work)
+        u, s, vt = svd if svd is not None else svd_exact(work)
         u, s, vt = u[:, :rank], s[:rank], vt[:rank]
     root = np.sqrt(s)
     left = np.ascontiguousarray(u * root[np.newaxis, :])
     right = np.ascontiguousarray(root[:, np.newaxis] * vt)
     return Factorization(left, right, s, total, method)
-
-
-def singular_values(w: np.ndarray) -> np.ndarray:
-    """All singular values of ``w``, largest first."""
-    return np.linalg.svd(np.asarray(w, dtype=compute_dtype(w.dtype)), compute_uv=False)
 
 
 def relative_error(w: np.ndarray, left: np.ndarray, right: np.ndarray) -> float:

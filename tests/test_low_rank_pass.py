@@ -325,3 +325,15 @@ def test_weight_also_read_elsewhere_is_kept_and_counted(tmp_path, rng):
     assert layer.reason == "weight also read by other nodes; kept beside its factors"
     assert layer.params_after == 8 * (32 + 64) + 32 * 64
     assert sorted(i.name for i in out.graph.initializer) == ["W", "W_lr_A", "W_lr_B"]
+
+
+def test_energy_spec_keeps_at_least_that_energy(rng):
+    w = low_rank_matrix(rng, 64, 96, decay=0.8)  # sigma_i = 0.8**i
+    model = make_model("g (float[N, 64] x) => (float[N, 96] y) { y = MatMul(x, W) }", {"W": w})
+    result, _ = _apply(model, "energy:0.99", rank_multiple=1)
+    (layer,) = result.layers
+    energy = np.cumsum(0.8 ** (2 * np.arange(64)))
+    expected = int(np.searchsorted(energy / energy[-1], 0.99)) + 1
+    assert layer.rank == expected == 11
+    assert 0.99 <= layer.kept_energy < 0.99 + 0.8 ** (2 * 10)
+    assert layer.method == "exact"

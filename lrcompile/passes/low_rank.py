@@ -117,16 +117,18 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     ) -> tuple[decompose.Factorization | None, int]:
         """The rank ``spec`` gives, with its factors (None when it saves nothing)."""
         k, n = weight.shape
-        spectrum = decompose.singular_values(weight) if spec.needs_spectrum else None
+        # An energy spec needs the whole spectrum: one full SVD serves the choice and the factors.
+        svd = decompose.svd_exact(weight) if spec.needs_spectrum else None
+        spectrum = svd[1] if svd is not None else None
         rank = ranks.choose_rank(spec, k, n, multiple=self.rank_multiple, spectrum=spectrum)
         if not (self.allow_no_saving or ranks.saves(rank, k, n)):
             return None, rank
         method = self.decomposition
         if method == "auto":
-            method = decompose.choose_method((k, n), rank)
+            method = "exact" if svd is not None else decompose.choose_method((k, n), rank)
         # A per-weight seed keeps each layer's randomized SVD independent of the order of layers.
         seed = zlib.crc32(name.encode()) ^ self.seed
-        factors = decompose.factorize(weight, rank, method=method, seed=seed)
+        factors = decompose.factorize(weight, rank, method=method, seed=seed, svd=svd)
         logger.debug("%s: rank %d of %dx%d by %s SVD", name, rank, k, n, method)
         return factors, rank
 
