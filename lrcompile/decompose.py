@@ -11,7 +11,7 @@ from typing import Literal
 
 import numpy as np
 
-Method = Literal["exact", "randomized"]
+Method = Literal["exact", "randomized", "whitened"]
 METHODS: tuple[str, ...] = ("auto", "exact", "randomized")
 
 # Randomized SVD pays off once the rank is well below the dimension; below this size an exact

@@ -1,0 +1,134 @@
+"""Global rank allocation across layers: which layer gives up how much rank, plain numerics.
+
+Each layer has options: dense, or a rank r (a multiple of the rank multiple) that saves cost.
+An option costs ``r*(K+N)`` (x the nodes sharing the weight, for FLOPs) and adds the layer's
+relative squared error ``e(r) = sum_{i>r} s_i^2 / sum_i s_i^2`` of its (whitened) spectrum.
+Relative, not absolute, errors are summed: layers' output scales differ, so raw energies are not
+comparable (DESIGN.md measured the absolute score far worse than a uniform ratio).
+
+For a price ``lam`` every layer independently takes the option minimizing
+``cost / total_dense_cost + lam * e``. Sweeping ``lam`` from infinity to 0 moves each layer along
+the lower convex hull of its (error, cost) options; ``allocation_path`` lists every allocation
+on that sweep, from all-dense to the cheapest, so a search can bisect over it: the greedy "spend
+error where it saves the most cost" across all layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+Objective = Literal["flops", "params"]
+OBJECTIVES: tuple[str, ...] = ("flops", "params")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpectrum:
+    """What the allocation needs of one weight: its shape, readers and squared singular values."""
+
+    name: str
+    k: int
+    n: int
+    energies: np.ndarray
+    nodes: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """One point of the sweep: a rank per layer (None = dense), its cost and predicted error."""
+
+    ranks: dict[str, int | None]
+    cost: float
+    dense_cost: float
+    predicted_error: float
+
+    @property
+    def cost_ratio(self) -> float:
+        return self.cost / self.dense_cost if self.dense_cost else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    ranks: list[int | None]
+    costs: np.ndarray
+    errors: np.ndarray
+
+
+def layer_options(layer: LayerSpectrum, multiple: int, objective: Objective) -> _Options:
+    """Dense plus every rank multiple of ``multiple`` that saves cost, with costs and errors."""
+    weight = layer.nodes if objective == "flops" else 1
+    full = min(layer.k, layer.n)
+    ranks = [r for r in range(multiple, full + 1, multiple) if r * (layer.k + layer.n) < layer.k * layer.n]
+    energies = np.asarray(layer.energies, dtype=np.float64)
+    total = float(energies.sum())
+    tail = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]])  # tail[r] = sum_{i>=r}
+    errors = [0.0] + [float(tail[min(r, len(energies))]) / total if total else 0.0 for r in ranks]
+    costs = [layer.k * layer.n * weight] + [r * (layer.k + layer.n) * weight for r in ranks]
+    return _Options([None, *ranks], np.asarray(costs, float), np.asarray(errors, float))
+
+
+def allocation_path(
+    layers: Sequence[LayerSpectrum], *, multiple: int = 16, objective: Objective = "flops"
+) -> list[Allocation]:
+    """Every allocation of the price sweep, from all-dense (index 0) to the cheapest (last).
+
+    Consecutive allocations differ in one layer's rank; cost never rises and the predicted error
+    never falls along the path.
+    """
+    options = [layer_options(layer, multiple, objective) for layer in layers]
+    dense_cost = float(sum(o.costs[0] for o in options))
+    events = []
+    for index, option in enumerate(options):
+        hull = _lower_hull(option)
+        for before, after in zip(hull, hull[1:], strict=False):
+            saved = option.costs[before] - option.costs[after]
+            added = option.errors[after] - option.errors[before]
+            # The price at which this step stops paying: error per unit of (relative) cost.
+            price = added / (saved / dense_cost) if saved > 0 else np.inf
+            events.append((price, index, after))
+    events.sort(key=lambda event: (event[0], event[1], event[2]))
+    choice = [0] * len(layers)
+    path = [_allocation(layers, options, choice, dense_cost)]
+    for _, index, after in events:
+        choice[index] = after
+        path.append(_allocation(layers, options, choice, dense_cost))
+    return path
+
+
+def most_accurate_within(path: Sequence[Allocation], budget: float) -> int:
+    """Index of the first (least error) allocation costing at most ``budget`` of the dense cost;
+    the last (cheapest) one when none does."""
+    for index, allocation in enumerate(path):
+        if allocation.cost_ratio <= budget + 1e-12:
+            return index
+    return len(path) - 1
+
+
+def _lower_hull(option: _Options) -> list[int]:
+    """Indices of the options on the lower convex hull of (error, cost), from dense onwards."""
+    order = sorted(range(len(option.ranks)), key=lambda i: (option.errors[i], -option.costs[i]))
+    hull: list[int] = []
+    for i in order:
+        if hull and option.costs[i] >= option.costs[hull[-1]]:
+            continue  # more error for no saving: never chosen
+        while len(hull) >= 2 and _turns_up(option, hull[-2], hull[-1], i):
+            hull.pop()
+        hull.append(i)
+    return hull
+
+
+def _turns_up(option: _Options, a: int, b: int, c: int) -> bool:
+    # b is not on the lower hull when the a->c chord saves at least as much per unit error.
+    ea, eb, ec = option.errors[a], option.errors[b], option.errors[c]
+    ca, cb, cc = option.costs[a], option.costs[b], option.costs[c]
+    return (cb - ca) * (ec - ea) >= (cc - ca) * (eb - ea)
+
+
+def _allocation(layers, options, choice, dense_cost) -> Allocation:
+    ranks = {layer.name: options[i].ranks[choice[i]] for i, layer in enumerate(layers)}
+    cost = float(sum(options[i].costs[choice[i]] for i in range(len(layers))))
+    error = float(sum(options[i].errors[choice[i]] for i in range(len(layers))))
+    return Allocation(ranks, cost, dense_cost, error)

@@ -1,0 +1,106 @@
+"""Activation-whitened SVD (truncation-aware data whitening, as in SVD-LLM): plain numerics.
+
+With calibration activations ``X`` (rows are samples) and their Gram matrix
+``G = X^T X = L L^T`` (Cholesky), the output error of a replacement ``W'`` is
+
+    ||X W - X W'||_F = ||L^T (W - W')||_F
+
+so the best rank-r ``W'`` for the OUTPUTS is ``L^{-T} [L^T W]_r``: factor ``L^T W``, truncate,
+unwhiten. The discarded squared singular values of ``L^T W`` are exactly the squared output error
+on the calibration data.
+
+When ``G`` is not positive definite (fewer samples than features, dead features), a jitter
+``eps * mean(diag G) * I`` is added, ``eps`` from 1e-8 up by factors of 10 until the Cholesky
+succeeds; the identity then holds for the jittered ``G``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from lrcompile.decompose import Factorization, compute_dtype
+
+_JITTER_START = 1e-8
+_JITTER_TRIES = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Whitening:
+    """The Cholesky factor ``L`` (float64, lower) of a Gram matrix, and the jitter it needed."""
+
+    lower: np.ndarray
+    jitter: float
+
+
+def accumulate_gram(gram: np.ndarray | None, x: np.ndarray) -> np.ndarray:
+    """Adds ``X^T X`` of one batch (``x`` reshaped to ``[-1, K]``) to ``gram`` in float64."""
+    rows = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
+    update = rows.T @ rows
+    return update if gram is None else gram + update
+
+
+def whitening_from_gram(gram: np.ndarray) -> Whitening:
+    """Cholesky ``G = L L^T``, with the documented jitter fallback when ``G`` is singular.
+
+    Raises:
+        ValueError: ``G`` is not square, holds NaN/Inf, or stays indefinite under the jitter.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"expected a square Gram matrix, got shape {gram.shape}")
+    if not np.all(np.isfinite(gram)):
+        raise ValueError("the Gram matrix holds NaN or Inf")
+    gram = (gram + gram.T) / 2
+    scale = float(np.mean(np.diag(gram))) or 1.0
+    jitter = 0.0
+    for attempt in range(_JITTER_TRIES + 1):
+        try:
+            return Whitening(np.linalg.cholesky(gram + jitter * np.eye(len(gram))), jitter)
+        except np.linalg.LinAlgError:
+            jitter = scale * _JITTER_START * 10**attempt
+    raise ValueError("the Gram matrix is not positive definite even with jitter")
+
+
+def whitened_svd(
+    w: np.ndarray, whitening: Whitening
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The thin SVD of ``L^T W`` (float64)."""
+    u, s, vt = np.linalg.svd(whitening.lower.T @ np.asarray(w, dtype=np.float64), full_matrices=False)
+    return u, s, vt
+
+
+def factorize_whitened(
+    w: np.ndarray,
+    rank: int,
+    whitening: Whitening,
+    *,
+    svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> Factorization:
+    """Rank-``rank`` factors minimizing the output error on the calibration activations.
+
+    ``left = L^{-T} U_r sqrt(S_r)`` and ``right = sqrt(S_r) V_r^T``. ``kept_energy`` and
+    ``total_energy`` are in output space: ``total_energy = ||X W||_F^2``.
+
+    Args:
+        w: The weight ``[K, N]``.
+        rank: Rank to keep, ``1 <= rank <= min(K, N)``.
+        whitening: From ``whitening_from_gram`` of the activations feeding ``w``.
+        svd: ``whitened_svd(w, whitening)`` when already computed.
+    """
+    if not 1 <= rank <= min(w.shape):
+        raise ValueError(f"rank {rank} is outside [1, {min(w.shape)}] for shape {w.shape}")
+    u, s, vt = svd if svd is not None else whitened_svd(w, whitening)
+    total = float(np.sum(np.square(s)))
+    root = np.sqrt(s[:rank])
+    left = np.linalg.solve(whitening.lower.T, u[:, :rank] * root)
+    right = root[:, np.newaxis] * vt[:rank]
+    dtype = compute_dtype(w.dtype)
+    return Factorization(
+        np.ascontiguousarray(left, dtype=dtype),
+        np.ascontiguousarray(right, dtype=dtype),
+        s[:rank].astype(dtype),
+        total,
+        "whitened",
+    )
