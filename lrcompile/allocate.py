@@ -16,6 +16,7 @@ error where it saves the most cost" across all layers.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -61,7 +62,11 @@ def layer_options(layer: LayerSpectrum, multiple: int, objective: Objective) -> 
     """Dense plus every rank multiple of ``multiple`` that saves cost, with costs and errors."""
     weight = layer.nodes if objective == "flops" else 1
     full = min(layer.k, layer.n)
-    ranks = [r for r in range(multiple, full + 1, multiple) if r * (layer.k + layer.n) < layer.k * layer.n]
+    ranks = [
+        r
+        for r in range(multiple, full + 1, multiple)
+        if r * (layer.k + layer.n) < layer.k * layer.n
+    ]
     energies = np.asarray(layer.energies, dtype=np.float64)
     total = float(energies.sum())
     tail = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]])  # tail[r] = sum_{i>=r}
@@ -83,7 +88,7 @@ def allocation_path(
     events = []
     for index, option in enumerate(options):
         hull = _lower_hull(option)
-        for before, after in zip(hull, hull[1:], strict=False):
+        for before, after in itertools.pairwise(hull):
             saved = option.costs[before] - option.costs[after]
             added = option.errors[after] - option.errors[before]
             # The price at which this step stops paying: error per unit of (relative) cost.

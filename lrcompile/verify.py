@@ -26,6 +26,7 @@ import numpy as np
 from lrcompile import data as data_lib
 from lrcompile.errors import LrcompileError
 from lrcompile.model_io import load_model
+from lrcompile.runtime import create_session
 
 logger = logging.getLogger(__name__)
 
@@ -156,20 +157,6 @@ def verify(
     return VerifyResult(metrics, tolerance, count, source)
 
 
-def session_options(model_path: str | Path) -> Any:
-    """ONNX Runtime session options for ``model_path``: BASIC optimisation when it holds FP8.
-
-    ONNX Runtime's QDQ fusion at the default level builds FP8 ops with no CPU kernel (DESIGN.md).
-    """
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if _has_fp8(model_path):
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.log_severity_level = 3
-    return options
-
-
 def _run_pair(
     reference: str | Path, candidate: str | Path, feeds: Iterable[data_lib.Feed]
 ) -> Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
@@ -196,26 +183,9 @@ def _quiet_polygraphy() -> Iterator[None]:
 
 def _session_loader(path: str | Path):
     def load():
-        import onnxruntime as ort
-
-        return ort.InferenceSession(
-            str(path), sess_options=session_options(path), providers=["CPUExecutionProvider"]
-        )
+        return create_session(path)
 
     return load
-
-
-def _has_fp8(path: str | Path) -> bool:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    fp8 = {
-        onnx.TensorProto.FLOAT8E4M3FN,
-        onnx.TensorProto.FLOAT8E4M3FNUZ,
-        onnx.TensorProto.FLOAT8E5M2,
-        onnx.TensorProto.FLOAT8E5M2FNUZ,
-    }
-    return any(t.data_type in fp8 for t in proto.graph.initializer)
 
 
 def _check_same_signature(reference, candidate, ref_model, cand_model) -> None:

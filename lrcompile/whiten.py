@@ -54,20 +54,26 @@ def whitening_from_gram(gram: np.ndarray) -> Whitening:
         raise ValueError("the Gram matrix holds NaN or Inf")
     gram = (gram + gram.T) / 2
     scale = float(np.mean(np.diag(gram))) or 1.0
-    jitter = 0.0
-    for attempt in range(_JITTER_TRIES + 1):
-        try:
-            return Whitening(np.linalg.cholesky(gram + jitter * np.eye(len(gram))), jitter)
-        except np.linalg.LinAlgError:
-            jitter = scale * _JITTER_START * 10**attempt
+    jitters = [0.0] + [scale * _JITTER_START * 10**i for i in range(_JITTER_TRIES)]
+    for jitter in jitters:
+        lower = _cholesky(gram + jitter * np.eye(len(gram)))
+        if lower is not None:
+            return Whitening(lower, jitter)
     raise ValueError("the Gram matrix is not positive definite even with jitter")
 
 
-def whitened_svd(
-    w: np.ndarray, whitening: Whitening
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cholesky(matrix: np.ndarray) -> np.ndarray | None:
+    try:
+        return np.linalg.cholesky(matrix)
+    except np.linalg.LinAlgError:
+        return None
+
+
+def whitened_svd(w: np.ndarray, whitening: Whitening) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The thin SVD of ``L^T W`` (float64)."""
-    u, s, vt = np.linalg.svd(whitening.lower.T @ np.asarray(w, dtype=np.float64), full_matrices=False)
+    u, s, vt = np.linalg.svd(
+        whitening.lower.T @ np.asarray(w, dtype=np.float64), full_matrices=False
+    )
     return u, s, vt
 
 

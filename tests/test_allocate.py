@@ -1,5 +1,7 @@
 """Global allocation: the sweep's order, monotonicity, and budget selection."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -19,10 +21,10 @@ def test_path_starts_dense_ends_cheapest_and_is_monotone():
     assert path[-1].ranks == {"a": 8, "b": 8, "c": 8}
     costs = [p.cost for p in path]
     errors = [p.predicted_error for p in path]
-    assert all(x >= y for x, y in zip(costs, costs[1:]))
-    assert all(x <= y + 1e-15 for x, y in zip(errors, errors[1:]))
+    assert all(x >= y for x, y in itertools.pairwise(costs))
+    assert all(x <= y + 1e-15 for x, y in itertools.pairwise(errors))
     # Each step changes exactly one layer.
-    for before, after in zip(path, path[1:]):
+    for before, after in itertools.pairwise(path):
         assert sum(before.ranks[n] != after.ranks[n] for n in before.ranks) == 1
 
 
