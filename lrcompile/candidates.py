@@ -41,6 +41,12 @@ class WeightGroup:
     def name(self) -> str:
         return self.weight.name or self.nodes[0].name or "weight"
 
+    @property
+    def key(self) -> str:
+        """Unique per group: the weight's name, marked when read transposed or scaled."""
+        key = self.name + ("^T" if self.transposed else "")
+        return key + (f"*{self.alpha:g}" if self.alpha != 1.0 else "")
+
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:

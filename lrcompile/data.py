@@ -196,3 +196,27 @@ def synthetic_feeds(
 
 def _format_shape(shape: Sequence[int | str | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def load_script(spec: str, inputs: Sequence[InputSpec]) -> list[Feed]:
+    """Feeds from a Polygraphy data-loader script: ``file.py`` (function ``load_data``) or
+    ``file.py:function``; the function yields feed dicts.
+
+    Raises:
+        DataError: The script is missing, fails, yields nothing, or yields feeds that do not fit.
+    """
+    from polygraphy.backend.common import invoke_from_script
+
+    path, _, name = spec.partition(":")
+    name = name or "load_data"
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file, expected a data-loader script")
+    try:
+        feeds = [dict(feed) for feed in invoke_from_script(path, name)]
+    except Exception as e:  # the user's script: any failure is theirs to fix
+        raise DataError(f"{path}: data loader {name}() failed: {type(e).__name__}: {e}") from None
+    if not feeds:
+        raise DataError(f"{path}: data loader {name}() yielded no feed dicts")
+    for index, feed in enumerate(feeds):
+        check_feed(f"{path}: feed {index}", feed, inputs)
+    return feeds

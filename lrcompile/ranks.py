@@ -7,9 +7,8 @@ Specs, as the user writes them:
   (rounded DOWN to the multiple, so never over the budget);
 - ``energy:0.95``: the smallest rank keeping that fraction of the squared singular values
   (rounded UP);
+- ``auto``: the rank the calibrated search (``lrcompile.auto``) allocates to the layer;
 - ``skip`` (overrides only): leave the layer dense.
-
-``auto`` is reserved for the calibrated search and not accepted yet.
 """
 
 from __future__ import annotations
@@ -27,8 +26,10 @@ import numpy as np
 
 from lrcompile.errors import RankSpecError
 
-SpecKind = Literal["fixed", "fraction", "energy", "skip"]
-SPEC_HELP = "an integer rank (64), a fraction of parameters kept (0.5), or energy:F (energy:0.95)"
+SpecKind = Literal["fixed", "fraction", "energy", "auto", "skip"]
+SPEC_HELP = (
+    "an integer rank (64), a fraction of parameters kept (0.5), energy:F (energy:0.95) or auto"
+)
 _ENERGY = re.compile(r"^energy:(.+)$")
 
 
@@ -44,8 +45,8 @@ class RankSpec:
             return str(int(self.value))
         if self.kind == "energy":
             return f"energy:{self.value:g}"
-        if self.kind == "skip":
-            return "skip"
+        if self.kind in ("skip", "auto"):
+            return self.kind
         return f"{self.value:g}"
 
     @property
@@ -68,10 +69,7 @@ class RankSpec:
             return cls._fraction(text, str(text))
         raw = str(text).strip()
         if raw == "auto":
-            raise RankSpecError(
-                "rank spec 'auto' is reserved for the calibrated search, which is not available"
-                f" in this version: use {SPEC_HELP}"
-            )
+            return cls("auto")
         if raw == "skip":
             if allow_skip:
                 return cls("skip")

@@ -18,18 +18,20 @@ import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from lrcompile import decompose, ranks
+from lrcompile import decompose, ranks, whiten
 from lrcompile.candidates import Skipped, WeightGroup, find_candidates
 from lrcompile.report import LayerReport
+from lrcompile.whiten import Whitening
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int, str], None]
+SvdCache = dict[str, tuple[np.ndarray, ...]]
 
 
 @dataclasses.dataclass
@@ -41,7 +43,13 @@ class FactorizeResult(ir.passes.PassResult):
 
 @dataclasses.dataclass(frozen=True)
 class FactorizeLowRankPass(ir.passes.InPlacePass):
-    """Replaces ``MatMul(x, W)`` by ``MatMul(MatMul(x, A), B)``, ``A @ B`` the rank-r SVD of W."""
+    """Replaces ``MatMul(x, W)`` by ``MatMul(MatMul(x, A), B)``, ``A @ B`` a rank-r fit of W.
+
+    Without ``whitening`` the fit is the SVD of ``W`` (best for the weight); with it, the
+    whitened SVD (best for the outputs on the calibration data). Under the ``auto`` spec the ranks
+    come from ``chosen_ranks`` (None: stay dense), which the search in ``lrcompile.auto`` fills.
+    ``cache`` (keyed like the groups) lets repeated runs reuse each weight's SVD.
+    """
 
     rank: ranks.RankSpec
     overrides: tuple[ranks.Override, ...] = ()
@@ -49,6 +57,9 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     decomposition: str = "auto"
     seed: int = 0
     allow_no_saving: bool = False
+    whitening: Mapping[str, Whitening] = dataclasses.field(default_factory=dict, repr=False)
+    chosen_ranks: Mapping[str, int | None] = dataclasses.field(default_factory=dict, repr=False)
+    cache: SvdCache | None = dataclasses.field(default=None, compare=False, repr=False)
     progress: ProgressCallback | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,26 +85,37 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         modified = any(layer.status == "factored" for layer in layers)
         return FactorizeResult(model, modified, layers)
 
+    def spec_for(self, group: WeightGroup) -> ranks.RankSpec:
+        """The spec that applies to ``group``: its first matching override, else ``rank``."""
+        names = [group.name, *(node.name or "" for node in group.nodes)]
+        return ranks.resolve_spec(self.rank, self.overrides, names)
+
+    def svd(self, group: WeightGroup, weight: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The full (whitened when calibrated) SVD of ``group``'s effective weight, cached."""
+        if self.cache is not None and group.key in self.cache:
+            return self.cache[group.key]
+        white = self.whitening.get(group.key)
+        svd = whiten.whitened_svd(weight, white) if white else decompose.svd_exact(weight)
+        if self.cache is not None:
+            self.cache[group.key] = svd
+        return svd
+
     def _factor_group(self, graph: ir.Graph, group: WeightGroup) -> LayerReport:
         start = time.perf_counter()
         k, n = group.shape
-        names = [group.name, *(node.name or "" for node in group.nodes)]
-        spec = ranks.resolve_spec(self.rank, self.overrides, names)
+        spec = self.spec_for(group)
         base = _base_report(group, spec)
         if spec.kind == "skip":
             return dataclasses.replace(base, status="dense", reason="override says skip")
-        weight = _effective_weight(group)
+        weight = effective_weight(group)
         if not np.all(np.isfinite(weight)):
             return dataclasses.replace(base, status="dense", reason="weight contains NaN or Inf")
-        factors, rank = self._decompose(weight, spec, group.name)
+        factors, rank = self._decompose(weight, spec, group)
         if factors is None:
-            return dataclasses.replace(
-                base,
-                status="dense",
-                rank=rank,
-                reason=f"rank {rank} saves nothing (break-even rank"
-                f" {ranks.break_even_rank(k, n):.0f})",
-            )
+            reason = "auto left it dense: its error costs more than it saves"
+            if rank is not None:
+                reason = f"rank {rank} saves nothing (break-even {ranks.break_even_rank(k, n):.0f})"
+            return dataclasses.replace(base, status="dense", rank=rank, reason=reason)
         dtype = group.tensor.dtype.numpy()
         left, right = factors.left.astype(dtype), factors.right.astype(dtype)
         _rewrite(graph, group, left, right)
@@ -102,38 +124,52 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         return dataclasses.replace(
             base,
             status="factored",
-            rank=rank,
+            rank=factors.rank,
             method=factors.method,
             kept_energy=factors.kept_energy,
             relative_error=decompose.relative_error(weight, left, right),
-            params_after=rank * (k + n) + kept,
+            params_after=factors.rank * (k + n) + kept,
             reason="weight also read by other nodes; kept beside its factors" if kept else None,
-            flops_after=rank * (k + n) * len(group.nodes),
+            flops_after=factors.rank * (k + n) * len(group.nodes),
             seconds=time.perf_counter() - start,
         )
 
     def _decompose(
-        self, weight: np.ndarray, spec: ranks.RankSpec, name: str
-    ) -> tuple[decompose.Factorization | None, int]:
-        """The rank ``spec`` gives, with its factors (None when it saves nothing)."""
+        self, weight: np.ndarray, spec: ranks.RankSpec, group: WeightGroup
+    ) -> tuple[decompose.Factorization | None, int | None]:
+        """The rank for ``group`` and its factors (None when it stays dense)."""
         k, n = weight.shape
-        # An energy spec needs the whole spectrum: one full SVD serves the choice and the factors.
-        svd = decompose.svd_exact(weight) if spec.needs_spectrum else None
-        spectrum = svd[1] if svd is not None else None
-        rank = ranks.choose_rank(spec, k, n, multiple=self.rank_multiple, spectrum=spectrum)
+        white = self.whitening.get(group.key)
+        svd = None
+        if spec.kind == "auto":
+            rank = self.chosen_ranks.get(group.key)
+            if rank is None:
+                return None, None
+        else:
+            # Whitened or energy specs need the whole spectrum: one SVD serves rank and factors.
+            if white is not None or spec.needs_spectrum:
+                svd = self.svd(group, weight)
+            spectrum = svd[1] if svd is not None else None
+            rank = ranks.choose_rank(spec, k, n, multiple=self.rank_multiple, spectrum=spectrum)
         if not (self.allow_no_saving or ranks.saves(rank, k, n)):
             return None, rank
+        if white is not None:
+            svd = svd if svd is not None else self.svd(group, weight)
+            return whiten.factorize_whitened(weight, rank, white, svd=svd), rank
         method = self.decomposition
         if method == "auto":
             method = "exact" if svd is not None else decompose.choose_method((k, n), rank)
+        if method == "exact" and svd is None:
+            svd = self.svd(group, weight) if self.cache is not None else None
         # A per-weight seed keeps each layer's randomized SVD independent of the order of layers.
-        seed = zlib.crc32(name.encode()) ^ self.seed
+        seed = zlib.crc32(group.key.encode()) ^ self.seed
         factors = decompose.factorize(weight, rank, method=method, seed=seed, svd=svd)
-        logger.debug("%s: rank %d of %dx%d by %s SVD", name, rank, k, n, method)
+        logger.debug("%s: rank %d of %dx%d by %s SVD", group.name, rank, k, n, factors.method)
         return factors, rank
 
 
-def _effective_weight(group: WeightGroup) -> np.ndarray:
+def effective_weight(group: WeightGroup) -> np.ndarray:
+    """``[K, N]`` with ``y = x @ W``: transposed under Gemm's transB, scaled by its alpha."""
     weight = group.tensor.numpy()
     if group.transposed:
         weight = weight.T

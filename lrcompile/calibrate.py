@@ -1,0 +1,108 @@
+"""Calibration statistics: run the ORIGINAL model, accumulate what each weight's input looks like.
+
+For every distinct activation that feeds a candidate weight (Q, K and V reading one input count
+once), batch by batch: the Gram matrix ``X^T X`` (float64, ``O(K^2)`` memory) and the absolute
+maximum. Activations are never kept beyond their batch. The model's own outputs are kept: they
+are the reference the ``auto`` search measures its error against.
+
+The activations are exposed by adding them as outputs to an in-memory copy of the model; weights
+stay on disk (ONNX Runtime reads external data from the model's folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lrcompile.candidates import WeightGroup
+from lrcompile.data import Feed
+from lrcompile.runtime import create_session
+from lrcompile.whiten import Whitening, accumulate_gram, whitening_from_gram
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ActivationStats:
+    """Streaming statistics of one activation, as ``[rows, K]``."""
+
+    gram: np.ndarray | None = None
+    amax: float = 0.0
+    rows: int = 0
+
+    def add(self, x: np.ndarray) -> None:
+        self.gram = accumulate_gram(self.gram, x)
+        if x.size:
+            self.amax = max(self.amax, float(np.max(np.abs(x))))
+        self.rows += int(np.prod(x.shape[:-1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Statistics per activation, the feeds they came from, and the model's outputs on them."""
+
+    stats: dict[tuple[str, bool], ActivationStats]
+    feeds: list[Feed]
+    reference: list[dict[str, np.ndarray]]
+    source: str
+
+    def gram(self, group: WeightGroup) -> np.ndarray | None:
+        """``X^T X`` of everything the group's weight multiplies (summed over its nodes)."""
+        grams = [
+            self.stats.get(_activation_key(node), ActivationStats()).gram for node in group.nodes
+        ]
+        if any(g is None for g in grams):
+            return None
+        return np.sum(grams, axis=0)
+
+    def whitening(self, groups: Sequence[WeightGroup]) -> dict[str, Whitening]:
+        """The Cholesky whitening of each group with statistics, keyed by ``group.key``."""
+        result = {}
+        for group in groups:
+            gram = self.gram(group)
+            if gram is not None:
+                result[group.key] = whitening_from_gram(gram)
+                if result[group.key].jitter:
+                    logger.info(
+                        "%s: Gram matrix needed jitter %.3g", group.name, result[group.key].jitter
+                    )
+        return result
+
+
+def calibrate(
+    model_path: str | Path, groups: Sequence[WeightGroup], feeds: Iterable[Feed], source: str
+) -> Calibration:
+    """Runs the original model on ``feeds`` and accumulates the statistics of ``groups``' inputs."""
+    model_path = Path(model_path)
+    proto = onnx.load(str(model_path), load_external_data=False)
+    outputs = [o.name for o in proto.graph.output]
+    constants = {t.name for t in proto.graph.initializer}
+    activations = {_activation_key(n) for g in groups for n in g.nodes} - {
+        (name, t) for name in constants for t in (False, True)
+    }
+    feeds = list(feeds)
+    fed = set(feeds[0]) if feeds else set()
+    exposed = sorted({name for name, _ in activations} - fed - set(outputs))
+    # Appended outputs need no type: ONNX Runtime infers it.
+    proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in exposed)
+    session = create_session(proto, data_folder=model_path.parent)
+    names = outputs + exposed
+    stats = {key: ActivationStats() for key in activations}
+    reference = []
+    for feed in feeds:
+        values = dict(zip(names, session.run(names, feed), strict=True)) | feed
+        for (name, transposed), stat in stats.items():
+            x = values[name]
+            stat.add(x.T if transposed else x)
+        reference.append({name: values[name] for name in outputs})
+    return Calibration(stats, feeds, reference, source)
+
+
+def _activation_key(node) -> tuple[str, bool]:
+    transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transA", 0))
+    return node.inputs[0].name, transposed
