@@ -251,7 +251,7 @@ def test_rank_without_saving_stays_dense(rng):
     (layer,) = result.layers
     assert not result.modified
     assert (layer.status, layer.rank) == ("dense", 16)
-    assert layer.reason == "rank 16 saves nothing (break-even rank 16)"
+    assert layer.reason == "rank 16 saves nothing (break-even 16)"
     assert _ops(out) == ["MatMul"]
 
 

@@ -34,7 +34,7 @@ def test_parse(text, kind, value):
         ("1.5", "in \\(0, 1\\]"),
         ("energy:2", "in \\(0, 1\\]"),
         ("energy:x", "expected"),
-        ("auto", "reserved"),
+        ("autox", "expected"),
         ("skip", "only valid in a per-layer override"),
         ("-3", "must be >= 1"),
     ],
