@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from lrcompile.candidates import WeightGroup
-from lrcompile.data import Feed
+from lrcompile.data import Feed, FeedSource
 from lrcompile.runtime import create_session
 from lrcompile.whiten import Whitening, accumulate_gram, whitening_from_gram
 
@@ -50,6 +50,7 @@ class Calibration:
     feeds: list[Feed]
     reference: list[dict[str, np.ndarray]]
     source: str
+    synthetic: bool = False
 
     def gram(self, group: WeightGroup) -> np.ndarray | None:
         """``X^T X`` of everything the group's weight multiplies (summed over its nodes)."""
@@ -75,9 +76,14 @@ class Calibration:
 
 
 def calibrate(
-    model_path: str | Path, groups: Sequence[WeightGroup], feeds: Iterable[Feed], source: str
+    model_path: str | Path,
+    groups: Sequence[WeightGroup],
+    source: FeedSource,
+    *,
+    on_batch: Callable[[int, int, str], None] | None = None,
 ) -> Calibration:
-    """Runs the original model on ``feeds`` and accumulates the statistics of ``groups``' inputs."""
+    """Runs the original model on ``source``'s feeds, accumulating the statistics of ``groups``'
+    inputs; ``on_batch(done, total, "")`` reports progress."""
     model_path = Path(model_path)
     proto = onnx.load(str(model_path), load_external_data=False)
     outputs = [o.name for o in proto.graph.output]
@@ -85,7 +91,7 @@ def calibrate(
     activations = {_activation_key(n) for g in groups for n in g.nodes} - {
         (name, t) for name in constants for t in (False, True)
     }
-    feeds = list(feeds)
+    feeds = source.feeds
     fed = set(feeds[0]) if feeds else set()
     exposed = sorted({name for name, _ in activations} - fed - set(outputs))
     # Appended outputs need no type: ONNX Runtime infers it.
@@ -94,13 +100,17 @@ def calibrate(
     names = outputs + exposed
     stats = {key: ActivationStats() for key in activations}
     reference = []
-    for feed in feeds:
+    for index, feed in enumerate(feeds):
+        if on_batch is not None:
+            on_batch(index, len(feeds), "")
         values = dict(zip(names, session.run(names, feed), strict=True)) | feed
         for (name, transposed), stat in stats.items():
             x = values[name]
             stat.add(x.T if transposed else x)
         reference.append({name: values[name] for name in outputs})
-    return Calibration(stats, feeds, reference, source)
+    if on_batch is not None:
+        on_batch(len(feeds), len(feeds), "")
+    return Calibration(stats, feeds, reference, source.description, source.synthetic)
 
 
 def _activation_key(node) -> tuple[str, bool]:

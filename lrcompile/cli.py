@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from lrcompile import __version__, decompose
+from lrcompile.allocate import OBJECTIVES
 from lrcompile.compiler import CompileResult, compile_model
 from lrcompile.config import CompileConfig
 from lrcompile.errors import LrcompileError
@@ -123,6 +124,23 @@ def _check_options(func):
     "--verify-data", type=_PATH, help=".npz of inputs for the check [default: synthetic]."
 )
 @_check_options
+@click.option(
+    "--calib",
+    metavar="FILE.npz|synthetic",
+    help="Calibration inputs: factor with activation-whitened SVD (auto: synthetic, warned).",
+)
+@click.option(
+    "--calib-script",
+    metavar="FILE.py[:FUNC]",
+    help="Polygraphy data-loader script yielding calibration feed dicts (FUNC: load_data).",
+)
+@click.option(
+    "--objective",
+    type=click.Choice(OBJECTIVES),
+    default="flops",
+    show_default=True,
+    help="What --rank auto minimizes.",
+)
 @click.option("--report", type=_PATH, help="Write the per-layer report as JSON here.")
 def compile_command(model: Path, output: Path | None, report: Path | None, **options) -> None:
     """Factor the weights of MODEL and write the compressed model."""
@@ -191,28 +209,35 @@ def _user_errors() -> Iterator[None]:
 
 
 class _Progress:
-    """A progress bar on stderr while factoring, only when stderr is a terminal."""
+    """Progress bars on stderr, one per stage of long work, only when stderr is a terminal."""
 
     def __init__(self) -> None:
         self._bar = None
+        self._stage = ""
         self._done = 0
 
     def __enter__(self) -> _Progress:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.render_finish()
+        self._finish()
 
-    def __call__(self, done: int, total: int, name: str) -> None:
+    def __call__(self, stage: str, done: int, total: int, detail: str) -> None:
         if not sys.stderr.isatty():
             return
-        if self._bar is None:
+        if stage != self._stage:
+            self._finish()
+            self._stage, self._done = stage, 0
             self._bar = click.progressbar(
-                length=total, label="factoring", file=sys.stderr, item_show_func=lambda item: item
+                length=total, label=stage, file=sys.stderr, item_show_func=lambda item: item
             )
-        self._bar.update(done - self._done, name)
+        self._bar.update(max(0, done - self._done), detail)
         self._done = done
+
+    def _finish(self) -> None:
+        if self._bar is not None:
+            self._bar.render_finish()
+            self._bar = None
 
 
 def _print_compile(result: CompileResult) -> None:
@@ -225,6 +250,8 @@ def _print_compile(result: CompileResult) -> None:
         f"wrote {result.output_path}: weight parameters x{total.params_ratio:.3f},"
         f" predicted FLOPs x{total.flop_ratio:.3f}"
     )
+    if result.auto is not None:
+        _print_auto(result)
     if result.verification is not None:
         _print_verification(result.verification)
 
@@ -248,4 +275,15 @@ def _print_verification(result: VerifyResult) -> None:
     click.echo(
         f"verdict: {verdict} (worst relative L2 {result.worst_relative_l2:.3e}, tolerance"
         f" {result.tolerance:g}, {result.batches} batches of {result.data_source})"
+    )
+
+
+def _print_auto(result: CompileResult) -> None:
+    auto = result.auto
+    dense = [layer for layer in result.layers if layer.reason and layer.reason.startswith("auto")]
+    click.echo(
+        f"auto: {len(auto.steps)} candidate models measured on {result.calibration};"
+        f" output error {auto.measured_error:.4f} within tolerance {auto.tolerance:g};"
+        f" {result.config.objective} x{auto.cost_ratio:.3f} of the searched layers;"
+        f" {len(dense)} left dense"
     )

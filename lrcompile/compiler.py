@@ -8,13 +8,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from onnx_ir.passes.common import RemoveInitializersFromInputsPass
+
 from lrcompile import data as data_lib
 from lrcompile import model_io
+from lrcompile.auto import AutoResult, search_ranks
+from lrcompile.calibrate import Calibration, calibrate
+from lrcompile.candidates import find_candidates
 from lrcompile.config import CompileConfig
-from lrcompile.passes.low_rank import FactorizeResult, ProgressCallback
-from lrcompile.pipeline import build_pipeline
+from lrcompile.passes.low_rank import FactorizeLowRankPass, FactorizeResult, ProgressCallback
+from lrcompile.pipeline import build_pipeline, factorize_pass
 from lrcompile.report import LayerReport, Totals, totals
-from lrcompile.verify import VerifyResult, verify
+from lrcompile.verify import DEFAULT_ITERATIONS, VerifyResult, verify
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +34,8 @@ class CompileResult:
     layers: tuple[LayerReport, ...]
     verification: VerifyResult | None
     config: CompileConfig
+    auto: AutoResult | None = None
+    calibration: str | None = None
 
     @property
     def totals(self) -> Totals:
@@ -50,6 +57,8 @@ class CompileResult:
             "totals": self.totals.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
             "verification": self.verification.to_dict() if self.verification else None,
+            "calibration": self.calibration,
+            "auto": self.auto.to_dict() if self.auto else None,
         }
 
     def write_report(self, path: str | Path) -> None:
@@ -78,58 +87,138 @@ def compile_model(
 
     Example::
 
-        result = lrcompile.compile_model("model.onnx", rank="0.5")
-        print(result.output_path, result.totals.params_ratio, result.verification.passed)
+        result = lrcompile.compile_model("model.onnx", rank="auto", calib="calib.npz")
+        print(result.output_path, result.totals.flop_ratio, result.verification.passed)
 
     Args:
         input_path: The ONNX model; never modified.
         output_path: Where to write; ``<input>.lr.onnx`` by default. Must differ from the input.
         config: The options; alternatively pass ``CompileConfig`` fields as keyword arguments.
-        progress: Called as ``progress(done, total, weight_name)`` while factoring.
+        progress: Called as ``progress(stage, done, total, detail)`` during long stages
+            (``calibrating``, ``searching``, ``factoring``).
 
     Returns:
         The result. ``output_path`` is None when no layer was factored (nothing is written).
 
     Raises:
-        LrcompileError: Bad model, option, override file or verification data.
+        LrcompileError: Bad model, option, override file, calibration or verification data.
     """
     config = config if config is not None else CompileConfig(**options)
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path else default_output_path(input_path)
-    passes = build_pipeline(config, progress=progress)
+    factorize = factorize_pass(config)  # validates the spec and overrides first
     model = model_io.load_model(input_path)
     model_io.check_output_path(input_path, output_path)
-    shapes = _check_verification_inputs(model, config)
+    inputs = data_lib.model_inputs(model)
+    check_feeds = _verification_feeds(config, inputs)
+    RemoveInitializersFromInputsPass()(model)
+    calibration = _calibrate(input_path, model, config, factorize, inputs, progress)
+    auto = None
+    if calibration is not None:
+        groups, _ = find_candidates(model.graph)
+        factorize = dataclasses.replace(
+            factorize, whitening=calibration.whitening(groups), cache={}
+        )
+        if _uses_auto(factorize, groups):
+            auto = search_ranks(
+                model,
+                input_path.parent,
+                groups,
+                factorize,
+                calibration,
+                tolerance=config.tolerance,
+                objective=config.objective,
+                on_step=_stage(progress, "searching"),
+            )
+            factorize = dataclasses.replace(factorize, chosen_ranks=auto.ranks)
     layers: list[LayerReport] = []
-    for pass_ in passes:
+    for pass_ in build_pipeline(dataclasses.replace(factorize, progress=progress)):
         result = pass_(model)
         if isinstance(result, FactorizeResult):
             layers.extend(result.layers)
+    source = calibration.source if calibration is not None else None
     if not any(layer.status == "factored" for layer in layers):
         logger.info("%s: nothing to factor; no output written", input_path)
-        return CompileResult(input_path, None, tuple(layers), None, config)
+        return CompileResult(input_path, None, tuple(layers), None, config, auto, source)
     model_io.save_model(model, output_path, external_data=config.external_data or None)
     verification = None
     if config.verify:
+        if check_feeds is None and calibration is not None:
+            check_feeds = data_lib.FeedSource(
+                calibration.feeds,
+                f"{calibration.source} (the calibration data)",
+                calibration.synthetic,
+            )
         verification = verify(
             input_path,
             output_path,
-            data=config.verify_data,
             tolerance=config.tolerance,
-            input_shapes=shapes,
             batch_size=config.batch_size,
-            seed=config.seed,
+            feeds=check_feeds or _synthetic(config, inputs),
         )
-    return CompileResult(input_path, output_path, tuple(layers), verification, config)
+    return CompileResult(input_path, output_path, tuple(layers), verification, config, auto, source)
 
 
-def _check_verification_inputs(model, config: CompileConfig) -> dict[str, tuple[int, ...]]:
-    """Fails on bad verification data or shapes before anything is written."""
+def _verification_feeds(config: CompileConfig, inputs) -> data_lib.FeedSource | None:
+    """The held-out feeds for the final check (None: use calibration or synthetic data).
+
+    Checked before anything runs, so bad data fails before anything is written.
+    """
     shapes = data_lib.parse_input_shapes(config.input_shapes)
-    if config.verify:
-        inputs = data_lib.model_inputs(model)
-        if config.verify_data is not None:
-            data_lib.load_npz(config.verify_data, inputs)
-        else:
-            data_lib.resolve_shapes(inputs, shapes, config.batch_size)
-    return shapes
+    data_lib.resolve_shapes(inputs, shapes, config.batch_size)
+    if not config.verify or config.verify_data is None:
+        return None
+    return data_lib.input_feeds(
+        str(config.verify_data),
+        None,
+        inputs,
+        shapes=shapes,
+        batch_size=config.batch_size,
+        iterations=DEFAULT_ITERATIONS,
+        seed=config.seed,
+    )
+
+
+def _synthetic(config: CompileConfig, inputs) -> data_lib.FeedSource:
+    return data_lib.input_feeds(
+        None,
+        None,
+        inputs,
+        shapes=data_lib.parse_input_shapes(config.input_shapes),
+        batch_size=config.batch_size,
+        iterations=DEFAULT_ITERATIONS,
+        seed=config.seed,
+    )
+
+
+def _calibrate(input_path, model, config, factorize, inputs, progress) -> Calibration | None:
+    """Calibration statistics when ``--calib``/``--calib-script`` or ``auto`` ask for them."""
+    groups, _ = find_candidates(model.graph)
+    wanted = config.calib is not None or config.calib_script is not None
+    if not (wanted or _uses_auto(factorize, groups)):
+        return None
+    source = data_lib.input_feeds(
+        config.calib,
+        config.calib_script,
+        inputs,
+        shapes=data_lib.parse_input_shapes(config.input_shapes),
+        batch_size=config.batch_size,
+        iterations=DEFAULT_ITERATIONS,
+        seed=config.seed,
+    )
+    if source.synthetic:
+        logger.warning(
+            "calibrating on SYNTHETIC inputs: random data makes a weak calibration and an"
+            " untrustworthy 'auto' search; pass --calib FILE.npz or --calib-script FILE.py"
+        )
+    return calibrate(input_path, groups, source, on_batch=_stage(progress, "calibrating"))
+
+
+def _uses_auto(factorize: FactorizeLowRankPass, groups) -> bool:
+    return any(factorize.spec_for(group).kind == "auto" for group in groups)
+
+
+def _stage(progress: ProgressCallback | None, stage: str):
+    if progress is None:
+        return None
+    return lambda done, total, detail: progress(stage, done, total, detail)

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from lrcompile import decompose
+from lrcompile.allocate import OBJECTIVES
 from lrcompile.errors import LrcompileError
 from lrcompile.verify import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
 
@@ -25,10 +26,16 @@ class CompileConfig:
         allow_no_saving: Factor layers even when the rank saves nothing (for experiments).
         external_data: Always write weights to ``<output>.data`` (automatic above 2 GB).
         verify: Compare the output with the input model after compiling.
-        tolerance: Largest relative L2 error of any output that verification accepts.
+        tolerance: Largest relative L2 error of any output: the verification gate, and the
+            target of ``auto`` on the calibration data.
         verify_data: ``.npz`` of inputs for verification (synthetic inputs when None).
         input_shapes: ``name:DxD`` entries giving shapes of synthetic inputs.
-        batch_size: Rows per verification batch.
+        batch_size: Rows per batch of calibration and verification data.
+        calib: ``.npz`` of calibration inputs, or ``synthetic``; calibrating makes every spec
+            factor with activation-whitened SVD, and ``auto`` needs it (synthetic by default).
+        calib_script: Polygraphy data-loader script (``file.py`` or ``file.py:function``)
+            yielding calibration feed dicts.
+        objective: What ``auto`` minimizes: ``flops`` (per-row FLOPs) or ``params``.
     """
 
     rank: str
@@ -43,6 +50,9 @@ class CompileConfig:
     verify_data: Path | None = None
     input_shapes: tuple[str, ...] = ()
     batch_size: int = DEFAULT_BATCH_SIZE
+    calib: str | None = None
+    calib_script: str | None = None
+    objective: str = "flops"
 
     def __post_init__(self) -> None:
         if self.rank_multiple < 1:
@@ -53,5 +63,9 @@ class CompileConfig:
             )
         if not self.tolerance >= 0:
             raise LrcompileError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.objective not in OBJECTIVES:
+            raise LrcompileError(
+                f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"
+            )
         if self.batch_size < 1:
             raise LrcompileError(f"batch size must be >= 1, got {self.batch_size}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -181,17 +181,19 @@ def _check_given_shape(spec: InputSpec, shape: tuple[int, ...]) -> None:
 
 def synthetic_feeds(
     inputs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]], iterations: int, seed: int
-) -> Iterator[Feed]:
+) -> list[Feed]:
     """Seeded random feeds from Polygraphy's ``DataLoader`` with the given concrete shapes."""
     from polygraphy.common import TensorMetadata
     from polygraphy.comparator import DataLoader
+    from polygraphy.logger import G_LOGGER
 
     metadata = TensorMetadata()
     for spec in inputs:
         metadata.add(spec.name, spec.dtype, shapes[spec.name])
-    loader = DataLoader(seed=seed, iterations=iterations, input_metadata=metadata)
-    for index in range(iterations):
-        yield {name: np.asarray(array) for name, array in loader[index].items()}
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # the library never prints
+        loader = DataLoader(seed=seed, iterations=iterations, input_metadata=metadata)
+        feeds = [loader[index] for index in range(iterations)]
+    return [{name: np.asarray(array) for name, array in feed.items()} for feed in feeds]
 
 
 def _format_shape(shape: Sequence[int | str | None]) -> str:
@@ -220,3 +222,40 @@ def load_script(spec: str, inputs: Sequence[InputSpec]) -> list[Feed]:
     for index, feed in enumerate(feeds):
         check_feed(f"{path}: feed {index}", feed, inputs)
     return feeds
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedSource:
+    """Feeds and where they came from."""
+
+    feeds: list[Feed]
+    description: str
+    synthetic: bool
+
+
+def input_feeds(
+    npz: str | None,
+    script: str | None,
+    inputs: Sequence[InputSpec],
+    *,
+    shapes: Mapping[str, Sequence[int]],
+    batch_size: int,
+    iterations: int,
+    seed: int,
+) -> FeedSource:
+    """Feeds from an ``.npz`` (``npz``), a data-loader script, or synthetic data (``npz`` None or
+    ``"synthetic"``): what calibration and verification run on.
+
+    Raises:
+        DataError: Both sources given, or the data does not fit the model.
+    """
+    if npz is not None and script is not None:
+        raise DataError("give input data once: an .npz or a data-loader script, not both")
+    if script is not None:
+        return FeedSource(load_script(script, inputs), script, False)
+    if npz is not None and npz != "synthetic":
+        arrays = load_npz(npz, inputs)
+        return FeedSource(batches(arrays, inputs, batch_size), npz, False)
+    resolved = resolve_shapes(inputs, shapes, batch_size)
+    feeds = list(synthetic_feeds(inputs, resolved, iterations, seed))
+    return FeedSource(feeds, f"synthetic inputs (seed {seed})", True)

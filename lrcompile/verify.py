@@ -76,7 +76,9 @@ class VerifyResult:
 
 
 @dataclasses.dataclass
-class _Accumulator:
+class ErrorAccumulator:
+    """Running sums for the relative L2 error, cosine and max abs error of one output."""
+
     diff_sq: float = 0.0
     ref_sq: float = 0.0
     cand_sq: float = 0.0
@@ -115,6 +117,7 @@ def verify(
     batch_size: int = DEFAULT_BATCH_SIZE,
     iterations: int = DEFAULT_ITERATIONS,
     seed: int = 0,
+    feeds: data_lib.FeedSource | None = None,
 ) -> VerifyResult:
     """Compares ``candidate`` against ``reference`` with Polygraphy and ONNX Runtime.
 
@@ -127,6 +130,7 @@ def verify(
         batch_size: Rows per batch for ``data`` and for a dynamic leading dimension.
         iterations: Number of synthetic batches.
         seed: Seed of the synthetic inputs.
+        feeds: Ready feeds to use instead of ``data`` (for example the calibration feeds).
 
     Raises:
         LrcompileError: A model or the data is invalid, or the models' inputs/outputs differ.
@@ -136,25 +140,26 @@ def verify(
     ref_model, cand_model = load_model(reference), load_model(candidate)
     inputs = data_lib.model_inputs(ref_model)
     _check_same_signature(reference, candidate, ref_model, cand_model)
-    if data is not None:
-        arrays = data_lib.load_npz(data, inputs)
-        feeds: Iterable[data_lib.Feed] = data_lib.batches(arrays, inputs, batch_size)
-        source = str(data)
-    else:
-        shapes = data_lib.resolve_shapes(inputs, input_shapes or {}, batch_size)
-        with _quiet_polygraphy():
-            feeds = list(data_lib.synthetic_feeds(inputs, shapes, iterations, seed))
-        source = f"synthetic inputs (seed {seed})"
+    if feeds is None:
+        feeds = data_lib.input_feeds(
+            None if data is None else str(data),
+            None,
+            inputs,
+            shapes=input_shapes or {},
+            batch_size=batch_size,
+            iterations=iterations,
+            seed=seed,
+        )
     outputs = [value.name for value in ref_model.graph.outputs]
-    accumulators = {name: _Accumulator() for name in outputs}
+    accumulators = {name: ErrorAccumulator() for name in outputs}
     count = 0
     with _quiet_polygraphy():
-        for ref_out, cand_out in _run_pair(reference, candidate, feeds):
+        for ref_out, cand_out in _run_pair(reference, candidate, feeds.feeds):
             for name in outputs:
                 accumulators[name].add(ref_out[name], cand_out[name])
             count += 1
     metrics = tuple(accumulators[name].metrics(name, tolerance) for name in outputs)
-    return VerifyResult(metrics, tolerance, count, source)
+    return VerifyResult(metrics, tolerance, count, feeds.description)
 
 
 def _run_pair(

@@ -220,7 +220,9 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
     for stream, shown in ((io.StringIO(), False), (_Terminal(), True)):
         monkeypatch.setattr(sys, "stderr", stream)
         with cli._Progress() as progress:
+            for done in range(3):
+                progress("calibrating", done, 2, "")
             for done in range(4):
-                progress(done, 3, f"w{done}")
+                progress("factoring", done, 3, f"w{done}")
         text = stream.getvalue()
-        assert ("factoring" in text and "100%" in text) is shown, text
+        assert ("calibrating" in text and "factoring" in text and "100%" in text) is shown, text

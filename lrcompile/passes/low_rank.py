@@ -30,7 +30,8 @@ from lrcompile.whiten import Whitening
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int, str], None]
+# progress(stage, done, total, detail), e.g. ("factoring", 3, 36, "fc1_weight")
+ProgressCallback = Callable[[str, int, int, str], None]
 SvdCache = dict[str, tuple[np.ndarray, ...]]
 
 
@@ -77,10 +78,10 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         layers: list[LayerReport] = []
         for index, group in enumerate(groups):
             if self.progress is not None:
-                self.progress(index, len(groups), group.name)
+                self.progress("factoring", index, len(groups), group.name)
             layers.append(self._factor_group(model.graph, group))
         if self.progress is not None and groups:
-            self.progress(len(groups), len(groups), "")
+            self.progress("factoring", len(groups), len(groups), "")
         layers.extend(_skipped_report(s) for s in skipped)
         modified = any(layer.status == "factored" for layer in layers)
         return FactorizeResult(model, modified, layers)

@@ -1,0 +1,177 @@
+"""``--rank auto``: the cheapest ranks whose outputs stay within the tolerance on calibration data.
+
+    whitened spectra -> allocation path (lrcompile.allocate: all-dense ... cheapest)
+      -> bisection over the path, each probe compiled and run end to end in ONNX Runtime
+
+The spectra are only an error model; the end-to-end measurement on the calibration data decides.
+The search keeps the cheapest allocation it measured within the tolerance (all-dense, error 0, is
+always within it). Bisection assumes the error grows along the path, which it does in practice
+but not by construction: every answer it returns was measured, so it may be conservative, never
+over the tolerance on the calibration data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from lrcompile.allocate import Allocation, LayerSpectrum, Objective, allocation_path
+from lrcompile.calibrate import Calibration
+from lrcompile.candidates import WeightGroup
+from lrcompile.passes.low_rank import FactorizeLowRankPass, effective_weight
+from lrcompile.runtime import create_session
+from lrcompile.verify import ErrorAccumulator
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int, str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchStep:
+    """One probe of the bisection: a point on the path and its measured output error."""
+
+    index: int
+    cost_ratio: float
+    predicted_error: float
+    measured_error: float
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoResult:
+    """The chosen ranks (by group key; None = dense), what they reach, and how they were found."""
+
+    ranks: dict[str, int | None]
+    tolerance: float
+    measured_error: float
+    cost_ratio: float
+    steps: tuple[SearchStep, ...]
+    path: tuple[Allocation, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tolerance": self.tolerance,
+            "measured_error": self.measured_error,
+            "cost_ratio": self.cost_ratio,
+            "ranks": self.ranks,
+            "steps": [dataclasses.asdict(step) for step in self.steps],
+            "path": [
+                {"cost_ratio": a.cost_ratio, "predicted_error": a.predicted_error}
+                for a in self.path
+            ],
+        }
+
+
+def layer_spectra(
+    groups: Sequence[WeightGroup], factorize: FactorizeLowRankPass
+) -> list[LayerSpectrum]:
+    """The (whitened) squared singular values of every group whose spec is ``auto``."""
+    spectra = []
+    for group in groups:
+        if factorize.spec_for(group).kind != "auto":
+            continue
+        weight = effective_weight(group)
+        if not np.all(np.isfinite(weight)):
+            continue
+        _, s, _ = factorize.svd(group, weight)
+        k, n = group.shape
+        energies = np.square(np.asarray(s, dtype=np.float64))
+        spectra.append(LayerSpectrum(group.key, k, n, energies, len(group.nodes)))
+    return spectra
+
+
+def search_ranks(
+    model: ir.Model,
+    model_folder: str | Path,
+    groups: Sequence[WeightGroup],
+    factorize: FactorizeLowRankPass,
+    calibration: Calibration,
+    *,
+    tolerance: float,
+    objective: Objective = "flops",
+    on_step: StepCallback | None = None,
+) -> AutoResult:
+    """Bisects the allocation path for the cheapest allocation within ``tolerance``.
+
+    Args:
+        model: The prepared model; it is not modified (probes run on clones).
+        model_folder: Where the model's external data lies.
+        groups: Its candidate groups.
+        factorize: The configured pass (spec ``auto``, whitening, cache); probes replace its ranks.
+        calibration: Feeds and the original model's outputs on them.
+        tolerance: Largest relative L2 error of any output.
+        objective: Cost to minimize: ``flops`` or ``params``.
+        on_step: Called as ``on_step(probes_done, probes_expected, description)``.
+    """
+    path = allocation_path(
+        layer_spectra(groups, factorize), multiple=factorize.rank_multiple, objective=objective
+    )
+    expected = int(np.ceil(np.log2(max(len(path), 2)))) + 1
+    steps: list[SearchStep] = []
+
+    def probe(index: int) -> bool:
+        allocation = path[index]
+        if on_step is not None:
+            on_step(len(steps), expected, f"cost x{allocation.cost_ratio:.3f}")
+        candidate = model.clone()
+        dataclasses.replace(factorize, chosen_ranks=allocation.ranks, progress=None)(candidate)
+        error = measure_error(candidate, model_folder, calibration)
+        passed = error <= tolerance
+        steps.append(
+            SearchStep(index, allocation.cost_ratio, allocation.predicted_error, error, passed)
+        )
+        logger.info(
+            "auto probe %d/%d: cost x%.3f, predicted %.3g, measured %.4f (%s)",
+            index,
+            len(path) - 1,
+            allocation.cost_ratio,
+            allocation.predicted_error,
+            error,
+            "within" if passed else "over",
+        )
+        return passed
+
+    best = _bisect(len(path), probe)
+    if on_step is not None:
+        on_step(expected, expected, "done")
+    measured = next((s.measured_error for s in steps if s.index == best), 0.0)
+    return AutoResult(
+        dict(path[best].ranks),
+        tolerance,
+        measured,
+        path[best].cost_ratio,
+        tuple(steps),
+        tuple(path),
+    )
+
+
+def measure_error(model: ir.Model, model_folder: str | Path, calibration: Calibration) -> float:
+    """Largest relative L2 error of any output of ``model`` against the calibration reference."""
+    session = create_session(ir.serde.serialize_model(model), data_folder=model_folder)
+    names = list(calibration.reference[0])
+    sums = {name: ErrorAccumulator() for name in names}
+    for feed, reference in zip(calibration.feeds, calibration.reference, strict=True):
+        for name, value in zip(names, session.run(names, feed), strict=True):
+            sums[name].add(reference[name], value)
+    return max(sums[name].metrics(name, 0.0).relative_l2 for name in names)
+
+
+def _bisect(length: int, passes: Callable[[int], bool]) -> int:
+    """The largest index in [0, length) with ``passes(index)``, index 0 assumed to pass."""
+    low, high = 0, length - 1
+    if high == 0 or passes(high):
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if passes(middle):
+            low = middle
+        else:
+            high = middle
+    return low
