@@ -214,7 +214,10 @@ def load_script(spec: str, inputs: Sequence[InputSpec]) -> list[Feed]:
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file, expected a data-loader script")
     try:
-        feeds = [dict(feed) for feed in invoke_from_script(path, name)]
+        feeds = [
+            {key: np.asarray(value) for key, value in feed.items()}
+            for feed in invoke_from_script(path, name)
+        ]
     except Exception as e:  # the user's script: any failure is theirs to fix
         raise DataError(f"{path}: data loader {name}() failed: {type(e).__name__}: {e}") from None
     if not feeds:

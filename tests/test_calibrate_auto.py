@@ -1,0 +1,229 @@
+"""Calibration statistics, whitened compiles, the auto search, and calibration data sources."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import lrcompile
+from lrcompile import cli
+from lrcompile import data as data_lib
+from lrcompile.calibrate import calibrate
+from lrcompile.candidates import find_candidates
+from lrcompile.model_io import load_model
+from tests.conftest import low_rank_matrix, make_model, run, save
+
+
+@pytest.fixture
+def deep(tmp_path, rng):
+    """Four 64x64 layers with different spectra (one steep, one flat), tanh between them."""
+    decays = {"W1": 0.9, "W2": 0.6, "W3": 0.97, "W4": 0.8}
+    weights = {name: low_rank_matrix(rng, 64, 64, decay) * 3 for name, decay in decays.items()}
+    model = make_model(
+        """g (float[N, 64] x) => (float[N, 64] y) {
+            h1 = MatMul(x, W1)
+            a1 = Tanh(h1)
+            h2 = MatMul(a1, W2)
+            a2 = Tanh(h2)
+            h3 = MatMul(a2, W3)
+            a3 = Tanh(h3)
+            y = MatMul(a3, W4)
+        }""",
+        weights,
+    )
+    return save(model, tmp_path / "deep.onnx")
+
+
+def _calib(tmp_path, rng, rows=256, name="calib.npz"):
+    # Correlated inputs: a few directions dominate, as in real activations.
+    mix = rng.standard_normal((64, 64)) * np.logspace(0, -1.5, 64)
+    x = (rng.standard_normal((rows, 64)) @ mix.T).astype(np.float32)
+    path = tmp_path / name
+    np.savez(path, x=x)
+    return path, x
+
+
+def test_calibration_gram_equals_direct_computation(deep, tmp_path, rng):
+    path, x = _calib(tmp_path, rng, rows=50)
+    model = load_model(deep)
+    groups, _ = find_candidates(model.graph)
+    inputs = data_lib.model_inputs(model)
+    source = data_lib.input_feeds(
+        str(path), None, inputs, shapes={}, batch_size=7, iterations=1, seed=0
+    )
+    calibration = calibrate(deep, groups, source)
+    by_name = {g.name: g for g in groups}
+    # The activation feeding W3 is a2 = tanh(tanh(x W1) W2), computed here directly.
+    w = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(deep)).graph.initializer}
+    a2 = np.tanh(np.tanh(x @ w["W1"]) @ w["W2"]).astype(np.float64)
+    np.testing.assert_allclose(calibration.gram(by_name["W3"]), a2.T @ a2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        calibration.gram(by_name["W1"]), x.T.astype(np.float64) @ x, rtol=1e-9
+    )
+    assert calibration.stats[("a2", False)].rows == 50
+    assert calibration.stats[("a2", False)].amax == pytest.approx(np.abs(a2).max(), rel=1e-5)
+    assert len(calibration.feeds) == 8  # 7 + 7 + ... + 1 rows
+    (y,) = run(deep, {"x": x})
+    np.testing.assert_allclose(
+        np.concatenate([r["y"] for r in calibration.reference]), y, rtol=1e-6
+    )
+
+
+def test_shared_activation_is_collected_once(tmp_path, rng):
+    model = make_model(
+        """g (float[N, 32] x) => (float[N, 32] q, float[N, 32] k, float[N, 32] v) {
+            q = MatMul(x, Wq)
+            k = MatMul(x, Wk)
+            v = MatMul(x, Wv)
+        }""",
+        {n: low_rank_matrix(rng, 32, 32) for n in ("Wq", "Wk", "Wv")},
+    )
+    path = save(model, tmp_path / "qkv.onnx")
+    ir_model = load_model(path)
+    groups, _ = find_candidates(ir_model.graph)
+    source = data_lib.input_feeds(
+        None, None, data_lib.model_inputs(ir_model), shapes={}, batch_size=4, iterations=2, seed=0
+    )
+    calibration = calibrate(path, groups, source)
+    assert list(calibration.stats) == [("x", False)]
+
+
+def test_whitened_compile_beats_plain_on_the_outputs(deep, tmp_path, rng):
+    calib, x = _calib(tmp_path, rng)
+    plain = lrcompile.compile_model(deep, tmp_path / "p.onnx", rank="16", verify_data=calib)
+    white = lrcompile.compile_model(
+        deep, tmp_path / "w.onnx", rank="16", calib=str(calib), verify_data=calib
+    )
+    assert {layer.method for layer in white.layers} == {"whitened"}
+    assert white.totals.params_after == plain.totals.params_after
+    plain_error = plain.verification.outputs[0].relative_l2
+    white_error = white.verification.outputs[0].relative_l2
+    assert white_error < 0.5 * plain_error
+
+
+@pytest.mark.parametrize("tolerance", [0.02, 0.1])
+def test_auto_meets_the_tolerance_on_the_calibration_data(deep, tmp_path, rng, tolerance):
+    calib, x = _calib(tmp_path, rng)
+    result = lrcompile.compile_model(
+        deep, tmp_path / "auto.onnx", rank="auto", calib=str(calib), tolerance=tolerance
+    )
+    auto = result.auto
+    assert auto.measured_error <= tolerance
+    # Independently: run both models on the calibration rows.
+    (ref,) = run(deep, {"x": x})
+    (got,) = run(result.output_path, {"x": x})
+    error = np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref)
+    assert error == pytest.approx(auto.measured_error, rel=1e-4)
+    assert error <= tolerance
+    assert result.totals.flop_ratio < 0.9  # it did compress
+    # The bisection's last failing probe was over the tolerance: the answer is on the boundary.
+    failing = [s for s in auto.steps if not s.passed]
+    assert all(s.measured_error > tolerance for s in failing)
+    assert all(s.cost_ratio < auto.cost_ratio for s in failing)
+
+
+def test_auto_spends_rank_where_the_output_needs_it(deep, tmp_path, rng):
+    calib, _ = _calib(tmp_path, rng)
+    result = lrcompile.compile_model(
+        deep,
+        tmp_path / "auto.onnx",
+        rank="auto",
+        calib=str(calib),
+        tolerance=0.01,
+        rank_multiple=4,
+        verify=False,
+    )
+    ranks = {layer.weight: layer.rank or 64 for layer in result.layers}
+    assert ranks["W2"] < ranks["W3"]  # steep spectrum (0.6) compresses more than flat (0.97)
+
+
+def test_auto_without_calibration_warns_about_synthetic_data(deep, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        result = lrcompile.compile_model(deep, tmp_path / "a.onnx", rank="auto", tolerance=0.1)
+    assert "SYNTHETIC" in caplog.text
+    assert result.calibration == "synthetic inputs (seed 0)"
+
+
+def test_calibration_script_source(deep, tmp_path, rng):
+    _, x = _calib(tmp_path, rng, rows=64)
+    np.save(tmp_path / "rows.npy", x)
+    script = tmp_path / "loader.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "def batches():\n"
+        "    x = np.load(Path(__file__).with_name('rows.npy'))\n"
+        "    for i in range(0, 64, 16):\n"
+        "        yield {'x': x[i:i + 16]}\n"
+    )
+    result = lrcompile.compile_model(
+        deep, tmp_path / "s.onnx", rank="16", calib_script=f"{script}:batches", verify=False
+    )
+    assert result.calibration == f"{script}:batches"
+    assert {layer.method for layer in result.layers if layer.status == "factored"} == {"whitened"}
+
+
+def _bad_script(tmp_path, body: str):
+    script = tmp_path / "bad.py"
+    script.write_text(body)
+    return str(script)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda t: ["--calib", str(_npz(t, ids=np.zeros((4, 64), np.float32)))],
+            "array 'ids' is not a model input",
+        ),
+        (
+            lambda t: ["--calib", str(_npz(t, x=np.zeros((4, 64), np.float64)))],
+            "has dtype float64, the model expects float32",
+        ),
+        (lambda t: ["--calib", str(_npz(t, x=np.zeros((4, 65), np.float32)))], "axis 1 must be 64"),
+        (lambda t: ["--calib", str(_npz(t))], "holds no arrays"),
+        (lambda t: ["--calib", str(t / "none.npz")], "no such file"),
+        (
+            lambda t: ["--calib-script", _bad_script(t, "def load_data():\n    return iter([])\n")],
+            "yielded no feed dicts",
+        ),
+        (
+            lambda t: [
+                "--calib-script",
+                _bad_script(t, "def load_data():\n    raise OSError('x')\n"),
+            ],
+            "load_data() failed: OSError: x",
+        ),
+        (
+            lambda t: ["--calib-script", _bad_script(t, "def load_data():\n    yield {'x': 1}\n")],
+            "feed 0: array 'x' has dtype int64",
+        ),
+        (
+            lambda t: [
+                "--calib",
+                str(_npz(t, x=np.zeros((4, 64), np.float32))),
+                "--calib-script",
+                _bad_script(t, ""),
+            ],
+            "not both",
+        ),
+    ],
+)
+def test_bad_calibration_data_exits_2(deep, tmp_path, make, message):
+    out = tmp_path / "o.onnx"
+    args = [str(deep), "--rank", "auto", "-o", str(out), *make(tmp_path)]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def _npz(folder, **arrays):
+    path = folder / "c.npz"
+    np.savez(path, **arrays)
+    return path
