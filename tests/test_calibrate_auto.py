@@ -93,7 +93,7 @@ def test_shared_activation_is_collected_once(tmp_path, rng):
 
 
 def test_whitened_compile_beats_plain_on_the_outputs(deep, tmp_path, rng):
-    calib, x = _calib(tmp_path, rng)
+    calib, _ = _calib(tmp_path, rng)
     plain = lrcompile.compile_model(deep, tmp_path / "p.onnx", rank="16", verify_data=calib)
     white = lrcompile.compile_model(
         deep, tmp_path / "w.onnx", rank="16", calib=str(calib), verify_data=calib
