@@ -12,9 +12,7 @@ each is taken. The measured speedup is printed beside the predicted FLOP ratio K
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from onnx import numpy_helper
 
 import lrcompile
 from lrcompile.ranks import break_even_rank
+from lrcompile.timing import interleaved_medians
 
 
 def dense_model(path: Path, k: int, n: int, seed: int = 0) -> Path:
@@ -43,22 +42,6 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def median_times(
-    sessions: list[ort.InferenceSession], x: np.ndarray, budget_s: float
-) -> list[float]:
-    """Median seconds per run of each session, runs interleaved so drift hits all alike."""
-    for s in sessions:
-        s.run(None, {"x": x})  # warm up
-    samples: list[list[float]] = [[] for _ in sessions]
-    start = time.perf_counter()
-    while time.perf_counter() - start < budget_s or len(samples[0]) < 5:
-        for s, times in zip(sessions, samples, strict=True):
-            t0 = time.perf_counter()
-            s.run(None, {"x": x})
-            times.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in samples]
 
 
 def main() -> None:
@@ -87,7 +70,9 @@ def main() -> None:
                 for m in rows:
                     x = np.random.default_rng(1).standard_normal((m, k), np.float32)
                     sessions = [session(dense, args.threads), session(out, args.threads)]
-                    t_dense, t_lr = median_times(sessions, x, budget)
+                    t_dense, t_lr = interleaved_medians(
+                        [lambda s=s, x=x: s.run(None, {"x": x}) for s in sessions], budget_s=budget
+                    )
                     speedup = t_dense / t_lr
                     print(
                         f"{f'{k}x{n}':>11} {rank:>5} {fraction:>6.3f} {m:>4} {t_dense * 1e3:>9.3f}"

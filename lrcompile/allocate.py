@@ -1,10 +1,13 @@
 """Global rank allocation across layers: which layer gives up how much rank, plain numerics.
 
 Each layer has options: dense, or a rank r (a multiple of the rank multiple) that saves cost.
-An option costs ``r*(K+N)`` (x the nodes sharing the weight, for FLOPs) and adds the layer's
-relative squared error ``e(r) = sum_{i>r} s_i^2 / sum_i s_i^2`` of its (whitened) spectrum.
-Relative, not absolute, errors are summed: layers' output scales differ, so raw energies are not
-comparable (DESIGN.md measured the absolute score far worse than a uniform ratio).
+An option costs ``r*(K+N)`` (x the nodes sharing the weight, for FLOPs) and adds
+``sensitivity * e(r)``, where ``e(r) = sum_{i>r} s_i^2 / sum_i s_i^2`` is the layer's relative
+squared error from its (whitened) spectrum and ``sensitivity`` converts it into squared relative
+error of the MODEL's outputs (measured by ``lrcompile.auto``; 1 when unknown). Relative, not
+absolute, energies: layers' output scales differ, so raw energies are not comparable (DESIGN.md
+measured the absolute score far worse than a uniform ratio); and layers differ in how much of
+their error reaches the outputs (on MiniLM's embeddings by ~300x, attention projections least).
 
 For a price ``lam`` every layer independently takes the option minimizing
 ``cost / total_dense_cost + lam * e``. Sweeping ``lam`` from infinity to 0 moves each layer along
@@ -35,6 +38,7 @@ class LayerSpectrum:
     n: int
     energies: np.ndarray
     nodes: int = 1
+    sensitivity: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +74,8 @@ def layer_options(layer: LayerSpectrum, multiple: int, objective: Objective) -> 
     energies = np.asarray(layer.energies, dtype=np.float64)
     total = float(energies.sum())
     tail = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]])  # tail[r] = sum_{i>=r}
-    errors = [0.0] + [float(tail[min(r, len(energies))]) / total if total else 0.0 for r in ranks]
+    scale = layer.sensitivity / total if total else 0.0
+    errors = [0.0] + [float(tail[min(r, len(energies))]) * scale for r in ranks]
     costs = [layer.k * layer.n * weight] + [r * (layer.k + layer.n) * weight for r in ranks]
     return _Options([None, *ranks], np.asarray(costs, float), np.asarray(errors, float))
 

@@ -141,6 +141,13 @@ def _check_options(func):
     show_default=True,
     help="What --rank auto minimizes.",
 )
+@click.option(
+    "--headroom",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="auto aims for (1 - HEADROOM) x tolerance on the calibration data.",
+)
 @click.option("--report", type=_PATH, help="Write the per-layer report as JSON here.")
 def compile_command(model: Path, output: Path | None, report: Path | None, **options) -> None:
     """Factor the weights of MODEL and write the compressed model."""
@@ -283,7 +290,8 @@ def _print_auto(result: CompileResult) -> None:
     dense = [layer for layer in result.layers if layer.reason and layer.reason.startswith("auto")]
     click.echo(
         f"auto: {len(auto.steps)} candidate models measured on {result.calibration};"
-        f" output error {auto.measured_error:.4f} within tolerance {auto.tolerance:g};"
+        f" output error {auto.measured_error:.4f} within its target {auto.tolerance:.4g}"
+        f" ({1 - result.config.headroom:g} x tolerance);"
         f" {result.config.objective} x{auto.cost_ratio:.3f} of the searched layers;"
         f" {len(dense)} left dense"
     )

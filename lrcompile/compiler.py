@@ -126,9 +126,10 @@ def compile_model(
                 groups,
                 factorize,
                 calibration,
-                tolerance=config.tolerance,
+                tolerance=config.tolerance * (1.0 - config.headroom),
                 objective=config.objective,
                 on_step=_stage(progress, "searching"),
+                on_sensitivity=_stage(progress, "sensitivity"),
             )
             factorize = dataclasses.replace(factorize, chosen_ranks=auto.ranks)
     layers: list[LayerReport] = []

