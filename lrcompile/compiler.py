@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ class CompileResult:
     config: CompileConfig
     auto: AutoResult | None = None
     calibration: str | None = None
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def totals(self) -> Totals:
@@ -59,6 +63,7 @@ class CompileResult:
             "verification": self.verification.to_dict() if self.verification else None,
             "calibration": self.calibration,
             "auto": self.auto.to_dict() if self.auto else None,
+            "seconds": self.seconds,
         }
 
     def write_report(self, path: str | Path) -> None:
@@ -106,42 +111,27 @@ def compile_model(
     config = config if config is not None else CompileConfig(**options)
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path else default_output_path(input_path)
-    factorize = factorize_pass(config)  # validates the spec and overrides first
-    model = model_io.load_model(input_path)
-    model_io.check_output_path(input_path, output_path)
-    inputs = data_lib.model_inputs(model)
-    check_feeds = _verification_feeds(config, inputs)
-    RemoveInitializersFromInputsPass()(model)
-    calibration = _calibrate(input_path, model, config, factorize, inputs, progress)
-    auto = None
-    if calibration is not None:
-        groups, _ = find_candidates(model.graph)
-        factorize = dataclasses.replace(
-            factorize, whitening=calibration.whitening(groups), cache={}
-        )
-        if _uses_auto(factorize, groups):
-            auto = search_ranks(
-                model,
-                input_path.parent,
-                groups,
-                factorize,
-                calibration,
-                tolerance=config.tolerance * (1.0 - config.headroom),
-                objective=config.objective,
-                on_step=_stage(progress, "searching"),
-                on_sensitivity=_stage(progress, "sensitivity"),
-            )
-            factorize = dataclasses.replace(factorize, chosen_ranks=auto.ranks)
-    layers: list[LayerReport] = []
-    for pass_ in build_pipeline(dataclasses.replace(factorize, progress=progress)):
-        result = pass_(model)
-        if isinstance(result, FactorizeResult):
-            layers.extend(result.layers)
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "load"):
+        factorize = factorize_pass(config)  # validates the spec and overrides first
+        model = model_io.load_model(input_path)
+        model_io.check_output_path(input_path, output_path)
+        inputs = data_lib.model_inputs(model)
+        check_feeds = _verification_feeds(config, inputs)
+        RemoveInitializersFromInputsPass()(model)
+    with _timed(seconds, "calibrate"):
+        calibration = _calibrate(input_path, model, config, factorize, inputs, progress)
+    with _timed(seconds, "auto search"):
+        factorize, auto = _configure(model, input_path, config, factorize, calibration, progress)
+    with _timed(seconds, "factorize"):
+        layers = _run_passes(model, dataclasses.replace(factorize, progress=progress))
     source = calibration.source if calibration is not None else None
+    result = CompileResult(input_path, None, layers, None, config, auto, source, seconds)
     if not any(layer.status == "factored" for layer in layers):
         logger.info("%s: nothing to factor; no output written", input_path)
-        return CompileResult(input_path, None, tuple(layers), None, config, auto, source)
-    model_io.save_model(model, output_path, external_data=config.external_data or None)
+        return result
+    with _timed(seconds, "save"):
+        model_io.save_model(model, output_path, external_data=config.external_data or None)
     verification = None
     if config.verify:
         if check_feeds is None and calibration is not None:
@@ -150,14 +140,55 @@ def compile_model(
                 f"{calibration.source} (the calibration data)",
                 calibration.synthetic,
             )
-        verification = verify(
-            input_path,
-            output_path,
-            tolerance=config.tolerance,
-            batch_size=config.batch_size,
-            feeds=check_feeds or _synthetic(config, inputs),
-        )
-    return CompileResult(input_path, output_path, tuple(layers), verification, config, auto, source)
+        with _timed(seconds, "verify"):
+            verification = verify(
+                input_path,
+                output_path,
+                tolerance=config.tolerance,
+                batch_size=config.batch_size,
+                feeds=check_feeds or _synthetic(config, inputs),
+            )
+    return dataclasses.replace(result, output_path=output_path, verification=verification)
+
+
+def _configure(model, input_path, config, factorize, calibration, progress):
+    """The factorize pass with whitening and, under ``auto``, the searched ranks."""
+    if calibration is None:
+        return factorize, None
+    groups, _ = find_candidates(model.graph)
+    factorize = dataclasses.replace(factorize, whitening=calibration.whitening(groups), cache={})
+    if not _uses_auto(factorize, groups):
+        return factorize, None
+    auto = search_ranks(
+        model,
+        input_path.parent,
+        groups,
+        factorize,
+        calibration,
+        tolerance=config.tolerance * (1.0 - config.headroom),
+        objective=config.objective,
+        on_step=_stage(progress, "searching"),
+        on_sensitivity=_stage(progress, "sensitivity"),
+    )
+    return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
+
+
+def _run_passes(model, factorize: FactorizeLowRankPass) -> tuple[LayerReport, ...]:
+    layers: list[LayerReport] = []
+    for pass_ in build_pipeline(factorize):
+        result = pass_(model)
+        if isinstance(result, FactorizeResult):
+            layers.extend(result.layers)
+    return tuple(layers)
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _verification_feeds(config: CompileConfig, inputs) -> data_lib.FeedSource | None:
