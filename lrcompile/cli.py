@@ -215,6 +215,57 @@ def _user_errors() -> Iterator[None]:
         sys.exit(EXIT_USAGE)
 
 
+@main.command("inspect")
+@click.argument("model", type=_PATH)
+@click.option("--calib", metavar="FILE.npz|synthetic", help="Calibration inputs (whitened view).")
+@click.option("--calib-script", metavar="FILE.py[:FUNC]", help="Data-loader script instead.")
+@click.option(
+    "--input-shapes", multiple=True, metavar="NAME:DxD,...", help="Shapes of synthetic inputs."
+)
+@click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True)
+@click.option(
+    "--curve-points",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Points of the auto trade-off curve measured end to end (with calibration).",
+)
+@click.option(
+    "--plot",
+    "plot_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write spectra.png (and tradeoff.png) here.",
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write JSON here.")
+def inspect_command(
+    model: Path,
+    curve_points: int,
+    plot_dir: Path | None,
+    json_path: Path | None,
+    **options,
+) -> None:
+    """List MODEL's factorable weights, their spectra, and what --rank auto would walk."""
+    from lrcompile.inspection import inspect_model
+
+    options["input_shapes"] = tuple(options["input_shapes"])
+    with _user_errors():
+        config = CompileConfig(rank="auto", **options)
+        calibrated = config.calib is not None or config.calib_script is not None
+        result = inspect_model(
+            model, config, spectra=plot_dir is not None or calibrated, curve_points=curve_points
+        )
+        written = []
+        if plot_dir is not None:
+            from lrcompile.plots import write_plots
+
+            written = write_plots(result, plot_dir)
+    _print_inspection(result)
+    if json_path is not None:
+        json_path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
 @main.command("demo")
 @click.option(
     "--workdir",
@@ -304,9 +355,7 @@ def _print_verification(result: VerifyResult) -> None:
         )
         for o in result.outputs
     ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    _echo_table(header, rows)
     verdict = "PASS" if result.passed else "FAIL"
     click.echo(
         f"verdict: {verdict} (worst relative L2 {result.worst_relative_l2:.3e}, tolerance"
@@ -360,3 +409,42 @@ def _print_demo(demo, workdir: Path) -> None:
     for name, value in rows:
         click.echo(f"{name.ljust(width)}  {value}")
     click.echo(f"wrote {workdir}/minilm.onnx, minilm.lr.onnx, calib.npz, heldout.npz, demo.json")
+
+
+def _print_inspection(result) -> None:
+    header = ("layer", "op", "shape", "readers", "break-even", "r99", "r99 whitened", "sensitivity")
+    rows = [
+        (
+            layer.node or layer.weight,
+            layer.op,
+            f"{layer.shape[0]}x{layer.shape[1]}",
+            str(layer.nodes),
+            f"{layer.break_even:.0f}",
+            _or_dash(layer.energy_rank(0.99)),
+            _or_dash(layer.energy_rank(0.99, whitened=True)),
+            "-" if layer.sensitivity is None else f"{layer.sensitivity:.3g}",
+        )
+        for layer in result.layers
+    ]
+    _echo_table(header, rows)
+    for node, reason in result.skipped:
+        click.echo(f"left alone: {node}: {reason}")
+    if result.curve:
+        click.echo(f"auto trade-off on {result.calibration} (cost of the factorable layers):")
+        _echo_table(
+            ("cost", "predicted error", "measured error"),
+            [
+                (f"x{p.cost_ratio:.3f}", f"{p.predicted_error:.4f}", f"{p.measured_error:.4f}")
+                for p in result.curve
+            ],
+        )
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -1,0 +1,181 @@
+"""``lrcompile inspect``: what could be factored, how compressible it is, and what auto would walk.
+
+    candidates -> [spectra: plain SVD of each weight]
+               -> [calibration: whitened spectra, per-layer sensitivity,
+                   the allocation path measured end to end at a few points]
+
+Nothing is written; the model is only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx_ir.passes.common import RemoveInitializersFromInputsPass
+
+from lrcompile import data as data_lib
+from lrcompile.allocate import allocation_path
+from lrcompile.auto import layer_spectra, measure_error, measure_sensitivities
+from lrcompile.calibrate import calibrate
+from lrcompile.candidates import find_candidates
+from lrcompile.config import CompileConfig
+from lrcompile.model_io import load_model
+from lrcompile.passes.low_rank import effective_weight
+from lrcompile.pipeline import factorize_pass
+from lrcompile.ranks import break_even_rank
+from lrcompile.verify import DEFAULT_ITERATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """One factorable weight: where, its shape, and (when computed) its spectra."""
+
+    node: str
+    weight: str
+    op: str
+    shape: tuple[int, int]
+    nodes: int
+    plain: np.ndarray | None = None
+    whitened: np.ndarray | None = None
+    sensitivity: float | None = None
+
+    @property
+    def break_even(self) -> float:
+        return break_even_rank(*self.shape)
+
+    def energy_rank(self, fraction: float, whitened: bool = False) -> int | None:
+        """The smallest rank keeping ``fraction`` of the (whitened) squared singular values."""
+        values = self.whitened if whitened else self.plain
+        if values is None:
+            return None
+        energy = np.cumsum(np.square(values, dtype=np.float64))
+        return int(np.searchsorted(energy, fraction * energy[-1] * (1 - 1e-12))) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvePoint:
+    """A point of the allocation path: its cost, predicted and measured output error."""
+
+    cost_ratio: float
+    predicted_error: float
+    measured_error: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Inspection:
+    """The candidates, the nodes left alone with reasons, and the measured trade-off curve."""
+
+    layers: tuple[LayerInfo, ...]
+    skipped: tuple[tuple[str, str], ...]
+    curve: tuple[CurvePoint, ...]
+    calibration: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calibration": self.calibration,
+            "layers": [
+                {
+                    "node": layer.node,
+                    "weight": layer.weight,
+                    "op": layer.op,
+                    "shape": list(layer.shape),
+                    "nodes": layer.nodes,
+                    "break_even_rank": layer.break_even,
+                    "rank_energy_0.99": layer.energy_rank(0.99),
+                    "rank_whitened_energy_0.99": layer.energy_rank(0.99, whitened=True),
+                    "sensitivity": layer.sensitivity,
+                }
+                for layer in self.layers
+            ],
+            "skipped": [{"node": node, "reason": reason} for node, reason in self.skipped],
+            "curve": [dataclasses.asdict(point) for point in self.curve],
+        }
+
+
+def inspect_model(
+    path: str | Path,
+    config: CompileConfig | None = None,
+    *,
+    spectra: bool = False,
+    curve_points: int = 8,
+) -> Inspection:
+    """Lists the candidates of ``path``; with ``spectra`` their SVD spectra; with calibration in
+    ``config`` (``calib``/``calib_script``) whitened spectra, sensitivities and the trade-off curve.
+
+    Raises:
+        LrcompileError: Bad model or calibration data.
+    """
+    config = config or CompileConfig(rank="auto")
+    path = Path(path)
+    model = load_model(path)
+    inputs = data_lib.model_inputs(model)
+    RemoveInitializersFromInputsPass()(model)
+    groups, skipped = find_candidates(model.graph)
+    factorize = factorize_pass(dataclasses.replace(config, rank="auto", overrides=None))
+    layers = [_layer_info(group, factorize if spectra else None) for group in groups]
+    notes = tuple((s.node.name or "", s.reason) for s in skipped)
+    if config.calib is None and config.calib_script is None:
+        return Inspection(tuple(layers), notes, (), None)
+    source = data_lib.input_feeds(
+        config.calib,
+        config.calib_script,
+        inputs,
+        shapes=data_lib.parse_input_shapes(config.input_shapes),
+        batch_size=config.batch_size,
+        iterations=DEFAULT_ITERATIONS,
+        seed=config.seed,
+    )
+    calibration = calibrate(path, groups, source)
+    factorize = dataclasses.replace(factorize, whitening=calibration.whitening(groups), cache={})
+    weighted = measure_sensitivities(
+        model, path.parent, layer_spectra(groups, factorize), factorize, calibration
+    )
+    by_key = {spectrum.name: spectrum for spectrum in weighted}
+    for index, group in enumerate(groups):
+        if group.key in by_key:
+            layers[index] = dataclasses.replace(
+                layers[index],
+                whitened=np.sqrt(by_key[group.key].energies),
+                sensitivity=by_key[group.key].sensitivity,
+            )
+    curve = _curve(model, path.parent, weighted, factorize, calibration, curve_points, config)
+    return Inspection(tuple(layers), notes, curve, calibration.source)
+
+
+def _layer_info(group, factorize) -> LayerInfo:
+    plain = None
+    if factorize is not None:
+        weight = effective_weight(group)
+        if np.all(np.isfinite(weight)):
+            plain = np.linalg.svd(weight.astype(np.float32), compute_uv=False)
+    return LayerInfo(
+        node=group.nodes[0].name or "",
+        weight=group.name,
+        op=group.nodes[0].op_type,
+        shape=group.shape,
+        nodes=len(group.nodes),
+        plain=plain,
+    )
+
+
+def _curve(model, folder, spectra: Sequence, factorize, calibration, points: int, config):
+    """The allocation path measured end to end at ``points`` costs spread over its range."""
+    path = allocation_path(spectra, multiple=factorize.rank_multiple, objective=config.objective)
+    if points <= 0 or len(path) < 2:
+        return ()
+    costs = np.array([allocation.cost_ratio for allocation in path])
+    targets = np.linspace(costs[0], costs[-1], points)
+    indices = sorted({int(np.argmin(np.abs(costs - target))) for target in targets})
+    curve = []
+    for index in indices:
+        candidate = model.clone()
+        ranks = path[index].ranks
+        dataclasses.replace(factorize, chosen_ranks=ranks)(candidate)
+        measured = measure_error(candidate, folder, calibration)
+        predicted = float(np.sqrt(path[index].predicted_error))
+        curve.append(CurvePoint(path[index].cost_ratio, predicted, measured))
+    return tuple(curve)
