@@ -29,7 +29,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lrcompile.allocate import Allocation, LayerSpectrum, Objective, allocation_path
+from lrcompile.allocate import (
+    Allocation,
+    LayerSpectrum,
+    Objective,
+    allocation_path,
+    most_accurate_within,
+)
 from lrcompile.calibrate import Calibration
 from lrcompile.candidates import WeightGroup
 from lrcompile.passes.low_rank import FactorizeLowRankPass, effective_weight
@@ -152,6 +158,7 @@ def search_ranks(
     *,
     tolerance: float,
     objective: Objective = "flops",
+    budget: float | None = None,
     on_step: StepCallback | None = None,
     on_sensitivity: StepCallback | None = None,
 ) -> AutoResult:
@@ -165,6 +172,8 @@ def search_ranks(
         calibration: Feeds and the original model's outputs on them.
         tolerance: Largest relative L2 error of any output.
         objective: Cost to minimize: ``flops`` or ``params``.
+        budget: Instead of bisecting for ``tolerance``, take the most accurate allocation whose
+            cost ratio is at most ``budget`` (measured once, for the report).
         on_step: Called as ``on_step(probes_done, probes_expected, description)``.
         on_sensitivity: Called likewise while sensitivities are measured.
     """
@@ -206,7 +215,11 @@ def search_ranks(
         )
         return passed
 
-    best = _bisect(len(path), probe)
+    if budget is not None:
+        best = most_accurate_within(path, budget)
+        probe(best)
+    else:
+        best = _bisect(len(path), probe)
     seconds["bisection"] = lap()
     if on_step is not None:
         on_step(expected, expected, "done")

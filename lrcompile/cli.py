@@ -148,6 +148,11 @@ def _check_options(func):
     show_default=True,
     help="auto aims for (1 - HEADROOM) x tolerance on the calibration data.",
 )
+@click.option(
+    "--budget",
+    type=float,
+    help="auto: most accurate ranks within this fraction of the dense cost (no tolerance search).",
+)
 @click.option("--report", type=_PATH, help="Write the per-layer report as JSON here.")
 def compile_command(model: Path, output: Path | None, report: Path | None, **options) -> None:
     """Factor the weights of MODEL and write the compressed model."""
@@ -364,13 +369,18 @@ def _print_verification(result: VerifyResult) -> None:
 
 
 def _print_auto(result: CompileResult) -> None:
-    auto = result.auto
+    auto, config = result.auto, result.config
     dense = [layer for layer in result.layers if layer.reason and layer.reason.startswith("auto")]
+    if config.budget is not None:
+        goal = f"budget x{config.budget:g}: output error {auto.measured_error:.4f}"
+    else:
+        goal = (
+            f"output error {auto.measured_error:.4f} within its target {auto.tolerance:.4g}"
+            f" ({1 - config.headroom:g} x tolerance)"
+        )
     click.echo(
-        f"auto: {len(auto.steps)} candidate models measured on {result.calibration};"
-        f" output error {auto.measured_error:.4f} within its target {auto.tolerance:.4g}"
-        f" ({1 - result.config.headroom:g} x tolerance);"
-        f" {result.config.objective} x{auto.cost_ratio:.3f} of the searched layers;"
+        f"auto: {len(auto.steps)} candidate models measured on {result.calibration}; {goal};"
+        f" {config.objective} x{auto.cost_ratio:.3f} of the searched layers;"
         f" {len(dense)} left dense"
     )
 

@@ -167,6 +167,7 @@ def _configure(model, input_path, config, factorize, calibration, progress):
         calibration,
         tolerance=config.tolerance * (1.0 - config.headroom),
         objective=config.objective,
+        budget=config.budget,
         on_step=_stage(progress, "searching"),
         on_sensitivity=_stage(progress, "sensitivity"),
     )

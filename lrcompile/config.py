@@ -36,6 +36,8 @@ class CompileConfig:
         calib_script: Polygraphy data-loader script (``file.py`` or ``file.py:function``)
             yielding calibration feed dicts.
         objective: What ``auto`` minimizes: ``flops`` (per-row FLOPs) or ``params``.
+        budget: With ``auto``: instead of searching for the tolerance, take the most accurate
+            allocation costing at most this fraction of the dense cost (of ``objective``).
         headroom: Fraction of the tolerance ``auto`` keeps in reserve for data it was not
             calibrated on: it targets ``(1 - headroom) * tolerance`` on the calibration data
             (on MiniLM the held-out error ran 10-13% above the calibration error).
@@ -57,6 +59,7 @@ class CompileConfig:
     calib_script: str | None = None
     objective: str = "flops"
     headroom: float = 0.2
+    budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.rank_multiple < 1:
@@ -71,6 +74,8 @@ class CompileConfig:
             raise LrcompileError(
                 f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"
             )
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise LrcompileError(f"budget must be in (0, 1], got {self.budget}")
         if not 0.0 <= self.headroom < 1.0:
             raise LrcompileError(f"headroom must be in [0, 1), got {self.headroom}")
         if self.batch_size < 1:

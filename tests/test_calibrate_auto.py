@@ -228,3 +228,31 @@ def _npz(folder, **arrays):
     path = folder / "c.npz"
     np.savez(path, **arrays)
     return path
+
+
+def test_auto_with_a_parameter_budget_beats_the_uniform_ratio(deep, tmp_path, rng):
+    calib, x = _calib(tmp_path, rng)
+    uniform = lrcompile.compile_model(
+        deep, tmp_path / "u.onnx", rank="0.5", calib=str(calib), rank_multiple=4, verify=False
+    )
+    budget = uniform.totals.params_ratio
+    result = lrcompile.compile_model(
+        deep,
+        tmp_path / "b.onnx",
+        rank="auto",
+        calib=str(calib),
+        budget=budget,
+        objective="params",
+        rank_multiple=4,
+        verify=False,
+    )
+    assert len(result.auto.steps) == 1  # one measurement, no search
+    assert result.totals.params_after <= uniform.totals.params_after
+    (ref,) = run(deep, {"x": x})
+
+    def error(path):
+        (out,) = run(path, {"x": x})
+        return np.linalg.norm(out.astype(np.float64) - ref) / np.linalg.norm(ref)
+
+    assert error(result.output_path) == pytest.approx(result.auto.measured_error, rel=1e-4)
+    assert error(result.output_path) < error(uniform.output_path)
