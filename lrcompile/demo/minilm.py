@@ -154,6 +154,43 @@ def latency(
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """The exported model and the tokenized corpora, as files in a work folder."""
+
+    model: Path
+    calib: Path
+    heldout: Path
+    sequence_length: int
+    sentences: int
+
+    def heldout_feeds(self) -> dict[str, np.ndarray]:
+        return dict(np.load(self.heldout))
+
+
+def prepare(workdir: str | Path) -> Prepared:
+    """Exports the embedder to ``minilm.onnx`` and writes ``calib.npz`` and ``heldout.npz``.
+
+    Raises:
+        LrcompileError: The demo extra is not installed.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    folder = model_folder()
+    export(workdir / "minilm.onnx", folder)
+    calib_text, heldout_text = sentences("calibration"), sentences("heldout")
+    length = padded_length(calib_text + heldout_text, folder)
+    np.savez(workdir / "calib.npz", **tokenize(calib_text, folder, length))
+    np.savez(workdir / "heldout.npz", **tokenize(heldout_text, folder, length))
+    return Prepared(
+        workdir / "minilm.onnx",
+        workdir / "calib.npz",
+        workdir / "heldout.npz",
+        length,
+        len(heldout_text),
+    )
+
+
 def run_demo(
     workdir: str | Path,
     *,
@@ -168,21 +205,15 @@ def run_demo(
         LrcompileError: The demo extra is not installed.
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    folder = model_folder()
-    original, compressed = workdir / "minilm.onnx", workdir / "minilm.lr.onnx"
-    export(original, folder)
-    calib_text, heldout_text = sentences("calibration"), sentences("heldout")
-    length = padded_length(calib_text + heldout_text, folder)
-    heldout = tokenize(heldout_text, folder, length)
-    np.savez(workdir / "calib.npz", **tokenize(calib_text, folder, length))
-    np.savez(workdir / "heldout.npz", **heldout)
+    prepared = prepare(workdir)
+    original, compressed = prepared.model, workdir / "minilm.lr.onnx"
+    heldout = prepared.heldout_feeds()
     result = compile_model(
         original,
         compressed,
         rank="auto",
-        calib=str(workdir / "calib.npz"),
-        verify_data=workdir / "heldout.npz",
+        calib=str(prepared.calib),
+        verify_data=prepared.heldout,
         tolerance=tolerance,
         objective=objective,
         batch_size=32,
@@ -194,8 +225,8 @@ def run_demo(
     cos = metrics.cosines(reference, candidate)
     demo = DemoResult(
         compile=result,
-        sentences=len(heldout_text),
-        sequence_length=length,
+        sentences=prepared.sentences,
+        sequence_length=prepared.sequence_length,
         cosine_mean=float(cos.mean()),
         cosine_min=float(cos.min()),
         neighbour_agreement=metrics.neighbour_agreement(reference, candidate),
