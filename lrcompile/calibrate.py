@@ -20,8 +20,10 @@ import numpy as np
 import onnx
 
 from lrcompile.candidates import WeightGroup
-from lrcompile.data import Feed, FeedSource
+from lrcompile.config import CompileConfig
+from lrcompile.data import Feed, FeedSource, InputSpec, input_feeds, parse_input_shapes
 from lrcompile.runtime import create_session
+from lrcompile.verify import DEFAULT_ITERATIONS
 from lrcompile.whiten import Whitening, accumulate_gram, whitening_from_gram
 
 logger = logging.getLogger(__name__)
@@ -73,6 +75,29 @@ class Calibration:
                         "%s: Gram matrix needed jitter %.3g", group.name, result[group.key].jitter
                     )
         return result
+
+
+def calibration_source(config: CompileConfig, inputs: Sequence[InputSpec]) -> FeedSource:
+    """The calibration feeds ``config`` names (synthetic when it names none, with a warning).
+
+    Raises:
+        DataError: The data does not fit the model.
+    """
+    source = input_feeds(
+        config.calib,
+        config.calib_script,
+        inputs,
+        shapes=parse_input_shapes(config.input_shapes),
+        batch_size=config.batch_size,
+        iterations=DEFAULT_ITERATIONS,
+        seed=config.seed,
+    )
+    if source.synthetic:
+        logger.warning(
+            "calibrating on SYNTHETIC inputs: random data makes a weak calibration and an"
+            " untrustworthy 'auto' search; pass --calib FILE.npz or --calib-script FILE.py"
+        )
+    return source
 
 
 def calibrate(

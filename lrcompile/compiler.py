@@ -16,7 +16,7 @@ from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 from lrcompile import data as data_lib
 from lrcompile import model_io
 from lrcompile.auto import AutoResult, search_ranks
-from lrcompile.calibrate import Calibration, calibrate
+from lrcompile.calibrate import Calibration, calibrate, calibration_source
 from lrcompile.candidates import find_candidates
 from lrcompile.config import CompileConfig
 from lrcompile.passes.low_rank import FactorizeLowRankPass, FactorizeResult, ProgressCallback
@@ -230,20 +230,7 @@ def _calibrate(input_path, model, config, factorize, inputs, progress) -> Calibr
     wanted = config.calib is not None or config.calib_script is not None
     if not (wanted or _uses_auto(factorize, groups)):
         return None
-    source = data_lib.input_feeds(
-        config.calib,
-        config.calib_script,
-        inputs,
-        shapes=data_lib.parse_input_shapes(config.input_shapes),
-        batch_size=config.batch_size,
-        iterations=DEFAULT_ITERATIONS,
-        seed=config.seed,
-    )
-    if source.synthetic:
-        logger.warning(
-            "calibrating on SYNTHETIC inputs: random data makes a weak calibration and an"
-            " untrustworthy 'auto' search; pass --calib FILE.npz or --calib-script FILE.py"
-        )
+    source = calibration_source(config, inputs)
     return calibrate(input_path, groups, source, on_batch=_stage(progress, "calibrating"))
 
 

@@ -20,14 +20,13 @@ from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 from lrcompile import data as data_lib
 from lrcompile.allocate import allocation_path
 from lrcompile.auto import layer_spectra, measure_error, measure_sensitivities
-from lrcompile.calibrate import calibrate
+from lrcompile.calibrate import calibrate, calibration_source
 from lrcompile.candidates import find_candidates
 from lrcompile.config import CompileConfig
 from lrcompile.model_io import load_model
 from lrcompile.passes.low_rank import effective_weight
 from lrcompile.pipeline import factorize_pass
 from lrcompile.ranks import break_even_rank
-from lrcompile.verify import DEFAULT_ITERATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,16 +119,7 @@ def inspect_model(
     notes = tuple((s.node.name or "", s.reason) for s in skipped)
     if config.calib is None and config.calib_script is None:
         return Inspection(tuple(layers), notes, (), None)
-    source = data_lib.input_feeds(
-        config.calib,
-        config.calib_script,
-        inputs,
-        shapes=data_lib.parse_input_shapes(config.input_shapes),
-        batch_size=config.batch_size,
-        iterations=DEFAULT_ITERATIONS,
-        seed=config.seed,
-    )
-    calibration = calibrate(path, groups, source)
+    calibration = calibrate(path, groups, calibration_source(config, inputs))
     factorize = dataclasses.replace(factorize, whitening=calibration.whitening(groups), cache={})
     weighted = measure_sensitivities(
         model, path.parent, layer_spectra(groups, factorize), factorize, calibration
