@@ -22,6 +22,7 @@ import onnx
 from lrcompile.candidates import WeightGroup
 from lrcompile.config import CompileConfig
 from lrcompile.data import Feed, FeedSource, InputSpec, input_feeds, parse_input_shapes
+from lrcompile.errors import DataError
 from lrcompile.runtime import create_session
 from lrcompile.verify import DEFAULT_ITERATIONS
 from lrcompile.whiten import Whitening, accumulate_gram, whitening_from_gram
@@ -141,3 +142,84 @@ def calibrate(
 def _activation_key(node) -> tuple[str, bool]:
     transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transA", 0))
     return node.inputs[0].name, transposed
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationRange:
+    """The calibrated range of one tensor: its max |x|, the value chosen for the scale, and the
+    fraction of calibration values above that value (which saturate)."""
+
+    amax: float
+    value: float
+    clipped: float = 0.0
+
+
+_HISTOGRAM_BINS = 4096
+
+
+def parse_range_method(spec: str) -> float | None:
+    """``max`` -> None; ``percentile:99.99`` -> 99.99.
+
+    Raises:
+        DataError: Anything else.
+    """
+    if spec == "max":
+        return None
+    kind, _, value = spec.partition(":")
+    try:
+        percentile = float(value)
+    except ValueError:
+        percentile = -1.0
+    if kind != "percentile" or not 0.0 < percentile <= 100.0:
+        raise DataError(
+            f"invalid FP8 calibration {spec!r}: expected max or percentile:P with 0 < P <= 100"
+        )
+    return percentile
+
+
+def activation_ranges(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    feeds: Sequence[Feed],
+    *,
+    data_folder: str | Path | None,
+    percentile: float | None = None,
+) -> dict[str, ActivationRange]:
+    """Ranges of the tensors ``names`` of ``model`` over ``feeds``: the max |x|, or (with
+    ``percentile``) a histogram's percentile in a second pass over the same feeds."""
+    outputs = {o.name for o in model.graph.output}
+    fed = set(feeds[0]) if feeds else set()
+    exposed = sorted(set(names) - outputs - fed)
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in exposed)
+    session = create_session(model, data_folder=data_folder)
+    fetch = sorted(set(names) - fed)
+
+    def batches():
+        for feed in feeds:
+            yield dict(zip(fetch, session.run(fetch, feed), strict=True)) | feed
+
+    amax = dict.fromkeys(names, 0.0)
+    for values in batches():
+        for name in names:
+            if values[name].size:
+                amax[name] = max(amax[name], float(np.max(np.abs(values[name]))))
+    if percentile is None:
+        return {name: ActivationRange(amax[name], amax[name]) for name in names}
+    counts = {name: np.zeros(_HISTOGRAM_BINS, np.int64) for name in names}
+    for values in batches():
+        for name in names:
+            top = amax[name] or 1.0
+            counts[name] += np.histogram(np.abs(values[name]), _HISTOGRAM_BINS, (0.0, top))[0]
+    return {name: _percentile_range(amax[name], counts[name], percentile) for name in names}
+
+
+def _percentile_range(amax: float, counts: np.ndarray, percentile: float) -> ActivationRange:
+    total = int(counts.sum())
+    if total == 0 or amax == 0.0:
+        return ActivationRange(amax, amax)
+    cumulative = np.cumsum(counts)
+    index = int(np.searchsorted(cumulative, percentile / 100.0 * total))
+    value = min(amax, (index + 1) * amax / len(counts))
+    clipped = float(total - cumulative[min(index, len(counts) - 1)]) / total
+    return ActivationRange(amax, value, clipped)

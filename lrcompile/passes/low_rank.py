@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 # progress(stage, done, total, detail), e.g. ("factoring", 3, 36, "fc1_weight")
 ProgressCallback = Callable[[str, int, int, str], None]
 SvdCache = dict[str, tuple[np.ndarray, ...]]
+FACTOR_KEY = "lrcompile.factor"  # node metadata: "A" (x @ A) or "B" (mid @ B)
 
 
 @dataclasses.dataclass
@@ -212,6 +213,9 @@ def _rewrite(graph: ir.Graph, group: WeightGroup, left: np.ndarray, right: np.nd
     b = _initializer(graph, f"{group.name}_lr_B", right)
     for node in group.nodes:
         first, second = _factored_nodes(node, a, b)
+        # Saved with the model, so later passes (FP8, plugin) find the pairs in any model.
+        first.metadata_props[FACTOR_KEY] = "A"
+        second.metadata_props[FACTOR_KEY] = "B"
         output = node.outputs[0]
         first.outputs[0].name = f"{output.name}_lr_mid"
         first.outputs[0].type = output.type

@@ -1,0 +1,253 @@
+"""Quantize the inputs of MatMul/Gemm nodes to FP8 E4M3 with Q/DQ that TensorRT fuses.
+
+    MatMul(x, W) -> MatMul(DQ(Q(x, s_x, z)), DQ(W8, s_w, z))     (Q/DQ: Quantize/DequantizeLinear)
+
+The rules TensorRT needs (DESIGN.md): Q/DQ on the inputs of the MatMuls, never on outputs;
+constant scales; per-tensor activation scales; weight scales per-tensor, or per-channel over the
+output channels of ``W[K, N]`` with an EXPLICIT ``axis=1`` (TensorRT assumes 0 when it is
+missing); FLOAT8E4M3FN zero points (without them the parser assumes INT8). ``scale = amax / 448``.
+
+Targets: the factored pairs (nodes the factorize pass marked, scope ``factored``), or every
+MatMul/Gemm with a constant float weight (scope ``all``). A tensor feeding several targets gets one
+Q/DQ pair; a shared weight one FP8 initializer. Activation ranges come from running the model as
+it is when the pass runs (factored, not yet quantized) on the calibration feeds.
+
+Preconditions: opset >= 19. Runs after the factorize pass, before cleanup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from lrcompile.calibrate import ActivationRange, activation_ranges, parse_range_method
+from lrcompile.candidates import find_candidates
+from lrcompile.data import Feed
+from lrcompile.passes.low_rank import FACTOR_KEY
+
+logger = logging.getLogger(__name__)
+
+FP8_MAX = 448.0
+# Saturating a few values is the point of percentile calibration; saturating outliers at several
+# times the range is worth a warning (those values lose most of their magnitude).
+OUTLIER_FACTOR = 2.0
+MIN_OPSET = 19
+SCOPES = ("factored", "all")
+WEIGHT_MODES = ("per-tensor", "per-channel")
+Scope = Literal["factored", "all"]
+WeightMode = Literal["per-tensor", "per-channel"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """One tensor given FP8 Q/DQ, with its scale (min and max over channels) and range."""
+
+    name: str
+    kind: Literal["activation", "weight"]
+    scale_min: float
+    scale_max: float
+    amax: float
+    clipped: float = 0.0
+
+
+@dataclasses.dataclass
+class QuantizeResult(ir.passes.PassResult):
+    """The pass result: the tensors quantized, and the nodes left alone with reasons."""
+
+    tensors: list[QuantizedTensor] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeFp8Pass(ir.passes.InPlacePass):
+    """Adds FP8 E4M3 Q/DQ on the activation and weight inputs of MatMul/Gemm nodes."""
+
+    scope: Scope = "factored"
+    weights: WeightMode = "per-tensor"
+    calibration: str = "max"
+    feeds: Sequence[Feed] = dataclasses.field(default=(), compare=False, repr=False)
+    data_folder: Path | None = dataclasses.field(default=None, compare=False, repr=False)
+    ranges: Mapping[str, ActivationRange] | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {self.weights!r}")
+        parse_range_method(self.calibration)
+        if self.ranges is None and not self.feeds:
+            raise ValueError("FP8 scales need calibration feeds or precomputed ranges")
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", 1)
+        if opset < MIN_OPSET:
+            raise ir.passes.PreconditionError(
+                f"FP8 Q/DQ needs opset >= {MIN_OPSET}, the model has {opset}"
+            )
+
+    def call(self, model: ir.Model) -> QuantizeResult:
+        graph = model.graph
+        targets, skipped = self._targets(graph)
+        if not targets:
+            return QuantizeResult(model, False, [], skipped)
+        names = sorted({node.inputs[0].name for node in targets})
+        ranges = self.ranges or activation_ranges(
+            ir.serde.serialize_model(model),
+            names,
+            self.feeds,
+            data_folder=self.data_folder,
+            percentile=parse_range_method(self.calibration),
+        )
+        rewriter = _Rewriter(graph, self.weights)
+        for node in targets:
+            rewriter.quantize_activation(node, ranges[node.inputs[0].name])
+            rewriter.quantize_weight(node)
+        return QuantizeResult(model, True, rewriter.report, skipped)
+
+    def _targets(self, graph: ir.Graph) -> tuple[list[ir.Node], list[tuple[str, str]]]:
+        """Nodes to quantize, in graph order, and those refused with reasons."""
+        wanted = {n for n in graph if n.metadata_props.get(FACTOR_KEY) in ("A", "B")}
+        skipped = []
+        if self.scope == "all":
+            groups, refused = find_candidates(graph)
+            wanted |= {node for group in groups for node in group.nodes}
+            skipped = [(s.node.name or "", s.reason) for s in refused if _is_weight_refusal(s)]
+        targets = []
+        for node in graph:
+            if node not in wanted:
+                continue
+            producer = node.inputs[0].producer()
+            if producer is not None and producer.op_type == "DequantizeLinear":
+                skipped.append((node.name or "", "input is already quantized (DequantizeLinear)"))
+                continue
+            targets.append(node)
+        return targets, skipped
+
+
+def _is_weight_refusal(skipped) -> bool:
+    # Activation x activation MatMuls are not weights at all; the rest are worth reporting.
+    return "computed at run time" not in skipped.reason
+
+
+class _Rewriter:
+    """Creates the Q/DQ nodes and FP8 initializers, once per tensor, before their first use."""
+
+    def __init__(self, graph: ir.Graph, weights: WeightMode) -> None:
+        self.graph = graph
+        self.weights = weights
+        self.done: dict[str, ir.Value] = {}
+        self.report: list[QuantizedTensor] = []
+
+    def quantize_activation(self, node: ir.Node, limits: ActivationRange) -> None:
+        x = node.inputs[0]
+        if x.name not in self.done:
+            dtype = x.dtype or node.inputs[1].dtype or ir.DataType.FLOAT
+            scale_value = _scale(np.array(limits.value), dtype)
+            scale = self._constant(f"{x.name}_fp8_scale", scale_value)
+            zero = self._constant(f"{x.name}_fp8_zero", np.zeros((), ml_dtypes.float8_e4m3fn))
+            q = ir.node("QuantizeLinear", [x, scale, zero], name=f"{x.name}_QuantizeLinear")
+            dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero], name=f"{x.name}_DQ")
+            q.outputs[0].name, dq.outputs[0].name = f"{x.name}_fp8", f"{x.name}_fp8_dq"
+            if x.dtype is not None:
+                dq.outputs[0].dtype = x.dtype
+            dq.outputs[0].shape = x.shape
+            self.graph.insert_before(node, [q, dq])
+            self.done[x.name] = dq.outputs[0]
+            value = float(scale_value.astype(np.float32))
+            self.report.append(
+                QuantizedTensor(x.name, "activation", value, value, limits.amax, limits.clipped)
+            )
+            if limits.amax > OUTLIER_FACTOR * limits.value:
+                logger.warning(
+                    "%s: calibration values reach %.4g, %.1fx beyond the FP8 range at scale %.3g;"
+                    " %.3g%% of them saturate",
+                    x.name,
+                    limits.amax,
+                    limits.amax / limits.value,
+                    value,
+                    100 * limits.clipped,
+                )
+        node.replace_input_with(0, self.done[x.name])
+
+    def quantize_weight(self, node: ir.Node) -> None:
+        w = node.inputs[1]
+        if w.name not in self.done:
+            weight = w.const_value.numpy()
+            dtype = w.const_value.dtype
+            amax = np.max(np.abs(weight.astype(np.float32)), axis=0 if self._per_channel else None)
+            scale_value = _scale(np.asarray(amax), dtype)
+            quantized = _to_fp8(weight.astype(np.float32) / scale_value.astype(np.float32))
+            fp8 = self._constant(f"{w.name}_fp8", quantized)
+            scale = self._constant(f"{w.name}_fp8_scale", scale_value)
+            zero = self._constant(
+                f"{w.name}_fp8_zero", np.zeros(scale_value.shape, quantized.dtype)
+            )
+            attributes = {"axis": 1} if self._per_channel else {}
+            dq = ir.node("DequantizeLinear", [fp8, scale, zero], attributes, name=f"{w.name}_DQ")
+            dq.outputs[0].name = f"{w.name}_fp8_dq"
+            dq.outputs[0].dtype, dq.outputs[0].shape = dtype, ir.Shape(weight.shape)
+            self.graph.insert_before(node, [dq])
+            self.done[w.name] = dq.outputs[0]
+            scales = scale_value.astype(np.float32)
+            self.report.append(
+                QuantizedTensor(
+                    w.name, "weight", float(scales.min()), float(scales.max()), float(amax.max())
+                )
+            )
+        node.replace_input_with(1, self.done[w.name])
+
+    @property
+    def _per_channel(self) -> bool:
+        return self.weights == "per-channel"
+
+    def _constant(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape = ir.Shape(array.shape)
+        value.type = ir.TensorType(value.const_value.dtype)
+        self.graph.register_initializer(value)
+        return value
+
+
+def _scale(amax: np.ndarray, dtype: ir.DataType) -> np.ndarray:
+    """``amax / 448`` in the tensor's float dtype; 1/448 where amax is 0 (any scale fits zeros)."""
+    amax = np.where(amax > 0, amax, 1.0).astype(np.float64)
+    return (amax / FP8_MAX).astype(dtype.numpy())
+
+
+def _to_fp8(scaled: np.ndarray) -> np.ndarray:
+    """Round to E4M3 (nearest even), saturating at +-448 as QuantizeLinear(saturate=1) does."""
+    return np.clip(scaled, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+
+
+def upgrade_opset(model: ir.Model, version: int = MIN_OPSET) -> ir.Model:
+    """The model with its default-domain opset raised to ``version`` by ONNX's converter.
+
+    Raises:
+        ValueError: The converter cannot convert the model.
+    """
+    import onnx.version_converter
+
+    proto = ir.serde.serialize_model(model)
+    try:
+        converted = onnx.version_converter.convert_version(proto, version)
+    except Exception as e:  # the converter raises assorted C++ errors
+        raise ValueError(f"the ONNX version converter failed: {str(e).splitlines()[0]}") from None
+    upgraded = ir.serde.deserialize_model(converted)
+    base = next(
+        (
+            v.const_value.base_dir
+            for v in model.graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)
+        ),
+        None,
+    )
+    if base is not None:
+        ir.external_data.set_base_dir(upgraded.graph, base)
+    return upgraded
