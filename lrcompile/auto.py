@@ -159,6 +159,7 @@ def search_ranks(
     tolerance: float,
     objective: Objective = "flops",
     budget: float | None = None,
+    then: Sequence[ir.passes.PassBase] = (),
     on_step: StepCallback | None = None,
     on_sensitivity: StepCallback | None = None,
 ) -> AutoResult:
@@ -174,6 +175,8 @@ def search_ranks(
         objective: Cost to minimize: ``flops`` or ``params``.
         budget: Instead of bisecting for ``tolerance``, take the most accurate allocation whose
             cost ratio is at most ``budget`` (measured once, for the report).
+        then: Passes each probe runs after factoring (FP8 Q/DQ), so that what is measured is
+            what will be written.
         on_step: Called as ``on_step(probes_done, probes_expected, description)``.
         on_sensitivity: Called likewise while sensitivities are measured.
     """
@@ -199,6 +202,8 @@ def search_ranks(
             on_step(len(steps), expected, f"cost x{allocation.cost_ratio:.3f}")
         candidate = model.clone()
         dataclasses.replace(factorize, chosen_ranks=allocation.ranks, progress=None)(candidate)
+        for pass_ in then:
+            pass_(candidate)
         error = measure_error(candidate, model_folder, calibration)
         passed = error <= tolerance
         steps.append(

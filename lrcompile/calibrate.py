@@ -102,16 +102,17 @@ def calibration_source(config: CompileConfig, inputs: Sequence[InputSpec]) -> Fe
 
 
 def calibrate(
-    model_path: str | Path,
+    model: onnx.ModelProto,
     groups: Sequence[WeightGroup],
     source: FeedSource,
     *,
+    data_folder: str | Path | None = None,
     on_batch: Callable[[int, int, str], None] | None = None,
 ) -> Calibration:
-    """Runs the original model on ``source``'s feeds, accumulating the statistics of ``groups``'
-    inputs; ``on_batch(done, total, "")`` reports progress."""
-    model_path = Path(model_path)
-    proto = onnx.load(str(model_path), load_external_data=False)
+    """Runs the original ``model`` (external data in ``data_folder``) on ``source``'s feeds,
+    accumulating the statistics of ``groups``' inputs; ``on_batch(done, total, "")`` reports
+    progress."""
+    proto = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
     outputs = [o.name for o in proto.graph.output]
     constants = {t.name for t in proto.graph.initializer}
     activations = {_activation_key(n) for g in groups for n in g.nodes} - {
@@ -122,7 +123,7 @@ def calibrate(
     exposed = sorted({name for name, _ in activations} - fed - set(outputs))
     # Appended outputs need no type: ONNX Runtime infers it.
     proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in exposed)
-    session = create_session(proto, data_folder=model_path.parent)
+    session = create_session(proto, data_folder=data_folder)
     names = outputs + exposed
     stats = {key: ActivationStats() for key in activations}
     reference = []

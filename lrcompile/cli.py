@@ -153,6 +153,28 @@ def _check_options(func):
     type=float,
     help="auto: most accurate ranks within this fraction of the dense cost (no tolerance search).",
 )
+@click.option("--fp8", is_flag=True, help="Add TensorRT-ready FP8 E4M3 Q/DQ (needs calibration).")
+@click.option(
+    "--fp8-weights",
+    type=click.Choice(["per-tensor", "per-channel"]),
+    default="per-tensor",
+    show_default=True,
+    help="FP8 weight scales (per-channel with an explicit axis).",
+)
+@click.option(
+    "--fp8-scope",
+    type=click.Choice(["factored", "all"]),
+    default="factored",
+    show_default=True,
+    help="Quantize the factored MatMuls only, or the dense ones too.",
+)
+@click.option(
+    "--fp8-calib",
+    default="max",
+    show_default=True,
+    metavar="max|percentile:P",
+    help="How activation ranges become FP8 scales.",
+)
 @click.option("--report", type=_PATH, help="Write the per-layer report as JSON here.")
 def compile_command(model: Path, output: Path | None, report: Path | None, **options) -> None:
     """Factor the weights of MODEL and write the compressed model."""
@@ -340,8 +362,19 @@ def _print_compile(result: CompileResult) -> None:
     total = result.totals
     click.echo(
         f"wrote {result.output_path}: weight parameters x{total.params_ratio:.3f},"
+        f" weight bytes {_megabytes(total.bytes_before)} -> {_megabytes(total.bytes_after)},"
         f" predicted FLOPs x{total.flop_ratio:.3f}"
     )
+    if result.fp8 is not None:
+        activations = [t for t in result.fp8.tensors if t.kind == "activation"]
+        weights = [t for t in result.fp8.tensors if t.kind == "weight"]
+        click.echo(
+            f"fp8: {len(activations)} activations and {len(weights)} weights in E4M3"
+            f" ({result.config.fp8_weights} weight scales, {result.config.fp8_calib} ranges);"
+            f" {len(result.fp8.skipped)} nodes left as they are"
+        )
+        for node, reason in result.fp8.skipped:
+            click.echo(f"  fp8 left alone: {node}: {reason}")
     if result.auto is not None:
         _print_auto(result)
     if result.verification is not None:
@@ -458,3 +491,7 @@ def _echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.2f} MB"

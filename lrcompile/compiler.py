@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
 from lrcompile import data as data_lib
@@ -19,12 +20,28 @@ from lrcompile.auto import AutoResult, search_ranks
 from lrcompile.calibrate import Calibration, calibrate, calibration_source
 from lrcompile.candidates import find_candidates
 from lrcompile.config import CompileConfig
+from lrcompile.errors import LrcompileError
+from lrcompile.passes.fp8 import MIN_OPSET, QuantizedTensor, QuantizeResult, upgrade_opset
 from lrcompile.passes.low_rank import FactorizeLowRankPass, FactorizeResult, ProgressCallback
-from lrcompile.pipeline import build_pipeline, factorize_pass
+from lrcompile.pipeline import build_pipeline, factorize_pass, fp8_pass
 from lrcompile.report import LayerReport, Totals, totals
 from lrcompile.verify import DEFAULT_ITERATIONS, VerifyResult, verify
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Report:
+    """The tensors given FP8 Q/DQ (with scales and ranges), and the nodes left alone."""
+
+    tensors: tuple[QuantizedTensor, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tensors": [dataclasses.asdict(t) for t in self.tensors],
+            "skipped": [{"node": node, "reason": reason} for node, reason in self.skipped],
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +57,7 @@ class CompileResult:
     auto: AutoResult | None = None
     calibration: str | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    fp8: Fp8Report | None = None
 
     @property
     def totals(self) -> Totals:
@@ -64,6 +82,7 @@ class CompileResult:
             "calibration": self.calibration,
             "auto": self.auto.to_dict() if self.auto else None,
             "seconds": self.seconds,
+            "fp8": self.fp8.to_dict() if self.fp8 else None,
         }
 
     def write_report(self, path: str | Path) -> None:
@@ -119,14 +138,19 @@ def compile_model(
         inputs = data_lib.model_inputs(model)
         check_feeds = _verification_feeds(config, inputs)
         RemoveInitializersFromInputsPass()(model)
+        if config.fp8:
+            model = _with_fp8_opset(model, input_path)
     with _timed(seconds, "calibrate"):
         calibration = _calibrate(input_path, model, config, factorize, inputs, progress)
     with _timed(seconds, "auto search"):
         factorize, auto = _configure(model, input_path, config, factorize, calibration, progress)
+    quantize = fp8_pass(config, calibration.feeds if calibration else (), input_path.parent)
     with _timed(seconds, "factorize"):
-        layers = _run_passes(model, dataclasses.replace(factorize, progress=progress))
+        layers, fp8 = _run_passes(
+            model, dataclasses.replace(factorize, progress=progress), quantize
+        )
     source = calibration.source if calibration is not None else None
-    result = CompileResult(input_path, None, layers, None, config, auto, source, seconds)
+    result = CompileResult(input_path, None, layers, None, config, auto, source, seconds, fp8)
     if not any(layer.status == "factored" for layer in layers):
         logger.info("%s: nothing to factor; no output written", input_path)
         return result
@@ -168,19 +192,52 @@ def _configure(model, input_path, config, factorize, calibration, progress):
         tolerance=config.tolerance * (1.0 - config.headroom),
         objective=config.objective,
         budget=config.budget,
+        then=[q for q in [fp8_pass(config, calibration.feeds, input_path.parent)] if q],
         on_step=_stage(progress, "searching"),
         on_sensitivity=_stage(progress, "sensitivity"),
     )
     return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
 
 
-def _run_passes(model, factorize: FactorizeLowRankPass) -> tuple[LayerReport, ...]:
+def _run_passes(model, factorize, quantize) -> tuple[tuple[LayerReport, ...], Fp8Report | None]:
     layers: list[LayerReport] = []
-    for pass_ in build_pipeline(factorize):
+    fp8 = None
+    for pass_ in build_pipeline(factorize, quantize):
         result = pass_(model)
         if isinstance(result, FactorizeResult):
             layers.extend(result.layers)
-    return tuple(layers)
+        if isinstance(result, QuantizeResult):
+            fp8 = Fp8Report(tuple(result.tensors), tuple(result.skipped))
+    if fp8 is not None:
+        layers = [_fp8_bytes(layer, fp8) for layer in layers]
+    return tuple(layers), fp8
+
+
+def _fp8_bytes(layer: LayerReport, fp8: Fp8Report) -> LayerReport:
+    """The layer's weight bytes once its (factor) weights are one byte per element."""
+    quantized = {t.name for t in fp8.tensors if t.kind == "weight"}
+    names = layer.factors if layer.status == "factored" else (layer.weight,)
+    if not names or not set(names) & quantized:
+        return layer
+    elements = layer.params_after
+    itemsize = layer.bytes_before // max(layer.params_before, 1)
+    kept = layer.bytes_after - elements * itemsize  # a dense weight kept for other readers
+    return dataclasses.replace(layer, bytes_after=elements + kept)
+
+
+def _with_fp8_opset(model: ir.Model, input_path: Path) -> ir.Model:
+    """The model at opset >= 19 (FP8 Q/DQ needs it), upgraded by ONNX's converter if lower."""
+    opset = model.opset_imports.get("", 1)
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        upgraded = upgrade_opset(model, MIN_OPSET)
+    except ValueError as e:
+        raise LrcompileError(
+            f"{input_path}: FP8 needs opset >= {MIN_OPSET}, the model has {opset} and {e}"
+        ) from None
+    logger.warning("%s: upgraded the default opset %d -> %d for FP8", input_path, opset, MIN_OPSET)
+    return upgraded
 
 
 @contextlib.contextmanager
@@ -231,7 +288,13 @@ def _calibrate(input_path, model, config, factorize, inputs, progress) -> Calibr
     if not (wanted or _uses_auto(factorize, groups)):
         return None
     source = calibration_source(config, inputs)
-    return calibrate(input_path, groups, source, on_batch=_stage(progress, "calibrating"))
+    return calibrate(
+        ir.serde.serialize_model(model),
+        groups,
+        source,
+        data_folder=input_path.parent,
+        on_batch=_stage(progress, "calibrating"),
+    )
 
 
 def _uses_auto(factorize: FactorizeLowRankPass, groups) -> bool:

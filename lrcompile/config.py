@@ -36,6 +36,10 @@ class CompileConfig:
         calib_script: Polygraphy data-loader script (``file.py`` or ``file.py:function``)
             yielding calibration feed dicts.
         objective: What ``auto`` minimizes: ``flops`` (per-row FLOPs) or ``params``.
+        fp8: Add FP8 E4M3 Q/DQ (TensorRT-ready) on the factored MatMuls; needs calibration.
+        fp8_weights: FP8 weight scales ``per-tensor`` or ``per-channel`` (explicit axis).
+        fp8_scope: ``factored`` (the factored pairs) or ``all`` (dense MatMul/Gemm too).
+        fp8_calib: Activation range: ``max`` or ``percentile:P`` (e.g. ``percentile:99.99``).
         budget: With ``auto``: instead of searching for the tolerance, take the most accurate
             allocation costing at most this fraction of the dense cost (of ``objective``).
         headroom: Fraction of the tolerance ``auto`` keeps in reserve for data it was not
@@ -60,6 +64,10 @@ class CompileConfig:
     objective: str = "flops"
     headroom: float = 0.2
     budget: float | None = None
+    fp8: bool = False
+    fp8_weights: str = "per-tensor"
+    fp8_scope: str = "factored"
+    fp8_calib: str = "max"
 
     def __post_init__(self) -> None:
         if self.rank_multiple < 1:
@@ -74,9 +82,27 @@ class CompileConfig:
             raise LrcompileError(
                 f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"
             )
+        self._check_fp8()
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise LrcompileError(f"budget must be in (0, 1], got {self.budget}")
         if not 0.0 <= self.headroom < 1.0:
             raise LrcompileError(f"headroom must be in [0, 1), got {self.headroom}")
         if self.batch_size < 1:
             raise LrcompileError(f"batch size must be >= 1, got {self.batch_size}")
+
+    def _check_fp8(self) -> None:
+        from lrcompile.calibrate import parse_range_method
+        from lrcompile.passes.fp8 import SCOPES, WEIGHT_MODES
+
+        if self.fp8_weights not in WEIGHT_MODES:
+            raise LrcompileError(
+                f"FP8 weights {self.fp8_weights!r} is not one of {', '.join(WEIGHT_MODES)}"
+            )
+        if self.fp8_scope not in SCOPES:
+            raise LrcompileError(f"FP8 scope {self.fp8_scope!r} is not one of {', '.join(SCOPES)}")
+        parse_range_method(self.fp8_calib)
+        if self.fp8 and self.calib is None and self.calib_script is None:
+            raise LrcompileError(
+                "--fp8 needs calibration data for its scales: pass --calib FILE.npz or"
+                " --calib-script FILE.py (or --calib synthetic to accept scales from random data)"
+            )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
 from lrcompile import data as data_lib
@@ -119,7 +120,12 @@ def inspect_model(
     notes = tuple((s.node.name or "", s.reason) for s in skipped)
     if config.calib is None and config.calib_script is None:
         return Inspection(tuple(layers), notes, (), None)
-    calibration = calibrate(path, groups, calibration_source(config, inputs))
+    calibration = calibrate(
+        ir.serde.serialize_model(model),
+        groups,
+        calibration_source(config, inputs),
+        data_folder=path.parent,
+    )
     factorize = dataclasses.replace(factorize, whitening=calibration.whitening(groups), cache={})
     weighted = measure_sensitivities(
         model, path.parent, layer_spectra(groups, factorize), factorize, calibration

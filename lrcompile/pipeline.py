@@ -1,6 +1,6 @@
 """The one place that chooses and orders the passes.
 
-    factorize (plain, whitened, or with the ranks ``auto`` chose) -> cleanup
+    factorize (plain, whitened, or with the ranks ``auto`` chose) -> [FP8 Q/DQ] -> cleanup
 
 Before the passes, ``compile_model`` drops initializers from the graph inputs (old exporters list
 weights as optional inputs, which ONNX Runtime lets a caller override, so they are no constants
@@ -10,13 +10,16 @@ configure the factorize pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lrcompile import ranks
 from lrcompile.config import CompileConfig
+from lrcompile.data import Feed
+from lrcompile.passes.fp8 import QuantizeFp8Pass
 from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback, SvdCache
 from lrcompile.whiten import Whitening
 
@@ -49,6 +52,27 @@ def factorize_pass(
     )
 
 
-def build_pipeline(factorize: FactorizeLowRankPass) -> list[ir.passes.PassBase]:
-    """The passes in the order they must run, around the configured factorize pass."""
-    return [factorize, RemoveUnusedNodesPass()]
+def fp8_pass(
+    config: CompileConfig, feeds: Sequence[Feed], data_folder: Path
+) -> QuantizeFp8Pass | None:
+    """The FP8 pass ``config`` asks for (None without ``--fp8``), scaled on ``feeds``."""
+    if not config.fp8:
+        return None
+    return QuantizeFp8Pass(
+        scope=config.fp8_scope,
+        weights=config.fp8_weights,
+        calibration=config.fp8_calib,
+        feeds=tuple(feeds),
+        data_folder=data_folder,
+    )
+
+
+def build_pipeline(
+    factorize: FactorizeLowRankPass, quantize: QuantizeFp8Pass | None = None
+) -> list[ir.passes.PassBase]:
+    """The passes in the order they must run: factorize, FP8 (when asked), cleanup."""
+    passes: list[ir.passes.PassBase] = [factorize]
+    if quantize is not None:
+        passes.append(quantize)
+    passes.append(RemoveUnusedNodesPass())
+    return passes

@@ -27,6 +27,9 @@ class LayerReport:
     params_after: int = 0
     flops_before: int = 0
     flops_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    factors: tuple[str, ...] = ()
     reason: str | None = None
     seconds: float = 0.0
 
@@ -38,6 +41,7 @@ class LayerReport:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["nodes"] = list(self.nodes)
+        data["factors"] = list(self.factors)
         data["shape"] = list(self.shape) if self.shape else None
         data["flop_ratio"] = self.flop_ratio
         return data
@@ -55,6 +59,8 @@ class Totals:
     params_after: int
     flops_before: int
     flops_after: int
+    bytes_before: int = 0
+    bytes_after: int = 0
 
     @property
     def params_ratio(self) -> float:
@@ -86,10 +92,12 @@ def totals(layers: Sequence[LayerReport]) -> Totals:
         params_after=sum(layer.params_after for layer in layers),
         flops_before=sum(layer.flops_before for layer in layers),
         flops_after=sum(layer.flops_after for layer in layers),
+        bytes_before=sum(layer.bytes_before for layer in layers),
+        bytes_after=sum(layer.bytes_after for layer in layers),
     )
 
 
-_COLUMNS = ("layer", "shape", "rank", "energy", "W err", "params", "FLOPs", "status")
+_COLUMNS = ("layer", "shape", "rank", "energy", "W err", "params", "bytes", "FLOPs", "status")
 
 
 def format_table(layers: Sequence[LayerReport]) -> str:
@@ -104,6 +112,7 @@ def format_table(layers: Sequence[LayerReport]) -> str:
             "",
             "",
             f"{_human(total.params_before)}->{_human(total.params_after)}",
+            f"{_human(total.bytes_before)}->{_human(total.bytes_after)}",
             f"{total.flop_ratio:.3f}",
             f"{total.factored} factored, {total.dense} dense, {total.skipped} skipped",
         )
@@ -129,7 +138,7 @@ def _row(layer: LayerReport) -> tuple[str, ...]:
     shape = "x".join(str(d) for d in layer.shape) if layer.shape else "-"
     status = layer.status if layer.reason is None else f"{layer.status}: {layer.reason}"
     if layer.status == "skipped":
-        return (name, shape, "-", "-", "-", "-", "-", status)
+        return (name, shape, "-", "-", "-", "-", "-", "-", status)
     energy = f"{layer.kept_energy:.4f}" if layer.kept_energy is not None else "-"
     error = f"{layer.relative_error:.4f}" if layer.relative_error is not None else "-"
     ratio = f"{layer.flop_ratio:.3f}" if layer.flop_ratio is not None else "-"
@@ -140,6 +149,7 @@ def _row(layer: LayerReport) -> tuple[str, ...]:
         energy,
         error,
         f"{_human(layer.params_before)}->{_human(layer.params_after)}",
+        f"{_human(layer.bytes_before)}->{_human(layer.bytes_after)}",
         ratio,
         status,
     )

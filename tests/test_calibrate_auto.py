@@ -55,7 +55,7 @@ def test_calibration_gram_equals_direct_computation(deep, tmp_path, rng):
     source = data_lib.input_feeds(
         str(path), None, inputs, shapes={}, batch_size=7, iterations=1, seed=0
     )
-    calibration = calibrate(deep, groups, source)
+    calibration = calibrate(onnx.load(str(deep)), groups, source)
     by_name = {g.name: g for g in groups}
     # The activation feeding W3 is a2 = tanh(tanh(x W1) W2), computed here directly.
     w = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(deep)).graph.initializer}
@@ -88,7 +88,7 @@ def test_shared_activation_is_collected_once(tmp_path, rng):
     source = data_lib.input_feeds(
         None, None, data_lib.model_inputs(ir_model), shapes={}, batch_size=4, iterations=2, seed=0
     )
-    calibration = calibrate(path, groups, source)
+    calibration = calibrate(onnx.load(str(path)), groups, source)
     assert list(calibration.stats) == [("x", False)]
 
 

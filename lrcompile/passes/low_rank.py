@@ -120,7 +120,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
             return dataclasses.replace(base, status="dense", rank=rank, reason=reason)
         dtype = group.tensor.dtype.numpy()
         left, right = factors.left.astype(dtype), factors.right.astype(dtype)
-        _rewrite(graph, group, left, right)
+        factor_names = _rewrite(graph, group, left, right)
         # A weight also read elsewhere (a tied embedding, say) stays beside its factors.
         kept = k * n if group.weight.uses() or group.weight.is_graph_output() else 0
         return dataclasses.replace(
@@ -131,6 +131,8 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
             kept_energy=factors.kept_energy,
             relative_error=decompose.relative_error(weight, left, right),
             params_after=factors.rank * (k + n) + kept,
+            bytes_after=int((factors.rank * (k + n) + kept) * group.tensor.dtype.itemsize),
+            factors=factor_names,
             reason="weight also read by other nodes; kept beside its factors" if kept else None,
             flops_after=factors.rank * (k + n) * len(group.nodes),
             seconds=time.perf_counter() - start,
@@ -193,6 +195,8 @@ def _base_report(group: WeightGroup, spec: ranks.RankSpec) -> LayerReport:
         params_after=k * n,
         flops_before=k * n * len(group.nodes),
         flops_after=k * n * len(group.nodes),
+        bytes_before=int(k * n * group.tensor.dtype.itemsize),
+        bytes_after=int(k * n * group.tensor.dtype.itemsize),
     )
 
 
@@ -208,7 +212,10 @@ def _skipped_report(skipped: Skipped) -> LayerReport:
     )
 
 
-def _rewrite(graph: ir.Graph, group: WeightGroup, left: np.ndarray, right: np.ndarray) -> None:
+def _rewrite(
+    graph: ir.Graph, group: WeightGroup, left: np.ndarray, right: np.ndarray
+) -> tuple[str, str]:
+    """Replaces the group's nodes by factored pairs; returns the factors' initializer names."""
     a = _initializer(graph, f"{group.name}_lr_A", left)
     b = _initializer(graph, f"{group.name}_lr_B", right)
     for node in group.nodes:
@@ -224,6 +231,7 @@ def _rewrite(graph: ir.Graph, group: WeightGroup, left: np.ndarray, right: np.nd
         ir.convenience.replace_nodes_and_values(
             graph, node, [node], [first, second], [output], [second.outputs[0]]
         )
+    return a.name, b.name
 
 
 def _factored_nodes(node: ir.Node, a: ir.Value, b: ir.Value) -> tuple[ir.Node, ir.Node]:
