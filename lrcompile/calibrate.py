@@ -198,7 +198,8 @@ def activation_ranges(
 
     def batches():
         for feed in feeds:
-            yield dict(zip(fetch, session.run(fetch, feed), strict=True)) | feed
+            fetched = session.run(fetch, feed) if fetch else []  # run([]) returns everything
+            yield dict(zip(fetch, fetched, strict=True)) | feed
 
     amax = dict.fromkeys(names, 0.0)
     for values in batches():
