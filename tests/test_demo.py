@@ -67,3 +67,17 @@ def test_outputs_written_and_valid(demo):
     assert report["sentences"] == 121
     assert report["compile"]["auto"]["measured_error"] == result.compile.auto.measured_error
     assert set(report["latency_ms"]) == {"batch 1", "batch 32"}
+
+
+def test_fp8_with_auto_meets_the_tolerance_on_heldout(tmp_path_factory):
+    from lrcompile.demo.minilm import run_demo
+
+    result = run_demo(
+        tmp_path_factory.mktemp("fp8"), tolerance=0.1, fp8_scope="all", latency_budget_s=0.2
+    )
+    assert result.compile.verification.passed
+    assert result.heldout_relative_l2 <= 0.1
+    assert result.bytes_ratio < 0.3  # every weight in E4M3, some factored
+    tensors = result.compile.fp8.tensors
+    assert sum(t.kind == "weight" for t in tensors) >= 36
+    assert result.compile.auto.measured_error <= 0.08

@@ -42,6 +42,7 @@ class DemoResult:
     neighbour_agreement: float
     heldout_relative_l2: float
     params_ratio: float
+    bytes_ratio: float
     latency_ms: dict[str, tuple[float, float]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,17 +197,21 @@ def run_demo(
     *,
     tolerance: float = 0.05,
     objective: str = "flops",
+    fp8_scope: str | None = None,
     latency_budget_s: float = 3.0,
     progress=None,
 ) -> DemoResult:
     """Runs the whole walk-through in ``workdir`` and writes ``demo.json`` there.
+
+    ``fp8_scope`` (``factored`` or ``all``) adds FP8 Q/DQ, searched and checked with them.
 
     Raises:
         LrcompileError: The demo extra is not installed.
     """
     workdir = Path(workdir)
     prepared = prepare(workdir)
-    original, compressed = prepared.model, workdir / "minilm.lr.onnx"
+    suffix = "lr" if fp8_scope is None else f"fp8-{fp8_scope}"
+    original, compressed = prepared.model, workdir / f"minilm.{suffix}.onnx"
     heldout = prepared.heldout_feeds()
     result = compile_model(
         original,
@@ -218,6 +223,8 @@ def run_demo(
         objective=objective,
         batch_size=32,
         progress=progress,
+        fp8=fp8_scope is not None,
+        fp8_scope=fp8_scope or "factored",
     )
     if result.output_path is None:
         raise LrcompileError(f"auto found nothing to factor within tolerance {tolerance}")
@@ -232,6 +239,7 @@ def run_demo(
         neighbour_agreement=metrics.neighbour_agreement(reference, candidate),
         heldout_relative_l2=result.verification.worst_relative_l2,
         params_ratio=result.totals.params_ratio,
+        bytes_ratio=result.totals.bytes_after / result.totals.bytes_before,
         latency_ms=latency(original, compressed, heldout, latency_budget_s),
     )
     (workdir / "demo.json").write_text(json.dumps(demo.to_dict(), indent=2) + "\n")
