@@ -175,6 +175,11 @@ def _check_options(func):
     metavar="max|percentile:P",
     help="How activation ranges become FP8 scales.",
 )
+@click.option(
+    "--plugin",
+    is_flag=True,
+    help="Emit each factored block as one lrcompile.LowRankGemm call (TensorRT plugin).",
+)
 @click.option("--report", type=_PATH, help="Write the per-layer report as JSON here.")
 def compile_command(model: Path, output: Path | None, report: Path | None, **options) -> None:
     """Factor the weights of MODEL and write the compressed model."""

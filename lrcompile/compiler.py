@@ -147,7 +147,7 @@ def compile_model(
     quantize = fp8_pass(config, calibration.feeds if calibration else (), input_path.parent)
     with _timed(seconds, "factorize"):
         layers, fp8 = _run_passes(
-            model, dataclasses.replace(factorize, progress=progress), quantize
+            model, dataclasses.replace(factorize, progress=progress), quantize, config.plugin
         )
     source = calibration.source if calibration is not None else None
     result = CompileResult(input_path, None, layers, None, config, auto, source, seconds, fp8)
@@ -199,10 +199,12 @@ def _configure(model, input_path, config, factorize, calibration, progress):
     return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
 
 
-def _run_passes(model, factorize, quantize) -> tuple[tuple[LayerReport, ...], Fp8Report | None]:
+def _run_passes(
+    model, factorize, quantize, plugin: bool
+) -> tuple[tuple[LayerReport, ...], Fp8Report | None]:
     layers: list[LayerReport] = []
     fp8 = None
-    for pass_ in build_pipeline(factorize, quantize):
+    for pass_ in build_pipeline(factorize, quantize, plugin=plugin):
         result = pass_(model)
         if isinstance(result, FactorizeResult):
             layers.extend(result.layers)

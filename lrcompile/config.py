@@ -40,6 +40,8 @@ class CompileConfig:
         fp8_weights: FP8 weight scales ``per-tensor`` or ``per-channel`` (explicit axis).
         fp8_scope: ``factored`` (the factored pairs) or ``all`` (dense MatMul/Gemm too).
         fp8_calib: Activation range: ``max`` or ``percentile:P`` (e.g. ``percentile:99.99``).
+        plugin: Replace each factored block by a ``lrcompile.LowRankGemm`` call (a model-local
+            function ONNX Runtime inlines; TensorRT runs the fused plugin).
         budget: With ``auto``: instead of searching for the tolerance, take the most accurate
             allocation costing at most this fraction of the dense cost (of ``objective``).
         headroom: Fraction of the tolerance ``auto`` keeps in reserve for data it was not
@@ -68,6 +70,7 @@ class CompileConfig:
     fp8_weights: str = "per-tensor"
     fp8_scope: str = "factored"
     fp8_calib: str = "max"
+    plugin: bool = False
 
     def __post_init__(self) -> None:
         if self.rank_multiple < 1:

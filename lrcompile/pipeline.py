@@ -1,6 +1,7 @@
 """The one place that chooses and orders the passes.
 
-    factorize (plain, whitened, or with the ranks ``auto`` chose) -> [FP8 Q/DQ] -> cleanup
+    factorize (plain, whitened, or with the ranks ``auto`` chose) -> [FP8 Q/DQ] -> [plugin calls]
+      -> cleanup
 
 Before the passes, ``compile_model`` drops initializers from the graph inputs (old exporters list
 weights as optional inputs, which ONNX Runtime lets a caller override, so they are no constants
@@ -21,6 +22,7 @@ from lrcompile.config import CompileConfig
 from lrcompile.data import Feed
 from lrcompile.passes.fp8 import QuantizeFp8Pass
 from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback, SvdCache
+from lrcompile.passes.plugin import EmitLowRankGemmPass
 from lrcompile.whiten import Whitening
 
 
@@ -68,11 +70,16 @@ def fp8_pass(
 
 
 def build_pipeline(
-    factorize: FactorizeLowRankPass, quantize: QuantizeFp8Pass | None = None
+    factorize: FactorizeLowRankPass,
+    quantize: QuantizeFp8Pass | None = None,
+    *,
+    plugin: bool = False,
 ) -> list[ir.passes.PassBase]:
-    """The passes in the order they must run: factorize, FP8 (when asked), cleanup."""
+    """The passes in the order they must run: factorize, FP8 and plugin (when asked), cleanup."""
     passes: list[ir.passes.PassBase] = [factorize]
     if quantize is not None:
         passes.append(quantize)
+    if plugin:
+        passes.append(EmitLowRankGemmPass())
     passes.append(RemoveUnusedNodesPass())
     return passes

@@ -102,7 +102,7 @@ def _find_block(second: ir.Node) -> tuple[_Block | None, str]:
         return None, "its first factor is not directly before it"
     if first.op_type == "Gemm" and first.attributes.get_int("transA", 0):
         return None, "Gemm with transA is not fused"
-    if len(mid_input.uses()) != 1:
+    if len(mid_input.uses()) != 1 or mid_input.is_graph_output():
         return None, "the intermediate is read elsewhere"
     x, q_x, dq_x = _through_qdq(first.inputs[0])
     a, a_scale, dq_a = _weight(first.inputs[1])
@@ -248,9 +248,21 @@ def _replace(graph: ir.Graph, block: _Block, overload: str) -> None:
         overload=overload,
         name=f"{block.nodes[-1].name or block.output.name}_LowRankGemm",
     )
-    last = block.nodes[-1]
+    # Q/DQ of an input shared with other blocks (Q, K, V) stay for them; cleanup drops the rest.
+    private = {block.nodes[-1]}
+    for node in reversed(block.nodes[:-1]):  # consumers come later in the block
+        outputs = node.outputs
+        if all(use.node in private for out in outputs for use in out.uses()) and not any(
+            out.is_graph_output() for out in outputs
+        ):
+            private.add(node)
     ir.convenience.replace_nodes_and_values(
-        graph, last, list(block.nodes), [call], [block.output], [call.outputs[0]]
+        graph,
+        block.nodes[-1],
+        [n for n in block.nodes if n in private],
+        [call],
+        [block.output],
+        [call.outputs[0]],
     )
 
 
