@@ -13,15 +13,16 @@ from onnx import numpy_helper
 
 if importlib.util.find_spec("triton") is None and not os.environ.get("CI"):
     pytest.skip("needs the kernel extra: pip install -e '.[kernel]'", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run kernels on the CPU
+import torch  # noqa: E402  (torch does not import triton)
 
-import torch
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run kernels on the CPU
 
-import lrcompile
-from lrcompile.plugins.kernel import low_rank_gemm
-from lrcompile.plugins.launch import Tiles
-from lrcompile.runtime import create_session
-from tests.conftest import low_rank_matrix, make_model, save
+import lrcompile  # noqa: E402
+from lrcompile.plugins.kernel import low_rank_gemm  # noqa: E402
+from lrcompile.plugins.launch import Tiles  # noqa: E402
+from lrcompile.runtime import create_session  # noqa: E402
+from tests.conftest import low_rank_matrix, make_model, save  # noqa: E402
 
 SMALL = Tiles(block_m=16, block_n=32, block_r=16, block_k=32, num_warps=4)
 SHAPES = [(1, 32, 32, 16), (5, 40, 33, 20), (17, 64, 70, 48), (40, 96, 64, 32)]  # M, K, N, r
@@ -64,7 +65,6 @@ def test_fp16_matches_numpy(rng, m, k, n, r, with_bias):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_a_gpu(rng, dtype):
-    os.environ.pop("TRITON_INTERPRET", None)
     for m, k, n, r in [*SHAPES, (16, 4096, 4096, 256), (128, 1024, 2048, 512)]:
         error = _half_precision_error(rng, m, k, n, r, dtype, True, device="cuda")
         assert error < (2e-3 if dtype == torch.float16 else 2e-2)
