@@ -13,16 +13,16 @@ from onnx import numpy_helper
 
 if importlib.util.find_spec("triton") is None and not os.environ.get("CI"):
     pytest.skip("needs the kernel extra: pip install -e '.[kernel]'", allow_module_level=True)
-import torch  # noqa: E402  (torch does not import triton)
+import torch  # torch does not import triton: the interpreter switch below still works
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run kernels on the CPU
 
-import lrcompile  # noqa: E402
-from lrcompile.plugins.kernel import low_rank_gemm  # noqa: E402
-from lrcompile.plugins.launch import Tiles  # noqa: E402
-from lrcompile.runtime import create_session  # noqa: E402
-from tests.conftest import low_rank_matrix, make_model, save  # noqa: E402
+import lrcompile
+from lrcompile.plugins.kernel import low_rank_gemm
+from lrcompile.plugins.launch import Tiles
+from lrcompile.runtime import create_session
+from tests.conftest import low_rank_matrix, make_model, save
 
 SMALL = Tiles(block_m=16, block_n=32, block_r=16, block_k=32, num_warps=4)
 SHAPES = [(1, 32, 32, 16), (5, 40, 33, 20), (17, 64, 70, 48), (40, 96, 64, 32)]  # M, K, N, r
