@@ -41,13 +41,16 @@ def _e4m3_grid(v):
 
 @triton.jit
 def low_rank_gemm_kernel(
-    x_ptr, x_scale_ptr, a_ptr, a_scale_ptr, mid_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, y_ptr,
+    # TensorRT's AOT convention: input pointers (in the ONNX call's order), scalars, outputs.
+    x_ptr, x_scale_ptr, a_ptr, a_scale_ptr, mid_scale_ptr, b_ptr, b_scale_ptr, bias_ptr,
     M, N, K, R,
-    stride_xm, stride_ak, stride_br, stride_ym,
+    y_ptr,
     HAS_BIAS: tl.constexpr, FP8: tl.constexpr,
     A_PER_CHANNEL: tl.constexpr, B_PER_CHANNEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    # All operands are contiguous: x[M, K], a[K, R], b[R, N], y[M, N].
+    stride_xm, stride_ak, stride_br, stride_ym = K, R, N, N
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
@@ -131,9 +134,9 @@ def low_rank_gemm(x, a, b, bias=None, *, scales=None, tiles: Tiles | None = None
     params = launch_params(m, n, tiles)
     low_rank_gemm_kernel[params.grid[:2]](
         x2, x_scale, a, a_scale, mid_scale, b, b_scale,
-        bias if bias is not None else y, y,
+        bias if bias is not None else y,
         m, n, k, r,
-        x2.stride(0), a.stride(0), b.stride(0), y.stride(0),
+        y,
         HAS_BIAS=bias is not None, FP8=fp8,
         A_PER_CHANNEL=fp8 and a_scale.dim() == 1, B_PER_CHANNEL=fp8 and b_scale.dim() == 1,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_R=tiles.block_r,

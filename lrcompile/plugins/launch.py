@@ -78,3 +78,47 @@ def launch_params(m: int, n: int, tiles: Tiles, shared_mem: int = 0) -> LaunchPa
     """One program per (M tile, N tile); ``num_warps`` warps of 32 threads each."""
     grid = (math.ceil(m / tiles.block_m), math.ceil(n / tiles.block_n), 1)
     return LaunchParams(grid, (tiles.num_warps * 32, 1, 1), shared_mem)
+
+
+# Tactics TensorRT times at build time (the rows M are dynamic): tiles for decode-sized M,
+# mid-sized M and prefill-sized M.
+TACTIC_ROWS = {1: 16, 2: 64, 3: 256}
+
+_TRITON_POINTERS = {
+    "float32": "*fp32",
+    "float16": "*fp16",
+    "bfloat16": "*bf16",
+    "float8_e4m3fn": "*fp8e4nv",
+}
+
+
+def kernel_signature(dtypes: dict[str, str]) -> dict[str, str]:
+    """Triton's signature of the kernel for the given input dtypes (numpy-style names).
+
+    The parameters are in TensorRT's AOT order: the eight inputs, the scalars M, N, K, R, then
+    the output ``y`` (in x's dtype).
+
+    Raises:
+        ValueError: A dtype the kernel has no path for.
+    """
+    for name in INPUTS:
+        if dtypes[name] not in _TRITON_POINTERS:
+            raise ValueError(f"LowRankGemm has no kernel for {name} of dtype {dtypes[name]}")
+    pointers = {f"{name}_ptr": _TRITON_POINTERS[dtypes[name]] for name in INPUTS}
+    scalars = dict.fromkeys(("M", "N", "K", "R"), "i32")
+    return {**pointers, **scalars, "y_ptr": _TRITON_POINTERS[dtypes["x"]]}
+
+
+def kernel_constexprs(tiles: Tiles, *, has_bias: bool, fp8: bool, a_per_channel: bool,
+                      b_per_channel: bool) -> dict[str, int | bool]:  # fmt: skip
+    """The compile-time constants of one kernel variant."""
+    return {
+        "HAS_BIAS": has_bias,
+        "FP8": fp8,
+        "A_PER_CHANNEL": a_per_channel,
+        "B_PER_CHANNEL": b_per_channel,
+        "BLOCK_M": tiles.block_m,
+        "BLOCK_N": tiles.block_n,
+        "BLOCK_R": tiles.block_r,
+        "BLOCK_K": tiles.block_k,
+    }
