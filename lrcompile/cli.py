@@ -211,6 +211,20 @@ def compile_command(model: Path, output: Path | None, report: Path | None, **opt
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of synthetic inputs.")
 @click.option(
+    "--providers",
+    default="cpu",
+    show_default=True,
+    metavar="P1,P2",
+    help="ONNX Runtime execution providers in priority order: cpu, cuda, tensorrt.",
+)
+@click.option(
+    "--trt",
+    "engine",
+    is_flag=True,
+    default=None,
+    help="CANDIDATE is a TensorRT engine (automatic for .engine/.plan).",
+)
+@click.option(
     "--json", "json_path", type=click.Path(path_type=Path), help="Write JSON here (- for stdout)."
 )
 def verify_command(
@@ -224,6 +238,7 @@ def verify_command(
     from lrcompile.data import parse_input_shapes
 
     with _user_errors():
+        options["providers"] = [p.strip() for p in options["providers"].split(",") if p.strip()]
         result = verify_models(
             reference, candidate, input_shapes=parse_input_shapes(input_shapes), **options
         )
@@ -245,6 +260,35 @@ def _user_errors() -> Iterator[None]:
     except LrcompileError as error:
         click.echo(f"lrcompile: error: {error}", err=True)
         sys.exit(EXIT_USAGE)
+
+
+@main.command("build")
+@click.argument("model", type=_PATH)
+@click.option("-o", "--output", type=_PATH, help="Engine path [default: MODEL.engine].")
+@click.option(
+    "--input-shapes",
+    multiple=True,
+    metavar="NAME:MIN,OPT,MAX",
+    help="Optimisation profile per dynamic input, e.g. input_ids:1x1,8x128,32x512.",
+)
+@click.option("--workspace", type=int, default=4096, show_default=True, help="Workspace MiB.")
+@click.option("--timing-cache", type=_PATH, help="Timing cache file, read and updated.")
+def build_command(
+    model: Path, output: Path | None, input_shapes: tuple[str, ...], workspace: int,
+    timing_cache: Path | None,
+) -> None:  # fmt: skip
+    """Build a TensorRT engine from MODEL (with the LowRankGemm plugin when it calls it)."""
+    from lrcompile.model_io import load_model
+    from lrcompile.trt.build import build_engine, parse_profile_shapes
+
+    with _user_errors():
+        shapes = parse_profile_shapes(input_shapes)
+        load_model(model)  # bad input fails here, before TensorRT is looked for
+        output = output or model.with_suffix(".engine")
+        path = build_engine(
+            model, output, shapes, workspace_mib=workspace, timing_cache=timing_cache
+        )
+    click.echo(f"wrote {path}")
 
 
 @main.command("inspect")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import onnx
+
+from lrcompile.errors import LrcompileError
 
 _FP8_TYPES = frozenset(
     {
@@ -27,8 +30,7 @@ def session_options(*, fp8: bool = False, data_folder: str | Path | None = None)
 
     ONNX Runtime's QDQ fusion at the default level builds FP8 ops with no CPU kernel (DESIGN.md).
     """
-    import onnxruntime as ort
-
+    ort = onnxruntime()
     options = ort.SessionOptions()
     if fp8:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -40,10 +42,69 @@ def session_options(*, fp8: bool = False, data_folder: str | Path | None = None)
     return options
 
 
-def create_session(model: str | Path | onnx.ModelProto, *, data_folder: str | Path | None = None):
-    """A CPU session for a model file, or for an in-memory model whose external data lies in
-    ``data_folder``."""
-    import onnxruntime as ort
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def onnxruntime():
+    """The ``onnxruntime`` module, from exactly one of onnxruntime / onnxruntime-gpu.
+
+    Raises:
+        LrcompileError: Neither is installed, or both are (they ship the same module, and
+            installing one over the other leaves a broken mix).
+    """
+    installed = [d for d in ("onnxruntime", "onnxruntime-gpu") if _installed(d)]
+    if len(installed) > 1:
+        raise LrcompileError(
+            "both onnxruntime and onnxruntime-gpu are installed; they provide the same module:"
+            " pip uninstall -y onnxruntime onnxruntime-gpu, then install one of them"
+        )
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise LrcompileError(
+            "ONNX Runtime is not installed: pip install 'lrcompile[cpu]' (or 'lrcompile[gpu]'"
+            " on a CUDA machine, never both)"
+        ) from None
+    return ort
+
+
+def resolve_providers(names: Sequence[str]) -> list[str]:
+    """ONNX Runtime execution providers for ``["tensorrt", "cuda", "cpu"]`` (priority order).
+
+    Raises:
+        LrcompileError: An unknown name, or a provider this ONNX Runtime build lacks.
+    """
+    available = onnxruntime().get_available_providers()
+    resolved = []
+    for name in names:
+        if name.lower() not in PROVIDERS:
+            raise LrcompileError(
+                f"unknown execution provider {name!r}: expected {', '.join(PROVIDERS)}"
+            )
+        provider = PROVIDERS[name.lower()]
+        if provider not in available:
+            raise LrcompileError(
+                f"execution provider {name!r} ({provider}) is not in this ONNX Runtime build"
+                f" (available: {', '.join(available)}); for CUDA/TensorRT install"
+                " 'lrcompile[gpu]' instead of onnxruntime"
+            )
+        resolved.append(provider)
+    return resolved
+
+
+def create_session(
+    model: str | Path | onnx.ModelProto,
+    *,
+    data_folder: str | Path | None = None,
+    providers: Sequence[str] = ("cpu",),
+):
+    """A session for a model file, or for an in-memory model whose external data lies in
+    ``data_folder``, on ``providers`` (names of ``PROVIDERS``, in priority order)."""
+    ort = onnxruntime()
 
     if isinstance(model, onnx.ModelProto):
         options = session_options(fp8=has_fp8(model), data_folder=data_folder)
@@ -52,4 +113,16 @@ def create_session(model: str | Path | onnx.ModelProto, *, data_folder: str | Pa
         proto = onnx.load(str(model), load_external_data=False)
         options = session_options(fp8=has_fp8(proto))
         source = str(model)
-    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        source, sess_options=options, providers=resolve_providers(providers)
+    )
+
+
+def _installed(distribution: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True

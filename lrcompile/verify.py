@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lrcompile import data as data_lib
-from lrcompile.errors import LrcompileError
+from lrcompile.errors import LrcompileError, ModelLoadError
 from lrcompile.model_io import load_model
 from lrcompile.runtime import create_session
 
@@ -118,6 +118,8 @@ def verify(
     iterations: int = DEFAULT_ITERATIONS,
     seed: int = 0,
     feeds: data_lib.FeedSource | None = None,
+    providers: Sequence[str] = ("cpu",),
+    engine: bool | None = None,
 ) -> VerifyResult:
     """Compares ``candidate`` against ``reference`` with Polygraphy and ONNX Runtime.
 
@@ -131,15 +133,23 @@ def verify(
         iterations: Number of synthetic batches.
         seed: Seed of the synthetic inputs.
         feeds: Ready feeds to use instead of ``data`` (for example the calibration feeds).
+        providers: ONNX Runtime execution providers for the ONNX models, in priority order
+            (``cpu``, ``cuda``, ``tensorrt``).
+        engine: The candidate is a TensorRT engine (run with Polygraphy's ``TrtRunner``);
+            by default, when its suffix is ``.engine`` or ``.plan``.
 
     Raises:
         LrcompileError: A model or the data is invalid, or the models' inputs/outputs differ.
     """
     if not tolerance >= 0:
         raise LrcompileError(f"tolerance must be >= 0, got {tolerance}")
-    ref_model, cand_model = load_model(reference), load_model(candidate)
+    engine = Path(candidate).suffix in (".engine", ".plan") if engine is None else engine
+    if engine and not Path(candidate).is_file():
+        raise ModelLoadError(f"{candidate}: no such file, expected a TensorRT engine")
+    ref_model = load_model(reference)
     inputs = data_lib.model_inputs(ref_model)
-    _check_same_signature(reference, candidate, ref_model, cand_model)
+    if not engine:
+        _check_same_signature(reference, candidate, ref_model, load_model(candidate))
     if feeds is None:
         feeds = data_lib.input_feeds(
             None if data is None else str(data),
@@ -154,24 +164,34 @@ def verify(
     accumulators = {name: ErrorAccumulator() for name in outputs}
     count = 0
     with _quiet_polygraphy():
-        for ref_out, cand_out in _run_pair(reference, candidate, feeds.feeds):
+        runners = _runners(reference, candidate, providers, engine)
+        for ref_out, cand_out in _run_pair(runners, feeds.feeds):
             for name in outputs:
+                if name not in cand_out:
+                    raise LrcompileError(f"{candidate}: has no output {name!r}")
                 accumulators[name].add(ref_out[name], cand_out[name])
             count += 1
     metrics = tuple(accumulators[name].metrics(name, tolerance) for name in outputs)
     return VerifyResult(metrics, tolerance, count, feeds.description)
 
 
-def _run_pair(
-    reference: str | Path, candidate: str | Path, feeds: Iterable[data_lib.Feed]
-) -> Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
+def _runners(reference, candidate, providers: Sequence[str], engine: bool) -> list:
     from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    if engine:
+        from lrcompile.trt.build import engine_runner
+
+        candidate_runner = engine_runner(candidate)
+    else:
+        candidate_runner = OnnxrtRunner(_session_loader(candidate, providers), name="candidate")
+    return [OnnxrtRunner(_session_loader(reference, providers), name="reference"), candidate_runner]
+
+
+def _run_pair(
+    runners: list, feeds: Iterable[data_lib.Feed]
+) -> Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
     from polygraphy.comparator import Comparator
 
-    runners = [
-        OnnxrtRunner(_session_loader(reference), name="reference"),
-        OnnxrtRunner(_session_loader(candidate), name="candidate"),
-    ]
     for results in Comparator.run(runners, data_loader=feeds, streaming=True):
         (_, (ref_out,)), (_, (cand_out,)) = results
         yield ref_out, cand_out
@@ -186,9 +206,9 @@ def _quiet_polygraphy() -> Iterator[None]:
         yield
 
 
-def _session_loader(path: str | Path):
+def _session_loader(path: str | Path, providers: Sequence[str]):
     def load():
-        return create_session(path)
+        return create_session(path, providers=providers)
 
     return load
 
