@@ -39,7 +39,7 @@ from lrcompile.allocate import (
 from lrcompile.calibrate import Calibration
 from lrcompile.candidates import WeightGroup
 from lrcompile.passes.low_rank import FactorizeLowRankPass, effective_weight
-from lrcompile.runtime import create_session
+from lrcompile.runtime import create_session, runtime_errors
 from lrcompile.verify import ErrorAccumulator
 
 logger = logging.getLogger(__name__)
@@ -247,9 +247,10 @@ def measure_error(model: ir.Model, model_folder: str | Path, calibration: Calibr
     session = create_session(ir.serde.serialize_model(model), data_folder=model_folder)
     names = list(calibration.reference[0])
     sums = {name: ErrorAccumulator() for name in names}
-    for feed, reference in zip(calibration.feeds, calibration.reference, strict=True):
-        for name, value in zip(names, session.run(names, feed), strict=True):
-            sums[name].add(reference[name], value)
+    with runtime_errors("a candidate model"):
+        for feed, reference in zip(calibration.feeds, calibration.reference, strict=True):
+            for name, value in zip(names, session.run(names, feed), strict=True):
+                sums[name].add(reference[name], value)
     return max(sums[name].metrics(name, 0.0).relative_l2 for name in names)
 
 

@@ -23,7 +23,7 @@ from lrcompile.candidates import WeightGroup
 from lrcompile.config import CompileConfig
 from lrcompile.data import Feed, FeedSource, InputSpec, input_feeds, parse_input_shapes
 from lrcompile.errors import DataError
-from lrcompile.runtime import create_session
+from lrcompile.runtime import create_session, runtime_errors
 from lrcompile.verify import DEFAULT_ITERATIONS
 from lrcompile.whiten import Whitening, accumulate_gram, whitening_from_gram
 
@@ -126,6 +126,13 @@ def calibrate(
     session = create_session(proto, data_folder=data_folder)
     names = outputs + exposed
     stats = {key: ActivationStats() for key in activations}
+    with runtime_errors("calibration"):
+        reference = _accumulate(session, names, outputs, feeds, stats, on_batch)
+    return Calibration(stats, feeds, reference, source.description, source.synthetic)
+
+
+def _accumulate(session, names, outputs, feeds, stats, on_batch) -> list[dict[str, np.ndarray]]:
+    """Runs every feed, adding each activation to its statistics; returns the model's outputs."""
     reference = []
     for index, feed in enumerate(feeds):
         if on_batch is not None:
@@ -137,7 +144,7 @@ def calibrate(
         reference.append({name: values[name] for name in outputs})
     if on_batch is not None:
         on_batch(len(feeds), len(feeds), "")
-    return Calibration(stats, feeds, reference, source.description, source.synthetic)
+    return reference
 
 
 def _activation_key(node) -> tuple[str, bool]:

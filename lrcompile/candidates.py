@@ -64,6 +64,7 @@ def find_candidates(graph: ir.Graph) -> tuple[list[WeightGroup], list[Skipped]]:
     groups: dict[tuple[int, bool, float], list[ir.Node]] = {}
     weights: dict[tuple[int, bool, float], tuple[ir.Value, ir.TensorProtocol]] = {}
     skipped: list[Skipped] = []
+    opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 1))
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if node.op_type not in _OPS or node.domain not in ("", "ai.onnx"):
             continue
@@ -71,6 +72,9 @@ def find_candidates(graph: ir.Graph) -> tuple[list[WeightGroup], list[Skipped]]:
             skipped.append(
                 Skipped(node, "inside an If/Loop/Scan body; subgraphs are not rewritten")
             )
+            continue
+        if node.op_type == "Gemm" and opset < 11:
+            skipped.append(Skipped(node, "Gemm before opset 11 requires its C input; upgrade"))
             continue
         reason, tensor = _weight_problem(node)
         if reason is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,18 @@ from lrcompile.verify import verify as verify_models
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_SIGINT = 130  # 128 + SIGINT, as shells report it
+EXIT_SIGTERM = 143  # 128 + SIGTERM
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler, so that cleanup (finally blocks) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated
+
+
 _PATH = click.Path(path_type=Path, dir_okay=False)
 
 
@@ -48,6 +61,7 @@ def main(verbose: int) -> None:
 
     Run `lrcompile MODEL --rank SPEC` to compile (same as `lrcompile compile ...`).
     """
+    signal.signal(signal.SIGTERM, _on_sigterm)
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -254,12 +268,19 @@ def verify_command(
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turns an ``LrcompileError`` into one line on stderr and exit code 2."""
+    """Turns an ``LrcompileError`` into one line on stderr and exit code 2, and an interruption
+    (Ctrl-C, SIGTERM) into one line and 130/143; outputs are atomic, so nothing partial remains."""
     try:
         yield
     except LrcompileError as error:
         click.echo(f"lrcompile: error: {error}", err=True)
         sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        click.echo("lrcompile: interrupted; no output written", err=True)
+        sys.exit(EXIT_SIGINT)
+    except _Terminated:
+        click.echo("lrcompile: terminated; no output written", err=True)
+        sys.exit(EXIT_SIGTERM)
 
 
 @main.command("build")

@@ -89,8 +89,11 @@ class CompileResult:
         """Writes the report as JSON (atomically)."""
         path = Path(path)
         staging = path.with_name(f".{path.name}.tmp")
-        staging.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        staging.replace(path)
+        try:
+            staging.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+            staging.replace(path)
+        finally:
+            staging.unlink(missing_ok=True)
 
 
 def default_output_path(input_path: str | Path) -> Path:
@@ -164,7 +167,7 @@ def compile_model(
                 f"{calibration.source} (the calibration data)",
                 calibration.synthetic,
             )
-        with _timed(seconds, "verify"):
+        with _timed(seconds, "verify"), _removed_on_error(output_path):
             verification = verify(
                 input_path,
                 output_path,
@@ -240,6 +243,17 @@ def _with_fp8_opset(model: ir.Model, input_path: Path) -> ir.Model:
         ) from None
     logger.warning("%s: upgraded the default opset %d -> %d for FP8", input_path, opset, MIN_OPSET)
     return upgraded
+
+
+@contextlib.contextmanager
+def _removed_on_error(output_path: Path) -> Iterator[None]:
+    """A check that cannot run (exit 2) leaves no output behind, as every exit 2 promises."""
+    try:
+        yield
+    except LrcompileError:
+        output_path.unlink(missing_ok=True)
+        output_path.with_name(f"{output_path.name}.data").unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

@@ -47,13 +47,19 @@ def load_model(path: str | Path) -> ir.Model:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror})") from None
     if not proto.HasField("graph"):
         raise ModelLoadError(f"{path}: not an ONNX model (no graph in the file)")
-    for tensor in _external_tensors(proto.graph):
-        _check_external_reference(path, tensor)
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            _check_external_reference(path, tensor)
+        else:
+            _check_inline_tensor(path, tensor)
     try:
         # By path, so external data resolves against the model's folder (and > 2 GB works).
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as e:
         raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(e)}") from None
+    except UnicodeDecodeError as e:  # the checker's message quotes a name that is not UTF-8
+        message = e.object.decode("utf-8", "replace")
+        raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(message)}") from None
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     return model
@@ -87,11 +93,16 @@ def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None 
     if not external_data:
         # Tensors still pointing into the input's data file would be written as references to it.
         ir.external_data.load_to_model(model)
-    with _staging_folder(path.parent) as staging:
-        ir.save(model, staging / path.name, external_data=data_name)
-        if data_name is not None:
-            os.replace(staging / data_name, path.parent / data_name)
-        os.replace(staging / path.name, path)
+    try:
+        with _staging_folder(path.parent) as staging:
+            ir.save(model, staging / path.name, external_data=data_name)
+            if data_name is not None:
+                os.replace(staging / data_name, path.parent / data_name)
+            os.replace(staging / path.name, path)
+    except OSError as e:
+        raise OutputPathError(
+            f"{path}: could not write the output ({e.strerror or e}); nothing was written"
+        ) from None
 
 
 def tensor_bytes(model: ir.Model) -> int:
@@ -135,18 +146,56 @@ def _staging_folder(parent: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _external_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    for tensor in graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            yield tensor
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in the graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
     for node in graph.node:
         for attr in node.attribute:
-            if attr.HasField("t") and attr.t.data_location == onnx.TensorProto.EXTERNAL:
+            if attr.HasField("t"):
                 yield attr.t
+            yield from attr.tensors
             if attr.HasField("g"):
-                yield from _external_tensors(attr.g)
+                yield from _tensors(attr.g)
             for subgraph in attr.graphs:
-                yield from _external_tensors(subgraph)
+                yield from _tensors(subgraph)
+
+
+def _external_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    return (t for t in _tensors(graph) if t.data_location == onnx.TensorProto.EXTERNAL)
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
+
+
+def _check_inline_tensor(model_path: Path, tensor: onnx.TensorProto) -> None:
+    """The stored data must hold exactly the elements the dims promise (the checker does not
+    look; reading such a tensor would fail later, far from the cause)."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return
+    try:
+        itemsize = ir.DataType(tensor.data_type).itemsize
+    except ValueError:
+        raise ModelLoadError(
+            f"{model_path}: tensor {tensor.name!r} has unknown data type {tensor.data_type}"
+        ) from None
+    count = math.prod(tensor.dims)
+    if tensor.raw_data:
+        stored, expected = len(tensor.raw_data), math.ceil(count * itemsize)
+    else:
+        stored = sum(len(getattr(tensor, field)) for field in _TYPED_FIELDS)
+        packed = itemsize < 1 or tensor.data_type in (
+            onnx.TensorProto.COMPLEX64,
+            onnx.TensorProto.COMPLEX128,
+        )
+        if packed or stored == 0:
+            return  # packed or complex encodings; or no data at all, which the checker reports
+        expected = count
+    if stored != expected:
+        raise ModelLoadError(
+            f"{model_path}: tensor {tensor.name!r} stores {stored}"
+            f" {'bytes' if tensor.raw_data else 'values'}, its shape {list(tensor.dims)} needs"
+            f" {expected}"
+        )
 
 
 def _location(tensor: onnx.TensorProto) -> str:
@@ -187,6 +236,6 @@ def _check_external_reference(model_path: Path, tensor: onnx.TensorProto) -> Non
         )
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: Exception | str) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[0].strip() if lines else type(error).__name__

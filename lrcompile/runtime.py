@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import importlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ def session_options(*, fp8: bool = False, data_folder: str | Path | None = None)
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(data_folder)
         )
-    options.log_severity_level = 3
+    # Fatal only: ONNX Runtime's failures reach the user as lrcompile's one line, not as logs.
+    options.log_severity_level = 4
     return options
 
 
@@ -113,9 +116,11 @@ def create_session(
         proto = onnx.load(str(model), load_external_data=False)
         options = session_options(fp8=has_fp8(proto))
         source = str(model)
-    return ort.InferenceSession(
-        source, sess_options=options, providers=resolve_providers(providers)
-    )
+    name = str(model) if not isinstance(model, onnx.ModelProto) else "the model"
+    with runtime_errors(name):
+        return ort.InferenceSession(
+            source, sess_options=options, providers=resolve_providers(providers)
+        )
 
 
 def _installed(distribution: str) -> bool:
@@ -126,3 +131,24 @@ def _installed(distribution: str) -> bool:
     except metadata.PackageNotFoundError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def runtime_errors(what: str) -> Iterator[None]:
+    """Turns ONNX Runtime's (and Polygraphy's) failures to load or run a model into one line.
+
+    A model the ONNX checker accepts can still be unrunnable (an operator version ONNX Runtime has
+    no kernel for, inputs of the wrong shape): that is the input's problem, not a crash.
+    """
+    from polygraphy.exception import PolygraphyException
+
+    state = importlib.import_module("onnxruntime.capi.onnxruntime_pybind11_state")
+    ort_errors = tuple(
+        c for c in vars(state).values()
+        if isinstance(c, type) and issubclass(c, Exception) and c.__module__ == state.__name__
+    )  # fmt: skip
+    try:
+        yield
+    except (*ort_errors, PolygraphyException) as e:
+        message = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
+        raise LrcompileError(f"{what}: ONNX Runtime cannot run it: {message}") from None

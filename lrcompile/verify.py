@@ -26,7 +26,7 @@ import numpy as np
 from lrcompile import data as data_lib
 from lrcompile.errors import LrcompileError, ModelLoadError
 from lrcompile.model_io import load_model
-from lrcompile.runtime import create_session
+from lrcompile.runtime import create_session, runtime_errors
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def verify(
     outputs = [value.name for value in ref_model.graph.outputs]
     accumulators = {name: ErrorAccumulator() for name in outputs}
     count = 0
-    with _quiet_polygraphy():
+    with _quiet_polygraphy(), runtime_errors(f"{reference} vs {candidate}"):
         runners = _runners(reference, candidate, providers, engine)
         for ref_out, cand_out in _run_pair(runners, feeds.feeds):
             for name in outputs:

@@ -337,3 +337,15 @@ def test_energy_spec_keeps_at_least_that_energy(rng):
     assert layer.rank == expected == 11
     assert 0.99 <= layer.kept_energy < 0.99 + 0.8 ** (2 * 10)
     assert layer.method == "exact"
+
+
+def test_gemm_before_opset_11_is_left_alone(rng):
+    model = make_model(
+        "g (float[4, 32] a) => (float[4, 32] y) { y = Gemm(a, W, C) }",
+        {"W": low_rank_matrix(rng, 32, 32), "C": np.zeros(32, np.float32)},
+        opset=9,
+    )
+    result, _ = _apply(model, "8", rank_multiple=8)
+    assert [(layer.status, layer.reason) for layer in result.layers] == [
+        ("skipped", "Gemm before opset 11 requires its C input; upgrade")
+    ]
