@@ -194,6 +194,9 @@ def _check_options(func):
     is_flag=True,
     help="Emit each factored block as one lrcompile.LowRankGemm call (TensorRT plugin).",
 )
+@click.option(
+    "--jobs", type=int, help="Layers factored in parallel [default: the cores available]."
+)
 @click.option("--report", type=_PATH, help="Write the per-layer report as JSON here.")
 def compile_command(model: Path, output: Path | None, report: Path | None, **options) -> None:
     """Factor the weights of MODEL and write the compressed model."""
@@ -419,7 +422,12 @@ class _Progress:
             self._finish()
             self._stage, self._done = stage, 0
             self._bar = click.progressbar(
-                length=total, label=stage, file=sys.stderr, item_show_func=lambda item: item
+                length=total,
+                label=stage,
+                file=sys.stderr,
+                show_eta=True,
+                show_pos=True,
+                item_show_func=lambda item: item,
             )
         self._bar.update(max(0, done - self._done), detail)
         self._done = done

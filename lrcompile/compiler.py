@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from lrcompile.passes.fp8 import MIN_OPSET, QuantizedTensor, QuantizeResult, upg
 from lrcompile.passes.low_rank import FactorizeLowRankPass, FactorizeResult, ProgressCallback
 from lrcompile.pipeline import build_pipeline, factorize_pass, fp8_pass
 from lrcompile.report import LayerReport, Totals, totals
+from lrcompile.spill import Spill
 from lrcompile.verify import DEFAULT_ITERATIONS, VerifyResult, verify
 
 logger = logging.getLogger(__name__)
@@ -96,6 +98,11 @@ class CompileResult:
             staging.unlink(missing_ok=True)
 
 
+def available_cores() -> int:
+    """The CPU cores this process may use (its affinity), the default number of jobs."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_output_path(input_path: str | Path) -> Path:
     """``model.onnx`` -> ``model.lr.onnx`` beside the input."""
     path = Path(input_path)
@@ -148,17 +155,23 @@ def compile_model(
     with _timed(seconds, "auto search"):
         factorize, auto = _configure(model, input_path, config, factorize, calibration, progress)
     quantize = fp8_pass(config, calibration.feeds if calibration else (), input_path.parent)
-    with _timed(seconds, "factorize"):
-        layers, fp8 = _run_passes(
-            model, dataclasses.replace(factorize, progress=progress), quantize, config.plugin
-        )
-    source = calibration.source if calibration is not None else None
-    result = CompileResult(input_path, None, layers, None, config, auto, source, seconds, fp8)
-    if not any(layer.status == "factored" for layer in layers):
-        logger.info("%s: nothing to factor; no output written", input_path)
-        return result
-    with _timed(seconds, "save"):
-        model_io.save_model(model, output_path, external_data=config.external_data or None)
+    # Large models (external data in, external data out) spill each layer's factors to a scratch
+    # file as they are made, so memory holds a few weights at a time, not the model.
+    external = config.external_data or model_io.needs_external_data(model)
+    with model_io.write_errors(output_path), model_io.staging_folder(output_path.parent) as scratch:
+        factorize = dataclasses.replace(
+            factorize, progress=progress, jobs=config.jobs or available_cores(),
+            spill=Spill(scratch) if external else None,
+        )  # fmt: skip
+        with _timed(seconds, "factorize"):
+            layers, fp8 = _run_passes(model, factorize, quantize, config.plugin)
+        source = calibration.source if calibration is not None else None
+        result = CompileResult(input_path, None, layers, None, config, auto, source, seconds, fp8)
+        if not any(layer.status == "factored" for layer in layers):
+            logger.info("%s: nothing to factor; no output written", input_path)
+            return result
+        with _timed(seconds, "save"):
+            model_io.save_model(model, output_path, external_data=external)
     verification = None
     if config.verify:
         if check_feeds is None and calibration is not None:

@@ -42,6 +42,7 @@ class CompileConfig:
         fp8_calib: Activation range: ``max`` or ``percentile:P`` (e.g. ``percentile:99.99``).
         plugin: Replace each factored block by a ``lrcompile.LowRankGemm`` call (a model-local
             function ONNX Runtime inlines; TensorRT runs the fused plugin).
+        jobs: Layers factored in parallel (None: the cores available).
         budget: With ``auto``: instead of searching for the tolerance, take the most accurate
             allocation costing at most this fraction of the dense cost (of ``objective``).
         headroom: Fraction of the tolerance ``auto`` keeps in reserve for data it was not
@@ -71,6 +72,7 @@ class CompileConfig:
     fp8_scope: str = "factored"
     fp8_calib: str = "max"
     plugin: bool = False
+    jobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.rank_multiple < 1:
@@ -90,6 +92,8 @@ class CompileConfig:
             raise LrcompileError(f"budget must be in (0, 1], got {self.budget}")
         if not 0.0 <= self.headroom < 1.0:
             raise LrcompileError(f"headroom must be in [0, 1), got {self.headroom}")
+        if self.jobs is not None and self.jobs < 1:
+            raise LrcompileError(f"jobs must be >= 1, got {self.jobs}")
         if self.batch_size < 1:
             raise LrcompileError(f"batch size must be >= 1, got {self.batch_size}")
 

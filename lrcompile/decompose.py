@@ -129,14 +129,23 @@ def factorize(
     return Factorization(left, right, s, total, method)
 
 
-def relative_error(w: np.ndarray, left: np.ndarray, right: np.ndarray) -> float:
-    """``||w - left @ right||_F / ||w||_F`` computed in float64 (0 for an all-zero ``w``)."""
-    w64 = np.asarray(w, dtype=np.float64)
-    norm = float(np.linalg.norm(w64))
-    if norm == 0.0:
+def relative_error(w: np.ndarray, left: np.ndarray, right: np.ndarray, *, rows: int = 512) -> float:
+    """``||w - left @ right||_F / ||w||_F`` in float64 (0 for an all-zero ``w``).
+
+    Expands ``||W||^2 - 2<W, AB> + ||AB||^2`` over blocks of ``rows`` rows, so memory stays at a
+    block of ``W`` (never a float64 copy of ``W`` or the K x N product).
+    """
+    right64 = np.asarray(right, dtype=np.float64)
+    left64 = np.asarray(left, dtype=np.float64)
+    w_sq = cross = 0.0
+    for start in range(0, w.shape[0], rows):
+        block = np.asarray(w[start : start + rows], dtype=np.float64)
+        w_sq += float(np.sum(block * block))
+        cross += float(np.sum((left64[start : start + rows].T @ block) * right64))
+    if w_sq == 0.0:
         return 0.0
-    approx = np.asarray(left, dtype=np.float64) @ np.asarray(right, dtype=np.float64)
-    return float(np.linalg.norm(w64 - approx)) / norm
+    ab_sq = float(np.sum((left64.T @ left64) * (right64 @ right64.T)))
+    return float(np.sqrt(max(w_sq - 2.0 * cross + ab_sq, 0.0) / w_sq))
 
 
 def _fix_signs(

@@ -93,12 +93,18 @@ def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None 
     if not external_data:
         # Tensors still pointing into the input's data file would be written as references to it.
         ir.external_data.load_to_model(model)
+    with write_errors(path), staging_folder(path.parent) as staging:
+        ir.save(model, staging / path.name, external_data=data_name)
+        if data_name is not None:
+            os.replace(staging / data_name, path.parent / data_name)
+        os.replace(staging / path.name, path)
+
+
+@contextlib.contextmanager
+def write_errors(path: Path) -> Iterator[None]:
+    """Turns a failed write for the output ``path`` (a full disk, a size limit) into one line."""
     try:
-        with _staging_folder(path.parent) as staging:
-            ir.save(model, staging / path.name, external_data=data_name)
-            if data_name is not None:
-                os.replace(staging / data_name, path.parent / data_name)
-            os.replace(staging / path.name, path)
+        yield
     except OSError as e:
         raise OutputPathError(
             f"{path}: could not write the output ({e.strerror or e}); nothing was written"
@@ -137,8 +143,19 @@ def check_output_path(input_path: str | Path, output_path: str | Path) -> None:
         )
 
 
+def needs_external_data(model: ir.Model) -> bool:
+    """Whether the output should keep its weights in external data: the input does, or it would
+    pass the protobuf limit."""
+    external = any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    )
+    return external or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+
+
 @contextlib.contextmanager
-def _staging_folder(parent: Path) -> Iterator[Path]:
+def staging_folder(parent: Path) -> Iterator[Path]:
+    """A temporary folder beside the output (same filesystem: renames are atomic), removed on
+    exit, interruption included."""
     staging = Path(tempfile.mkdtemp(prefix=".lrcompile-", dir=parent))
     try:
         yield staging

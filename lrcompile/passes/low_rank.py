@@ -14,6 +14,7 @@ saves nothing (``r*(K+N) >= K*N``), when its weight holds NaN/Inf, or when an ov
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -26,6 +27,7 @@ import onnx_ir as ir
 from lrcompile import decompose, ranks, whiten
 from lrcompile.candidates import Skipped, WeightGroup, find_candidates
 from lrcompile.report import LayerReport
+from lrcompile.spill import Spill
 from lrcompile.whiten import Whitening
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     whitening: Mapping[str, Whitening] = dataclasses.field(default_factory=dict, repr=False)
     chosen_ranks: Mapping[str, int | None] = dataclasses.field(default_factory=dict, repr=False)
     cache: SvdCache | None = dataclasses.field(default=None, compare=False, repr=False)
+    spill: Spill | None = dataclasses.field(default=None, compare=False, repr=False)
+    jobs: int = 1
     progress: ProgressCallback | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +73,8 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
             raise ValueError("the default rank spec cannot be 'skip'")
         if self.rank_multiple < 1:
             raise ValueError(f"rank_multiple must be >= 1, got {self.rank_multiple}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
         if self.decomposition not in decompose.METHODS:
             raise ValueError(
                 f"decomposition must be one of {decompose.METHODS}, got {self.decomposition!r}"
@@ -77,10 +83,15 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> FactorizeResult:
         groups, skipped = find_candidates(model.graph)
         layers: list[LayerReport] = []
-        for index, group in enumerate(groups):
-            if self.progress is not None:
-                self.progress("factoring", index, len(groups), group.name)
-            layers.append(self._factor_group(model.graph, group))
+        # Factoring (read, SVD, error, spill) runs in ``jobs`` threads -- NumPy and LAPACK release
+        # the GIL -- and the graph is rewritten here, in group order: the output does not depend
+        # on the number of jobs. ``map`` keeps at most the running jobs' weights in memory.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            computed = pool.map(self._compute, groups)
+            for index, (group, (report, factors)) in enumerate(zip(groups, computed, strict=True)):
+                if self.progress is not None:
+                    self.progress("factoring", index, len(groups), group.name)
+                layers.append(self._apply(model.graph, group, report, factors))
         if self.progress is not None and groups:
             self.progress("factoring", len(groups), len(groups), "")
         layers.extend(_skipped_report(s) for s in skipped)
@@ -102,40 +113,61 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
             self.cache[group.key] = svd
         return svd
 
-    def _factor_group(self, graph: ir.Graph, group: WeightGroup) -> LayerReport:
+    def _compute(self, group: WeightGroup) -> tuple[LayerReport, tuple | None]:
+        """The group's report and its factors (None when it stays dense); no graph changes."""
         start = time.perf_counter()
         k, n = group.shape
         spec = self.spec_for(group)
         base = _base_report(group, spec)
         if spec.kind == "skip":
-            return dataclasses.replace(base, status="dense", reason="override says skip")
+            return dataclasses.replace(base, status="dense", reason="override says skip"), None
         weight = effective_weight(group)
         if not np.all(np.isfinite(weight)):
-            return dataclasses.replace(base, status="dense", reason="weight contains NaN or Inf")
+            return dataclasses.replace(base, reason="weight contains NaN or Inf"), None
         factors, rank = self._decompose(weight, spec, group)
         if factors is None:
             reason = "auto left it dense: its error costs more than it saves"
             if rank is not None:
                 reason = f"rank {rank} saves nothing (break-even {ranks.break_even_rank(k, n):.0f})"
-            return dataclasses.replace(base, status="dense", rank=rank, reason=reason)
+            return dataclasses.replace(base, rank=rank, reason=reason), None
         dtype = group.tensor.dtype.numpy()
         left, right = factors.left.astype(dtype), factors.right.astype(dtype)
-        factor_names = _rewrite(graph, group, left, right)
-        # A weight also read elsewhere (a tied embedding, say) stays beside its factors.
-        kept = k * n if group.weight.uses() or group.weight.is_graph_output() else 0
-        return dataclasses.replace(
+        error = decompose.relative_error(weight, left, right)
+        del weight
+        if isinstance(group.tensor, ir.ExternalTensor):
+            group.tensor.release()  # unmap the input weight: it has been read
+        if self.spill is not None:
+            left = self.spill.store(left, f"{group.name}_lr_A")
+            right = self.spill.store(right, f"{group.name}_lr_B")
+        report = dataclasses.replace(
             base,
             status="factored",
             rank=factors.rank,
             method=factors.method,
             kept_energy=factors.kept_energy,
-            relative_error=decompose.relative_error(weight, left, right),
-            params_after=factors.rank * (k + n) + kept,
-            bytes_after=int((factors.rank * (k + n) + kept) * group.tensor.dtype.itemsize),
-            factors=factor_names,
-            reason="weight also read by other nodes; kept beside its factors" if kept else None,
+            relative_error=error,
             flops_after=factors.rank * (k + n) * len(group.nodes),
             seconds=time.perf_counter() - start,
+        )
+        return report, (left, right)
+
+    def _apply(
+        self, graph: ir.Graph, group: WeightGroup, report: LayerReport, factors: tuple | None
+    ) -> LayerReport:
+        """Rewrites the group's nodes with its factors and completes its report."""
+        if factors is None:
+            return report
+        k, n = group.shape
+        factor_names = _rewrite(graph, group, *factors)
+        # A weight also read elsewhere (a tied embedding, say) stays beside its factors.
+        kept = k * n if group.weight.uses() or group.weight.is_graph_output() else 0
+        params = report.rank * (k + n) + kept
+        return dataclasses.replace(
+            report,
+            params_after=params,
+            bytes_after=int(params * group.tensor.dtype.itemsize),
+            factors=factor_names,
+            reason="weight also read by other nodes; kept beside its factors" if kept else None,
         )
 
     def _decompose(
@@ -212,9 +244,7 @@ def _skipped_report(skipped: Skipped) -> LayerReport:
     )
 
 
-def _rewrite(
-    graph: ir.Graph, group: WeightGroup, left: np.ndarray, right: np.ndarray
-) -> tuple[str, str]:
+def _rewrite(graph: ir.Graph, group: WeightGroup, left, right) -> tuple[str, str]:
     """Replaces the group's nodes by factored pairs; returns the factors' initializer names."""
     a = _initializer(graph, f"{group.name}_lr_A", left)
     b = _initializer(graph, f"{group.name}_lr_B", right)
@@ -227,7 +257,7 @@ def _rewrite(
         first.outputs[0].name = f"{output.name}_lr_mid"
         first.outputs[0].type = output.type
         if output.shape is not None and len(output.shape) > 0:
-            first.outputs[0].shape = ir.Shape([*list(output.shape)[:-1], left.shape[1]])
+            first.outputs[0].shape = ir.Shape([*list(output.shape)[:-1], a.shape[1]])
         ir.convenience.replace_nodes_and_values(
             graph, node, [node], [first, second], [output], [second.outputs[0]]
         )
@@ -250,12 +280,15 @@ def _factored_nodes(node: ir.Node, a: ir.Value, b: ir.Value) -> tuple[ir.Node, i
     return first, second
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def _initializer(graph: ir.Graph, name: str, array) -> ir.Value:
+    """A new initializer named ``name`` (made unique) holding ``array`` or a spilled tensor."""
     unique, suffix = name, 1
     while unique in graph.initializers:
         unique, suffix = f"{name}_{suffix}", suffix + 1
-    value = ir.Value(name=unique, const_value=ir.tensor(array, name=unique))
-    value.shape = ir.Shape(array.shape)
-    value.type = ir.TensorType(value.const_value.dtype)
+    tensor = array if isinstance(array, ir.ExternalTensor) else ir.tensor(array, name=unique)
+    tensor.name = unique
+    value = ir.Value(name=unique, const_value=tensor)
+    value.shape = ir.Shape([int(d) for d in tensor.shape])
+    value.type = ir.TensorType(tensor.dtype)
     graph.register_initializer(value)
     return value
