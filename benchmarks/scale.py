@@ -1,0 +1,93 @@
+"""Scale: compile time and peak memory on a generated transformer-shaped model with external data,
+and ONNX Runtime CPU latency of the result.
+
+The model (built here, never checked in): per layer q, k, v, o (hidden x hidden) and up, down
+(hidden x ffn) MatMuls, fp16, external data. The full size of the issue (32 layers, 4096/11008)
+is ~13 GB and hours of exact SVDs on 2 cores; the default is scaled down to minutes.
+
+    python benchmarks/scale.py                                 # 4 layers, 2048 / 5504 (~300 MB)
+    python benchmarks/scale.py --layers 32 --hidden 4096 --ffn 11008     # the real thing
+
+Tables: (1) compile at --rank 0.5: exact vs randomized SVD, 1 vs 2 jobs, and with calibration
+(whitened SVD), each a fresh process (seconds, peak RSS from the kernel's VmHWM); (2) ORT CPU
+latency of one layer in fp32, original vs compressed, at a few sequence lengths, next to the
+predicted FLOP ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lrcompile import peak_memory
+from lrcompile.runtime import create_session
+from lrcompile.synthetic import transformer_like
+from lrcompile.timing import interleaved_medians
+
+
+def compile_table(folder: Path, layers: int, hidden: int, ffn: int) -> None:
+    model = transformer_like(folder, layers, hidden, ffn)
+    size = (folder / "model.onnx.data").stat().st_size / 2**20
+    calib = folder / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(calib, x=rng.standard_normal((16, 8, hidden)).astype(np.float16))
+    print(f"model: {layers} layers, hidden {hidden}, ffn {ffn}, fp16, {size:.0f} MiB external data")
+    print(f"{'variant':<34} {'seconds':>8} {'peak MiB':>9} {'peak/model':>10}")
+    variants = {
+        "exact SVD, 1 job": ["--decomposition", "exact", "--jobs", "1"],
+        "randomized SVD, 1 job": ["--decomposition", "randomized", "--jobs", "1"],
+        "randomized SVD, 2 jobs": ["--decomposition", "randomized", "--jobs", "2"],
+        "calibrated (whitened), 2 jobs": ["--calib", str(calib), "--jobs", "2"],
+    }
+    for name, extra in variants.items():
+        out = folder / "out.onnx"
+        start = time.perf_counter()
+        code, peak, stderr = peak_memory.measure(
+            [str(model), "--rank", "0.5", "--no-verify", "-o", str(out), *extra]
+        )
+        seconds = time.perf_counter() - start
+        assert code == 0, stderr
+        print(f"{name:<34} {seconds:>8.1f} {peak:>9.0f} {peak / size:>10.2f}", flush=True)
+
+
+def latency_table(folder: Path, hidden: int, ffn: int) -> None:
+    model = transformer_like(folder, 1, hidden, ffn, dtype=np.float32, name="fp32.onnx")
+    out = folder / "fp32.lr.onnx"
+    code, _, stderr = peak_memory.measure([str(model), "--rank", "0.5", "--no-verify", "-o",
+                                           str(out), "--decomposition", "randomized"])  # fmt: skip
+    assert code == 0, stderr
+    weights = 4 * hidden * hidden + 2 * hidden * ffn
+    rank_hh, rank_hf = (0.5 * hidden * hidden / (2 * hidden), 0.5 * hidden * ffn / (hidden + ffn))
+    factored = 4 * (rank_hh // 16 * 16) * 2 * hidden + 2 * (rank_hf // 16 * 16) * (hidden + ffn)
+    print(
+        f"\nORT CPU, one layer fp32, {hidden}/{ffn}; predicted FLOP ratio {weights / factored:.2f}"
+    )
+    print(f"{'batch x seq':>12} {'dense ms':>9} {'lr ms':>8} {'speedup':>8}")
+    sessions = [create_session(model), create_session(out)]
+    for seq in (1, 128, 512):
+        x = np.random.default_rng(1).standard_normal((1, seq, hidden)).astype(np.float32)
+        dense, lr = interleaved_medians(
+            [lambda s=s, x=x: s.run(None, {"x": x}) for s in sessions], budget_s=2.0
+        )
+        print(f"{f'1 x {seq}':>12} {dense * 1e3:>9.2f} {lr * 1e3:>8.2f} {dense / lr:>8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--ffn", type=int, default=5504)
+    args = parser.parse_args()
+    print(f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        compile_table(Path(tmp), args.layers, args.hidden, args.ffn)
+        latency_table(Path(tmp), args.hidden, args.ffn)
+
+
+if __name__ == "__main__":
+    main()
