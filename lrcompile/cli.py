@@ -197,6 +197,13 @@ def _check_options(func):
 @click.option(
     "--jobs", type=int, help="Layers factored in parallel [default: the cores available]."
 )
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="Where SVDs run (cuda: torch on a GPU).",
+)
 @click.option("--report", type=_PATH, help="Write the per-layer report as JSON here.")
 def compile_command(model: Path, output: Path | None, report: Path | None, **options) -> None:
     """Factor the weights of MODEL and write the compressed model."""

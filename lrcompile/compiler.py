@@ -98,6 +98,21 @@ class CompileResult:
             staging.unlink(missing_ok=True)
 
 
+def _checked_device(device: str) -> str:
+    """``device``, after checking that torch can reach a GPU when it is ``cuda``."""
+    if device == "cuda":
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is None or not torch.cuda.is_available():
+            raise LrcompileError(
+                "--device cuda needs torch with a CUDA GPU; none is available here"
+                " (the CPU path, --device cpu, needs no torch)"
+            )
+    return device
+
+
 def available_cores() -> int:
     """The CPU cores this process may use (its affinity), the default number of jobs."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -143,6 +158,7 @@ def compile_model(
     seconds: dict[str, float] = {}
     with _timed(seconds, "load"):
         factorize = factorize_pass(config)  # validates the spec and overrides first
+        _checked_device(config.device)
         model = model_io.load_model(input_path)
         model_io.check_output_path(input_path, output_path)
         inputs = data_lib.model_inputs(model)
@@ -161,6 +177,7 @@ def compile_model(
     with model_io.write_errors(output_path), model_io.staging_folder(output_path.parent) as scratch:
         factorize = dataclasses.replace(
             factorize, progress=progress, jobs=config.jobs or available_cores(),
+            device=config.device,
             spill=Spill(scratch) if external else None,
         )  # fmt: skip
         with _timed(seconds, "factorize"):

@@ -43,6 +43,7 @@ class CompileConfig:
         plugin: Replace each factored block by a ``lrcompile.LowRankGemm`` call (a model-local
             function ONNX Runtime inlines; TensorRT runs the fused plugin).
         jobs: Layers factored in parallel (None: the cores available).
+        device: Where plain SVDs run: ``cpu`` (NumPy) or ``cuda`` (torch on a GPU).
         budget: With ``auto``: instead of searching for the tolerance, take the most accurate
             allocation costing at most this fraction of the dense cost (of ``objective``).
         headroom: Fraction of the tolerance ``auto`` keeps in reserve for data it was not
@@ -73,6 +74,7 @@ class CompileConfig:
     fp8_calib: str = "max"
     plugin: bool = False
     jobs: int | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.rank_multiple < 1:
@@ -92,6 +94,8 @@ class CompileConfig:
             raise LrcompileError(f"budget must be in (0, 1], got {self.budget}")
         if not 0.0 <= self.headroom < 1.0:
             raise LrcompileError(f"headroom must be in [0, 1), got {self.headroom}")
+        if self.device not in ("cpu", "cuda"):
+            raise LrcompileError(f"device {self.device!r} is not one of cpu, cuda")
         if self.jobs is not None and self.jobs < 1:
             raise LrcompileError(f"jobs must be >= 1, got {self.jobs}")
         if self.batch_size < 1:

@@ -99,6 +99,7 @@ def factorize(
     method: Method = "exact",
     seed: int = 0,
     svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    device: str = "cpu",
 ) -> Factorization:
     """Best rank-``rank`` approximation of ``w`` as balanced factors in ``w``'s compute dtype.
 
@@ -108,6 +109,7 @@ def factorize(
         method: ``"exact"`` (LAPACK SVD) or ``"randomized"`` (seeded randomized SVD).
         seed: Seed of the randomized method.
         svd: ``svd_exact(w)``, when already computed, for the exact method to reuse.
+        device: ``cpu`` (NumPy/LAPACK) or ``cuda`` (torch on the GPU; needs torch with CUDA).
 
     Returns:
         The factorization; ``left`` is ``[K, rank]`` and ``right`` is ``[rank, N]``.
@@ -118,7 +120,9 @@ def factorize(
         raise ValueError(f"rank {rank} is outside [1, {min(w.shape)}] for shape {w.shape}")
     work = np.asarray(w, dtype=compute_dtype(w.dtype))
     total = float(np.sum(np.square(work, dtype=np.float64)))
-    if method == "randomized":
+    if device == "cuda" and svd is None:
+        u, s, vt = _svd_cuda(work, rank, method, seed)
+    elif method == "randomized":
         u, s, vt = svd_randomized(work, rank, seed=seed)
     else:
         u, s, vt = svd if svd is not None else svd_exact(work)
@@ -156,3 +160,21 @@ def _fix_signs(
     pivot = u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])]
     signs = np.where(pivot < 0, -1.0, 1.0).astype(u.dtype)
     return u * signs, s, vt * signs[:, np.newaxis]
+
+
+def _svd_cuda(
+    w: np.ndarray, rank: int, method: Method, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rank-``rank`` SVD on the GPU with torch (randomized: ``torch.svd_lowrank``)."""
+    import torch
+
+    matrix = torch.from_numpy(w).cuda()
+    if method == "randomized":
+        torch.manual_seed(seed)
+        sketch = min(rank + DEFAULT_OVERSAMPLE, *w.shape)
+        u, s, v = torch.svd_lowrank(matrix, q=sketch, niter=DEFAULT_POWER_ITERATIONS)
+        u, s, vt = u[:, :rank], s[:rank], v[:, :rank].T
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        u, s, vt = u[:, :rank], s[:rank], vh[:rank]
+    return _fix_signs(u.cpu().numpy(), s.cpu().numpy(), vt.contiguous().cpu().numpy())

@@ -79,3 +79,16 @@ def test_fp16_and_float64_compute_dtypes(rng):
     assert decompose.compute_dtype(np.float64) == np.float64
     w = rng.standard_normal((20, 30)).astype(np.float16)
     assert decompose.factorize(w, 4).left.dtype == np.float32
+
+
+@pytest.mark.gpu
+def test_cuda_svd_matches_the_cpu(rng):
+    torch = pytest.importorskip("torch", reason="needs torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    w = low_rank_matrix(rng, 300, 400, decay=0.95)
+    sigma = np.linalg.svd(w.astype(np.float64), compute_uv=False)
+    for method in ("exact", "randomized"):
+        f = decompose.factorize(w, 32, method=method, device="cuda")
+        error = np.linalg.norm(w.astype(np.float64) - f.left.astype(np.float64) @ f.right)
+        assert error <= 1.05 * np.sqrt(np.sum(sigma[32:] ** 2))

@@ -51,3 +51,23 @@ def test_memory_stays_below_a_quarter_of_the_model(tmp_path):
     print(f"model {size_mib:.0f} MiB, overhead {overhead:.0f} MiB, peak {peak:.0f} MiB")
     assert peak - overhead < 0.25 * size_mib
     assert (tmp_path / "o.onnx.data").stat().st_size > 0
+
+
+def test_device_cuda_without_a_gpu_is_one_error(tmp_path):
+    import importlib.util
+
+    torch_spec = importlib.util.find_spec("torch")
+    if torch_spec is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present: the error path does not apply")
+    model = transformer_like(tmp_path, layers=1, hidden=64, ffn=128)
+    from click.testing import CliRunner
+
+    from lrcompile import cli
+
+    result = CliRunner().invoke(cli.main, [str(model), "--rank", "16", "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "--device cuda needs torch with a CUDA GPU" in result.stderr
+    assert not (tmp_path / "model.lr.onnx").exists()

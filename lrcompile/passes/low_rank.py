@@ -66,6 +66,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     cache: SvdCache | None = dataclasses.field(default=None, compare=False, repr=False)
     spill: Spill | None = dataclasses.field(default=None, compare=False, repr=False)
     jobs: int = 1
+    device: str = "cpu"
     progress: ProgressCallback | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -199,7 +200,9 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
             svd = self.svd(group, weight) if self.cache is not None else None
         # A per-weight seed keeps each layer's randomized SVD independent of the order of layers.
         seed = zlib.crc32(group.key.encode()) ^ self.seed
-        factors = decompose.factorize(weight, rank, method=method, seed=seed, svd=svd)
+        factors = decompose.factorize(
+            weight, rank, method=method, seed=seed, svd=svd, device=self.device
+        )
         logger.debug("%s: rank %d of %dx%d by %s SVD", group.name, rank, k, n, factors.method)
         return factors, rank
 
