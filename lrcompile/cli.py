@@ -195,7 +195,11 @@ def _check_options(func):
     help="Emit each factored block as one lrcompile.LowRankGemm call (TensorRT plugin).",
 )
 @click.option(
-    "--jobs", type=int, help="Layers factored in parallel [default: the cores available]."
+    "--jobs",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Layers factored in parallel (BLAS already uses every core: more pays on many cores).",
 )
 @click.option(
     "--device",

@@ -113,11 +113,6 @@ def _checked_device(device: str) -> str:
     return device
 
 
-def available_cores() -> int:
-    """The CPU cores this process may use (its affinity), the default number of jobs."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def default_output_path(input_path: str | Path) -> Path:
     """``model.onnx`` -> ``model.lr.onnx`` beside the input."""
     path = Path(input_path)
@@ -176,7 +171,7 @@ def compile_model(
     external = config.external_data or model_io.needs_external_data(model)
     with model_io.write_errors(output_path), model_io.staging_folder(output_path.parent) as scratch:
         factorize = dataclasses.replace(
-            factorize, progress=progress, jobs=config.jobs or available_cores(),
+            factorize, progress=progress, jobs=config.jobs,
             device=config.device,
             spill=Spill(scratch) if external else None,
         )  # fmt: skip
@@ -213,9 +208,11 @@ def _configure(model, input_path, config, factorize, calibration, progress):
     if calibration is None:
         return factorize, None
     groups, _ = find_candidates(model.graph)
-    factorize = dataclasses.replace(factorize, whitening=calibration.whitening(groups), cache={})
+    factorize = dataclasses.replace(factorize, whitening=calibration.whitening(groups))
     if not _uses_auto(factorize, groups):
         return factorize, None
+    # auto compiles many candidates from the same SVDs: cache them (memory grows with the model).
+    factorize = dataclasses.replace(factorize, cache={})
     auto = search_ranks(
         model,
         input_path.parent,

@@ -111,6 +111,9 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         white = self.whitening.get(group.key)
         svd = whiten.whitened_svd(weight, white) if white else decompose.svd_exact(weight)
         if self.cache is not None:
+            # float32 halves what the cache holds; the spectrum keeps float64 for the rank choice.
+            u, s, vt = svd
+            svd = (u.astype(np.float32), s, vt.astype(np.float32))
             self.cache[group.key] = svd
         return svd
 
