@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
