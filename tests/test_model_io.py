@@ -178,3 +178,18 @@ def test_initializers_listed_as_inputs_are_factored(mlp, tmp_path, rng):
     assert result.totals.factored == 2 and result.verification.passed
     out = onnx.load(str(result.output_path))
     assert [i.name for i in out.graph.input] == ["x"]
+
+
+@pytest.mark.parametrize("offset", ["999999999", "-5"])
+def test_external_offset_out_of_range(mlp, tmp_path, offset):
+    source = _external_copy(mlp, tmp_path)
+    model = onnx.load(str(source), load_external_data=False)
+    tensor = model.graph.initializer[0]
+    entries = {e.key: e for e in tensor.external_data}
+    if "offset" in entries:
+        entries["offset"].value = offset
+    else:
+        tensor.external_data.add(key="offset", value=offset)
+    onnx.save(model, str(source))
+    with pytest.raises(ModelLoadError, match=r"lies outside 'weights\.bin'"):
+        model_io.load_model(source)
