@@ -55,6 +55,10 @@ class Calibration:
     source: str
     synthetic: bool = False
 
+    def feeds_source(self) -> FeedSource:
+        """The feeds this calibration ran on, as a source for later steps (FP8, checks)."""
+        return FeedSource(self.feeds, self.source, self.synthetic)
+
     def gram(self, group: WeightGroup) -> np.ndarray | None:
         """``X^T X`` of everything the group's weight multiplies (summed over its nodes)."""
         grams = [
@@ -65,16 +69,20 @@ class Calibration:
         return np.sum(grams, axis=0)
 
     def whitening(self, groups: Sequence[WeightGroup]) -> dict[str, Whitening]:
-        """The Cholesky whitening of each group with statistics, keyed by ``group.key``."""
-        result = {}
+        """The Cholesky whitening of each group with statistics, keyed by ``group.key``; groups
+        reading the same activations (Q, K, V) share one factorization."""
+        result: dict[str, Whitening] = {}
+        shared: dict[tuple, Whitening] = {}
         for group in groups:
-            gram = self.gram(group)
-            if gram is not None:
-                result[group.key] = whitening_from_gram(gram)
-                if result[group.key].jitter:
-                    logger.info(
-                        "%s: Gram matrix needed jitter %.3g", group.name, result[group.key].jitter
-                    )
+            inputs = tuple(sorted(_activation_key(node) for node in group.nodes))
+            if inputs not in shared:
+                gram = self.gram(group)
+                if gram is None:
+                    continue
+                shared[inputs] = whitening_from_gram(gram)
+                if shared[inputs].jitter:
+                    logger.info("%s: Gram needed jitter %.3g", group.name, shared[inputs].jitter)
+            result[group.key] = shared[inputs]
         return result
 
 
@@ -108,19 +116,24 @@ def calibrate(
     *,
     data_folder: str | Path | None = None,
     on_batch: Callable[[int, int, str], None] | None = None,
+    keep_reference: bool = True,
 ) -> Calibration:
     """Runs the original ``model`` (external data in ``data_folder``) on ``source``'s feeds,
     accumulating the statistics of ``groups``' inputs; ``on_batch(done, total, "")`` reports
-    progress."""
+    progress. The model's outputs are kept (for ``auto``) unless ``keep_reference`` is off."""
     proto = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
-    outputs = [o.name for o in proto.graph.output]
     constants = {t.name for t in proto.graph.initializer}
     activations = {_activation_key(n) for g in groups for n in g.nodes} - {
         (name, t) for name in constants for t in (False, True)
     }
     feeds = source.feeds
     fed = set(feeds[0]) if feeds else set()
-    exposed = sorted({name for name, _ in activations} - fed - set(outputs))
+    needed = {name for name, _ in activations} - fed
+    outputs = [o.name for o in proto.graph.output]
+    if not keep_reference and needed:
+        outputs = []
+        del proto.graph.output[:]  # run only what the activations need
+    exposed = sorted(needed - set(outputs))
     # Appended outputs need no type: ONNX Runtime infers it.
     proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in exposed)
     session = create_session(proto, data_folder=data_folder)

@@ -30,6 +30,10 @@ from lrcompile.verify import DEFAULT_ITERATIONS, VerifyResult, verify
 
 logger = logging.getLogger(__name__)
 
+# Calibrating without auto holds the Gram matrices of at most this fraction of the model's weight
+# bytes at a time (but at least one layer's).
+CALIBRATION_MEMORY_FRACTION = 0.25
+
 
 @dataclasses.dataclass(frozen=True)
 class Fp8Report:
@@ -160,11 +164,23 @@ def compile_model(
         RemoveInitializersFromInputsPass()(model)
         if config.fp8:
             model = _with_fp8_opset(model, input_path)
-    with _timed(seconds, "calibrate"):
-        calibration = _calibrate(input_path, model, config, factorize, inputs, progress)
-    with _timed(seconds, "auto search"):
-        factorize, auto = _configure(model, input_path, config, factorize, calibration, progress)
-    quantize = fp8_pass(config, calibration.feeds if calibration else (), input_path.parent)
+    chunks = _calibration_chunks(model, config, factorize)
+    chunk_layers: list[LayerReport] = []
+    if chunks is not None:  # calibrated, no auto: calibrate and factor a chunk of layers at a time
+        auto, calibration = None, None
+        feeds = calibration_source(config, inputs)
+        with _timed(seconds, "calibrate + factorize"):
+            chunk_layers = _factor_in_chunks(model, input_path, factorize, feeds, chunks, progress)
+        factorize = dataclasses.replace(factorize, only=frozenset())  # reports the rest
+    else:
+        with _timed(seconds, "calibrate"):
+            calibration = _calibrate(input_path, model, config, factorize, inputs, progress)
+        with _timed(seconds, "auto search"):
+            factorize, auto = _configure(
+                model, input_path, config, factorize, calibration, progress
+            )
+        feeds = calibration.feeds_source() if calibration is not None else None
+    quantize = fp8_pass(config, feeds.feeds if feeds else (), input_path.parent)
     # Large models (external data in, external data out) spill each layer's factors to a scratch
     # file as they are made, so memory holds a few weights at a time, not the model.
     external = config.external_data or model_io.needs_external_data(model)
@@ -176,7 +192,10 @@ def compile_model(
         )  # fmt: skip
         with _timed(seconds, "factorize"):
             layers, fp8 = _run_passes(model, factorize, quantize, config.plugin)
-        source = calibration.source if calibration is not None else None
+        layers = (*chunk_layers, *layers)
+        if fp8 is not None:
+            layers = tuple(_fp8_bytes(layer, fp8) for layer in layers)
+        source = feeds.description if feeds is not None else None
         result = CompileResult(input_path, None, layers, None, config, auto, source, seconds, fp8)
         if not any(layer.status == "factored" for layer in layers):
             logger.info("%s: nothing to factor; no output written", input_path)
@@ -185,11 +204,9 @@ def compile_model(
             model_io.save_model(model, output_path, external_data=external)
     verification = None
     if config.verify:
-        if check_feeds is None and calibration is not None:
+        if check_feeds is None and feeds is not None:
             check_feeds = data_lib.FeedSource(
-                calibration.feeds,
-                f"{calibration.source} (the calibration data)",
-                calibration.synthetic,
+                feeds.feeds, f"{feeds.description} (the calibration data)", feeds.synthetic
             )
         with _timed(seconds, "verify"), _removed_on_error(output_path):
             verification = verify(
@@ -228,6 +245,52 @@ def _configure(model, input_path, config, factorize, calibration, progress):
     return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
 
 
+def _calibration_chunks(model, config: CompileConfig, factorize) -> list[list] | None:
+    """Groups of layers whose Gram matrices together fit a quarter of the model's weight bytes
+    (at least one layer each), when calibrating without ``auto``; None otherwise.
+
+    A Gram matrix is K x K float64: for a 4096 x 11008 down projection 970 MB, ten times its fp16
+    weight, so holding every layer's at once would cost far more than the model.
+    """
+    groups, _ = find_candidates(model.graph)
+    calibrated = config.calib is not None or config.calib_script is not None
+    if not calibrated or _uses_auto(factorize, groups):
+        return None
+    budget = max(int(model_io.tensor_bytes(model) * CALIBRATION_MEMORY_FRACTION), 1)
+    chunks: list[list] = [[]]
+    used = 0
+    for group in groups:
+        cost = 8 * group.shape[0] ** 2 * 2  # its Gram and its Cholesky factor, float64
+        if chunks[-1] and used + cost > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(group)
+        used += cost
+    return chunks
+
+
+def _factor_in_chunks(model, input_path, factorize, feeds, chunks, progress) -> list[LayerReport]:
+    """Calibrates (one ONNX Runtime pass of the original model) and factors each chunk."""
+    original = ir.serde.serialize_model(model)  # every chunk calibrates the unfactored model
+    layers: list[LayerReport] = []
+    for index, chunk in enumerate(chunks):
+        if progress is not None:
+            progress("calibrating", index, len(chunks), f"{len(chunk)} layers")
+        calibration = calibrate(
+            original, chunk, feeds, data_folder=input_path.parent, keep_reference=False
+        )
+        chunk_pass = dataclasses.replace(
+            factorize,
+            whitening=calibration.whitening(chunk),
+            only=frozenset(group.key for group in chunk),
+        )
+        del calibration  # the Gram matrices: only the Cholesky factors are needed now
+        layers.extend(chunk_pass(model).layers)
+    if progress is not None:
+        progress("calibrating", len(chunks), len(chunks), "")
+    return layers
+
+
 def _run_passes(
     model, factorize, quantize, plugin: bool
 ) -> tuple[tuple[LayerReport, ...], Fp8Report | None]:
@@ -239,8 +302,6 @@ def _run_passes(
             layers.extend(result.layers)
         if isinstance(result, QuantizeResult):
             fp8 = Fp8Report(tuple(result.tensors), tuple(result.skipped))
-    if fp8 is not None:
-        layers = [_fp8_bytes(layer, fp8) for layer in layers]
     return tuple(layers), fp8
 
 

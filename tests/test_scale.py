@@ -71,3 +71,30 @@ def test_device_cuda_without_a_gpu_is_one_error(tmp_path):
     assert result.exit_code == 2
     assert "--device cuda needs torch with a CUDA GPU" in result.stderr
     assert not (tmp_path / "model.lr.onnx").exists()
+
+
+def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
+    import numpy as np
+
+    from lrcompile import compiler
+
+    model = transformer_like(tmp_path, layers=2, hidden=128, ffn=256, dtype=np.float32)
+    np.savez(
+        tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((8, 4, 128), np.float32)
+    )
+    digests = []
+    for fraction, expected_chunks in ((10.0, 1), (1e-9, 12)):
+        monkeypatch.setattr(compiler, "CALIBRATION_MEMORY_FRACTION", fraction)
+        calls = []
+        monkeypatch.setattr(compiler, "calibrate", lambda *a, **k: calls.append(1) or
+                            lrcompile.calibrate.calibrate(*a, **k))  # fmt: skip
+        out = tmp_path / f"f{expected_chunks}" / "o.onnx"
+        out.parent.mkdir()
+        result = lrcompile.compile_model(
+            model, out, rank="0.5", calib=str(tmp_path / "c.npz"), verify=False
+        )
+        assert len(calls) == expected_chunks
+        assert result.totals.factored == 12 and result.totals.skipped == 0
+        assert {layer.method for layer in result.layers} == {"whitened"}
+        digests.append(_digests(out, out.with_name("o.onnx.data")))
+    assert digests[0] == digests[1]

@@ -67,6 +67,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     spill: Spill | None = dataclasses.field(default=None, compare=False, repr=False)
     jobs: int = 1
     device: str = "cpu"
+    only: frozenset[str] | None = dataclasses.field(default=None, repr=False)
     progress: ProgressCallback | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +84,11 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> FactorizeResult:
         groups, skipped = find_candidates(model.graph)
+        if self.only is not None:
+            # A chunked compile: each chunk factors its groups; the final, empty-``only`` run
+            # reports the nodes left alone.
+            groups = [group for group in groups if group.key in self.only]
+            skipped = [] if self.only else skipped
         layers: list[LayerReport] = []
         # Factoring (read, SVD, error, spill) runs in ``jobs`` threads -- NumPy and LAPACK release
         # the GIL -- and the graph is rewritten here, in group order: the output does not depend
