@@ -85,9 +85,13 @@ def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
     digests = []
     for fraction, expected_chunks in ((10.0, 1), (1e-9, 12)):
         monkeypatch.setattr(compiler, "CALIBRATION_MEMORY_FRACTION", fraction)
-        calls = []
-        monkeypatch.setattr(compiler, "calibrate", lambda *a, **k: calls.append(1) or
-                            lrcompile.calibrate.calibrate(*a, **k))  # fmt: skip
+        calls: list[int] = []
+
+        def counting(*args, calls=calls, **kwargs):
+            calls.append(1)
+            return lrcompile.calibrate.calibrate(*args, **kwargs)
+
+        monkeypatch.setattr(compiler, "calibrate", counting)
         out = tmp_path / f"f{expected_chunks}" / "o.onnx"
         out.parent.mkdir()
         result = lrcompile.compile_model(
