@@ -136,7 +136,7 @@ def calibrate(
     exposed = sorted(needed - set(outputs))
     # Appended outputs need no type: ONNX Runtime infers it.
     proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in exposed)
-    session = create_session(proto, data_folder=data_folder)
+    session = create_session(proto, data_folder=data_folder, low_memory=True)
     names = outputs + exposed
     stats = {key: ActivationStats() for key in activations}
     with runtime_errors("calibration"):

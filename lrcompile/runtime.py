@@ -27,7 +27,9 @@ def has_fp8(model: onnx.ModelProto) -> bool:
     return any(t.data_type in _FP8_TYPES for t in model.graph.initializer)
 
 
-def session_options(*, fp8: bool = False, data_folder: str | Path | None = None) -> Any:
+def session_options(
+    *, fp8: bool = False, data_folder: str | Path | None = None, low_memory: bool = False
+) -> Any:
     """Session options: BASIC optimisation for FP8 models, external data resolved in a folder.
 
     ONNX Runtime's QDQ fusion at the default level builds FP8 ops with no CPU kernel (DESIGN.md).
@@ -42,6 +44,11 @@ def session_options(*, fp8: bool = False, data_folder: str | Path | None = None)
         )
     # Fatal only: ONNX Runtime's failures reach the user as lrcompile's one line, not as logs.
     options.log_severity_level = 4
+    if low_memory:
+        # Calibration runs a model once per batch: no pre-packed copies of its weights, no arena
+        # that keeps its peak.
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
     return options
 
 
@@ -104,13 +111,16 @@ def create_session(
     *,
     data_folder: str | Path | None = None,
     providers: Sequence[str] = ("cpu",),
+    low_memory: bool = False,
 ):
     """A session for a model file, or for an in-memory model whose external data lies in
     ``data_folder``, on ``providers`` (names of ``PROVIDERS``, in priority order)."""
     ort = onnxruntime()
 
     if isinstance(model, onnx.ModelProto):
-        options = session_options(fp8=has_fp8(model), data_folder=data_folder)
+        options = session_options(
+            fp8=has_fp8(model), data_folder=data_folder, low_memory=low_memory
+        )
         source: Any = model.SerializeToString()
     else:
         proto = onnx.load(str(model), load_external_data=False)
