@@ -136,7 +136,8 @@ def calibrate(
     exposed = sorted(needed - set(outputs))
     # Appended outputs need no type: ONNX Runtime infers it.
     proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in exposed)
-    session = create_session(proto, data_folder=data_folder, low_memory=True)
+    # Without reference outputs nothing is compared with other sessions' rounding: save memory.
+    session = create_session(proto, data_folder=data_folder, low_memory=not keep_reference)
     names = outputs + exposed
     stats = {key: ActivationStats() for key in activations}
     with runtime_errors("calibration"):
