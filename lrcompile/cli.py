@@ -23,7 +23,7 @@ from lrcompile.allocate import OBJECTIVES
 from lrcompile.compiler import CompileResult, compile_model
 from lrcompile.config import CompileConfig
 from lrcompile.errors import LrcompileError
-from lrcompile.report import format_table
+from lrcompile.report import aligned, format_table
 from lrcompile.verify import DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS, DEFAULT_TOLERANCE, VerifyResult
 from lrcompile.verify import verify as verify_models
 
@@ -593,9 +593,8 @@ def _or_dash(value) -> str:
 
 
 def _echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for line in aligned([header, *rows]):
+        click.echo(line)
 
 
 def _megabytes(count: int) -> str:

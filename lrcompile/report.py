@@ -102,32 +102,29 @@ _COLUMNS = ("layer", "shape", "rank", "energy", "W err", "params", "bytes", "FLO
 
 def format_table(layers: Sequence[LayerReport]) -> str:
     """The report as an aligned text table with a totals line."""
-    rows = [_row(layer) for layer in layers]
     total = totals(layers)
-    rows.append(
-        (
-            "total",
-            "",
-            "",
-            "",
-            "",
-            f"{_human(total.params_before)}->{_human(total.params_after)}",
-            f"{_human(total.bytes_before)}->{_human(total.bytes_after)}",
-            f"{total.flop_ratio:.3f}",
-            f"{total.factored} factored, {total.dense} dense, {total.skipped} skipped",
-        )
+    total_row = (
+        "total",
+        "",
+        "",
+        "",
+        "",
+        f"{_human(total.params_before)}->{_human(total.params_after)}",
+        f"{_human(total.bytes_before)}->{_human(total.bytes_after)}",
+        f"{total.flop_ratio:.3f}",
+        f"{total.factored} factored, {total.dense} dense, {total.skipped} skipped",
     )
-    widths = [max(len(r[i]) for r in [_COLUMNS, *rows]) for i in range(len(_COLUMNS))]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [
-            _COLUMNS,
-            *rows[:-1],
-        ]
+    header, *body, last = aligned([_COLUMNS, *(_row(layer) for layer in layers), total_row])
+    rule = "-" * len(header)
+    return "\n".join([header, rule, *body, rule, last])
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """The rows as lines with every column padded to its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
-    rule = "-" * len(lines[0])
-    last = "  ".join(c.ljust(w) for c, w in zip(rows[-1], widths, strict=True)).rstrip()
-    return "\n".join([lines[0], rule, *lines[1:], rule, last])
 
 
 def _row(layer: LayerReport) -> tuple[str, ...]:
