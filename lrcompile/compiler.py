@@ -164,7 +164,8 @@ def compile_model(
         RemoveInitializersFromInputsPass()(model)
         if config.fp8:
             model = _with_fp8_opset(model, input_path)
-    chunks = _calibration_chunks(model, config, factorize)
+        groups, _ = find_candidates(model.graph)  # the graph is unchanged until factoring
+    chunks = _calibration_chunks(model, config, factorize, groups)
     chunk_layers: list[LayerReport] = []
     if chunks is not None:  # calibrated, no auto: calibrate and factor a chunk of layers at a time
         auto, calibration = None, None
@@ -174,10 +175,10 @@ def compile_model(
         factorize = dataclasses.replace(factorize, only=frozenset())  # reports the rest
     else:
         with _timed(seconds, "calibrate"):
-            calibration = _calibrate(input_path, model, config, factorize, inputs, progress)
+            calibration = _calibrate(input_path, model, config, factorize, groups, inputs, progress)
         with _timed(seconds, "auto search"):
             factorize, auto = _configure(
-                model, input_path, config, factorize, calibration, progress
+                model, input_path, config, factorize, groups, calibration, progress
             )
         feeds = calibration.feeds_source() if calibration is not None else None
     quantize = fp8_pass(config, feeds.feeds if feeds else (), input_path.parent)
@@ -219,11 +220,10 @@ def compile_model(
     return dataclasses.replace(result, output_path=output_path, verification=verification)
 
 
-def _configure(model, input_path, config, factorize, calibration, progress):
+def _configure(model, input_path, config, factorize, groups, calibration, progress):
     """The factorize pass with whitening and, under ``auto``, the searched ranks."""
     if calibration is None:
         return factorize, None
-    groups, _ = find_candidates(model.graph)
     factorize = dataclasses.replace(factorize, whitening=calibration.whitening(groups))
     if not _uses_auto(factorize, groups):
         return factorize, None
@@ -245,14 +245,13 @@ def _configure(model, input_path, config, factorize, calibration, progress):
     return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
 
 
-def _calibration_chunks(model, config: CompileConfig, factorize) -> list[list] | None:
+def _calibration_chunks(model, config: CompileConfig, factorize, groups) -> list[list] | None:
     """Groups of layers whose Gram matrices together fit a quarter of the model's weight bytes
     (at least one layer each), when calibrating without ``auto``; None otherwise.
 
     A Gram matrix is K x K float64: for a 4096 x 11008 down projection 970 MB, ten times its fp16
     weight, so holding every layer's at once would cost far more than the model.
     """
-    groups, _ = find_candidates(model.graph)
     calibrated = config.calib is not None or config.calib_script is not None
     if not calibrated or _uses_auto(factorize, groups):
         return None
@@ -384,9 +383,10 @@ def _synthetic(config: CompileConfig, inputs) -> data_lib.FeedSource:
     )
 
 
-def _calibrate(input_path, model, config, factorize, inputs, progress) -> Calibration | None:
+def _calibrate(
+    input_path, model, config, factorize, groups, inputs, progress
+) -> Calibration | None:
     """Calibration statistics when ``--calib``/``--calib-script`` or ``auto`` ask for them."""
-    groups, _ = find_candidates(model.graph)
     wanted = config.calib is not None or config.calib_script is not None
     if not (wanted or _uses_auto(factorize, groups)):
         return None
