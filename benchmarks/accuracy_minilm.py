@@ -26,8 +26,8 @@ import numpy as np
 import lrcompile
 from lrcompile.demo import metrics
 from lrcompile.demo.minilm import embed, prepare
-from lrcompile.runtime import create_session
-from lrcompile.timing import interleaved_medians
+from lrcompile.runtime.sessions import create_session
+from lrcompile.tools.timing import interleaved_medians
 
 
 def speed_ratio(original: Path, candidate: Path, heldout: dict[str, np.ndarray]) -> float:

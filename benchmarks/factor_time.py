@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from lrcompile import decompose
+from lrcompile.numerics import decompose
 
 
 def structured_matrix(k: int, n: int, seed: int = 0) -> np.ndarray:

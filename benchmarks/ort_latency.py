@@ -21,8 +21,8 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 import lrcompile
-from lrcompile.ranks import break_even_rank
-from lrcompile.timing import interleaved_medians
+from lrcompile.numerics.ranks import break_even_rank
+from lrcompile.tools.timing import interleaved_medians
 
 
 def dense_model(path: Path, k: int, n: int, seed: int = 0) -> Path:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lrcompile import peak_memory
-from lrcompile.runtime import create_session
-from lrcompile.synthetic import transformer_like
-from lrcompile.timing import interleaved_medians
+from lrcompile.runtime.sessions import create_session
+from lrcompile.tools import peak_memory
+from lrcompile.tools.synthetic import transformer_like
+from lrcompile.tools.timing import interleaved_medians
 
 
 def compile_table(folder: Path, layers: int, hidden: int, ffn: int) -> None:

@@ -1,14 +1,38 @@
-"""The compile configuration: one field per CLI option of ``lrcompile compile``."""
+"""The compile configuration: one field per CLI option of ``lrcompile compile``, and every
+default and choice (the CLI reads them from here: ``CompileConfig`` field defaults, ``CHOICES``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from lrcompile import decompose
-from lrcompile.allocate import OBJECTIVES
 from lrcompile.errors import LrcompileError
-from lrcompile.verify import DEFAULT_BATCH_SIZE, DEFAULT_TOLERANCE
+from lrcompile.numerics.allocate import OBJECTIVES
+from lrcompile.numerics.decompose import METHODS
+from lrcompile.numerics.ranges import parse_range_method
+from lrcompile.passes.fp8 import SCOPES, WEIGHT_MODES
+
+# 5% relative L2 over all outputs: low-rank compression always costs some accuracy, and the gate
+# should pass a model whose outputs are close in aggregate while failing one that drifted.
+DEFAULT_TOLERANCE = 0.05
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_ITERATIONS = 8  # batches of synthetic data
+DEVICES = ("cpu", "cuda")
+
+# The valid values of every field that has a fixed set of them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "decomposition": METHODS,
+    "objective": OBJECTIVES,
+    "fp8_weights": WEIGHT_MODES,
+    "fp8_scope": SCOPES,
+    "device": DEVICES,
+}
+
+# Input shapes for synthetic data: {input name: concrete shape}, e.g. {"input_ids": (8, 128)}.
+InputShapes = Mapping[str, Sequence[int]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +40,8 @@ class CompileConfig:
     """What to factor and how, and how to check the result.
 
     Attributes:
-        rank: Default rank spec: ``64``, ``0.5`` or ``energy:0.95`` (see ``lrcompile.ranks``).
+        rank: Default rank spec: ``64``, ``0.5``, ``energy:0.95`` or ``auto``
+            (``lrcompile.numerics.ranks``).
         overrides: JSON/YAML file mapping glob patterns of node or weight names to a spec or
             ``skip``; the first matching pattern wins.
         rank_multiple: Ranks are rounded to multiples of this (tensor cores want 16).
@@ -29,7 +54,7 @@ class CompileConfig:
         tolerance: Largest relative L2 error of any output: the verification gate, and the
             target of ``auto`` on the calibration data.
         verify_data: ``.npz`` of inputs for verification (synthetic inputs when None).
-        input_shapes: ``name:DxD`` entries giving shapes of synthetic inputs.
+        input_shapes: Shapes of synthetic inputs with dynamic dimensions, by input name.
         batch_size: Rows per batch of calibration and verification data.
         calib: ``.npz`` of calibration inputs, or ``synthetic``; calibrating makes every spec
             factor with activation-whitened SVD, and ``auto`` needs it (synthetic by default).
@@ -63,7 +88,7 @@ class CompileConfig:
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     verify_data: Path | None = None
-    input_shapes: tuple[str, ...] = ()
+    input_shapes: InputShapes = dataclasses.field(default_factory=dict)
     batch_size: int = DEFAULT_BATCH_SIZE
     calib: str | None = None
     calib_script: str | None = None
@@ -79,43 +104,63 @@ class CompileConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.rank_multiple < 1:
-            raise LrcompileError(f"rank multiple must be >= 1, got {self.rank_multiple}")
-        if self.decomposition not in decompose.METHODS:
-            raise LrcompileError(
-                f"decomposition {self.decomposition!r} is not one of {', '.join(decompose.METHODS)}"
-            )
-        if not self.tolerance >= 0:
-            raise LrcompileError(f"tolerance must be >= 0, got {self.tolerance}")
-        if self.objective not in OBJECTIVES:
-            raise LrcompileError(
-                f"objective {self.objective!r} is not one of {', '.join(OBJECTIVES)}"
-            )
-        self._check_fp8()
-        if self.budget is not None and not 0.0 < self.budget <= 1.0:
-            raise LrcompileError(f"budget must be in (0, 1], got {self.budget}")
-        if not 0.0 <= self.headroom < 1.0:
-            raise LrcompileError(f"headroom must be in [0, 1), got {self.headroom}")
-        if self.device not in ("cpu", "cuda"):
-            raise LrcompileError(f"device {self.device!r} is not one of cpu, cuda")
-        if self.jobs < 1:
-            raise LrcompileError(f"jobs must be >= 1, got {self.jobs}")
-        if self.batch_size < 1:
-            raise LrcompileError(f"batch size must be >= 1, got {self.batch_size}")
-
-    def _check_fp8(self) -> None:
-        from lrcompile.calibrate import parse_range_method
-        from lrcompile.passes.fp8 import SCOPES, WEIGHT_MODES
-
-        if self.fp8_weights not in WEIGHT_MODES:
-            raise LrcompileError(
-                f"FP8 weights {self.fp8_weights!r} is not one of {', '.join(WEIGHT_MODES)}"
-            )
-        if self.fp8_scope not in SCOPES:
-            raise LrcompileError(f"FP8 scope {self.fp8_scope!r} is not one of {', '.join(SCOPES)}")
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                label = name.replace("_", " ").replace("fp8", "FP8")
+                raise LrcompileError(f"{label} {value!r} is not one of {', '.join(choices)}")
+        object.__setattr__(self, "input_shapes", checked_shapes(self.input_shapes))
+        self._check_ranges()
         parse_range_method(self.fp8_calib)
         if self.fp8 and self.calib is None and self.calib_script is None:
             raise LrcompileError(
                 "--fp8 needs calibration data for its scales: pass --calib FILE.npz or"
                 " --calib-script FILE.py (or --calib synthetic to accept scales from random data)"
             )
+
+    def _check_ranges(self) -> None:
+        checks = [
+            (self.rank_multiple >= 1, "rank multiple must be >= 1", self.rank_multiple),
+            (self.tolerance >= 0, "tolerance must be >= 0", self.tolerance),
+            (
+                self.budget is None or 0.0 < self.budget <= 1.0,
+                "budget must be in (0, 1]",
+                self.budget,
+            ),
+            (0.0 <= self.headroom < 1.0, "headroom must be in [0, 1)", self.headroom),
+            (self.jobs >= 1, "jobs must be >= 1", self.jobs),
+            (self.batch_size >= 1, "batch size must be >= 1", self.batch_size),
+        ]
+        for ok, message, value in checks:
+            if not ok:
+                raise LrcompileError(f"{message}, got {value}")
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether calibration data was asked for (``--calib`` or ``--calib-script``)."""
+        return self.calib is not None or self.calib_script is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values."""
+        data = dataclasses.asdict(self)
+        data["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+def checked_shapes(shapes: InputShapes | None) -> dict[str, tuple[int, ...]]:
+    """``shapes`` as ``{name: tuple of ints}``.
+
+    Raises:
+        LrcompileError: A shape is not a sequence of positive integers.
+    """
+    result = {}
+    for name, shape in (shapes or {}).items():
+        dims = tuple(shape) if not isinstance(shape, str | bytes) else ()
+        if not dims or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims
+        ):
+            raise LrcompileError(
+                f"input shape of {name!r} must be a sequence of positive integers, got {shape!r}"
+            )
+        result[str(name)] = dims
+    return result

@@ -15,19 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
-from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
-from lrcompile import data as data_lib
-from lrcompile.allocate import allocation_path
-from lrcompile.auto import layer_spectra, measure_error, measure_sensitivities
-from lrcompile.calibrate import calibrate, calibration_source
-from lrcompile.candidates import find_candidates
+from lrcompile import stages
 from lrcompile.config import CompileConfig
-from lrcompile.model_io import load_model
+from lrcompile.numerics.allocate import allocation_path
+from lrcompile.numerics.ranks import break_even_rank
 from lrcompile.passes.low_rank import effective_weight
-from lrcompile.pipeline import factorize_pass
-from lrcompile.ranks import break_even_rank
+from lrcompile.pipeline import build_pipeline, factorize_pass
+from lrcompile.runtime.metrics import measure_error
+from lrcompile.search.sensitivity import layer_spectra, measure_sensitivities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,26 +105,19 @@ def inspect_model(
     Raises:
         LrcompileError: Bad model or calibration data.
     """
-    config = config or CompileConfig(rank="auto")
+    config = dataclasses.replace(config or CompileConfig(rank="auto"), rank="auto", overrides=None)
     path = Path(path)
-    model = load_model(path)
-    inputs = data_lib.model_inputs(model)
-    RemoveInitializersFromInputsPass()(model)
-    groups, skipped = find_candidates(model.graph)
-    factorize = factorize_pass(dataclasses.replace(config, rank="auto", overrides=None))
-    layers = [_layer_info(group, factorize if spectra else None) for group in groups]
-    notes = tuple((s.node.name or "", s.reason) for s in skipped)
-    if config.calib is None and config.calib_script is None:
+    prepared = stages.load(path, config)
+    factorize = factorize_pass(config)
+    layers = [_layer_info(group, factorize if spectra else None) for group in prepared.groups]
+    notes = tuple((s.node.name or "", s.reason) for s in prepared.skipped)
+    if not config.calibrated:
         return Inspection(tuple(layers), notes, (), None)
-    calibration = calibrate(
-        ir.serde.serialize_model(model),
-        groups,
-        calibration_source(config, inputs),
-        data_folder=path.parent,
-    )
+    calibration = stages.plan_calibration(prepared, config, factorize).statistics
+    groups = prepared.groups
     factorize = dataclasses.replace(factorize, whitening=calibration.whitening(groups), cache={})
     weighted = measure_sensitivities(
-        model, path.parent, layer_spectra(groups, factorize), factorize, calibration
+        prepared.model, path.parent, layer_spectra(groups, factorize), factorize, calibration
     )
     by_key = {spectrum.name: spectrum for spectrum in weighted}
     for index, group in enumerate(groups):
@@ -138,7 +127,7 @@ def inspect_model(
                 whitened=np.sqrt(by_key[group.key].energies),
                 sensitivity=by_key[group.key].sensitivity,
             )
-    curve = _curve(model, path.parent, weighted, factorize, calibration, curve_points, config)
+    curve = _curve(prepared, weighted, factorize, calibration, curve_points, config)
     return Inspection(tuple(layers), notes, curve, calibration.source)
 
 
@@ -158,7 +147,7 @@ def _layer_info(group, factorize) -> LayerInfo:
     )
 
 
-def _curve(model, folder, spectra: Sequence, factorize, calibration, points: int, config):
+def _curve(prepared, spectra: Sequence, factorize, calibration, points: int, config):
     """The allocation path measured end to end at ``points`` costs spread over its range."""
     path = allocation_path(spectra, multiple=factorize.rank_multiple, objective=config.objective)
     if points <= 0 or len(path) < 2:
@@ -168,10 +157,12 @@ def _curve(model, folder, spectra: Sequence, factorize, calibration, points: int
     indices = sorted({int(np.argmin(np.abs(costs - target))) for target in targets})
     curve = []
     for index in indices:
-        candidate = model.clone()
-        ranks = path[index].ranks
-        dataclasses.replace(factorize, chosen_ranks=ranks)(candidate)
-        measured = measure_error(candidate, folder, calibration)
+        candidate = prepared.model.clone()
+        probe = dataclasses.replace(factorize, chosen_ranks=path[index].ranks)
+        build_pipeline(probe).run(candidate)
+        measured = measure_error(
+            candidate, prepared.path.parent, calibration.feeds, calibration.reference
+        )
         predicted = float(np.sqrt(path[index].predicted_error))
         curve.append(CurvePoint(path[index].cost_ratio, predicted, measured))
     return tuple(curve)

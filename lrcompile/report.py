@@ -1,4 +1,5 @@
-"""The per-layer report: what happened to each weight, with totals, as a table or JSON."""
+"""The per-layer report: what happened to each weight, with totals (JSON here; tables in
+``lrcompile.cli.render``)."""
 
 from __future__ import annotations
 
@@ -95,65 +96,3 @@ def totals(layers: Sequence[LayerReport]) -> Totals:
         bytes_before=sum(layer.bytes_before for layer in layers),
         bytes_after=sum(layer.bytes_after for layer in layers),
     )
-
-
-_COLUMNS = ("layer", "shape", "rank", "energy", "W err", "params", "bytes", "FLOPs", "status")
-
-
-def format_table(layers: Sequence[LayerReport]) -> str:
-    """The report as an aligned text table with a totals line."""
-    total = totals(layers)
-    total_row = (
-        "total",
-        "",
-        "",
-        "",
-        "",
-        f"{_human(total.params_before)}->{_human(total.params_after)}",
-        f"{_human(total.bytes_before)}->{_human(total.bytes_after)}",
-        f"{total.flop_ratio:.3f}",
-        f"{total.factored} factored, {total.dense} dense, {total.skipped} skipped",
-    )
-    header, *body, last = aligned([_COLUMNS, *(_row(layer) for layer in layers), total_row])
-    rule = "-" * len(header)
-    return "\n".join([header, rule, *body, rule, last])
-
-
-def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
-    """The rows as lines with every column padded to its widest cell."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-
-
-def _row(layer: LayerReport) -> tuple[str, ...]:
-    # Node names say where a layer is (exporters often name weights onnx::MatMul_922).
-    name = layer.nodes[0] or layer.weight or "?"
-    if len(layer.nodes) > 1:
-        name += f" (x{len(layer.nodes)})"
-    shape = "x".join(str(d) for d in layer.shape) if layer.shape else "-"
-    status = layer.status if layer.reason is None else f"{layer.status}: {layer.reason}"
-    if layer.status == "skipped":
-        return (name, shape, "-", "-", "-", "-", "-", "-", status)
-    energy = f"{layer.kept_energy:.4f}" if layer.kept_energy is not None else "-"
-    error = f"{layer.relative_error:.4f}" if layer.relative_error is not None else "-"
-    ratio = f"{layer.flop_ratio:.3f}" if layer.flop_ratio is not None else "-"
-    return (
-        name,
-        shape,
-        str(layer.rank) if layer.rank is not None else "-",
-        energy,
-        error,
-        f"{_human(layer.params_before)}->{_human(layer.params_after)}",
-        f"{_human(layer.bytes_before)}->{_human(layer.bytes_after)}",
-        ratio,
-        status,
-    )
-
-
-def _human(count: int) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if count >= size:
-            return f"{count / size:.2f}{unit}"
-    return str(count)

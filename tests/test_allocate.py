@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from lrcompile import allocate
-from lrcompile.allocate import LayerSpectrum
+from lrcompile.numerics import allocate
+from lrcompile.numerics.allocate import LayerSpectrum
 
 
 def _layer(name, decay, k=64, n=64, nodes=1):

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 
 import lrcompile
 from lrcompile import cli
-from lrcompile import data as data_lib
-from lrcompile.calibrate import calibrate
-from lrcompile.candidates import find_candidates
-from lrcompile.model_io import load_model
+from lrcompile.calibration.statistics import calibrate
+from lrcompile.io import data as data_lib
+from lrcompile.io.model import load_model
+from lrcompile.passes.candidates import find_candidates
 from tests.conftest import low_rank_matrix, make_model, run, save
 
 

@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from lrcompile import cli
+from lrcompile.cli.terminal import Progress
 from lrcompile.config import CompileConfig
 from tests.conftest import make_model, save
 
@@ -219,7 +220,7 @@ class _Terminal(io.StringIO):
 def test_progress_bar_only_on_a_terminal(monkeypatch):
     for stream, shown in ((io.StringIO(), False), (_Terminal(), True)):
         monkeypatch.setattr(sys, "stderr", stream)
-        with cli._Progress() as progress:
+        with Progress() as progress:
             for done in range(3):
                 progress("calibrating", done, 2, "")
             for done in range(4):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lrcompile import decompose
+from lrcompile.numerics import decompose
 from tests.conftest import low_rank_matrix
 
 

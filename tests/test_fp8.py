@@ -14,13 +14,14 @@ from onnx import numpy_helper
 
 import lrcompile
 from lrcompile import cli
-from lrcompile.calibrate import ActivationRange, activation_ranges
+from lrcompile.calibration.ranges import activation_ranges
 from lrcompile.config import CompileConfig
+from lrcompile.numerics.ranges import ActivationRange
+from lrcompile.numerics.ranks import RankSpec
 from lrcompile.passes.fp8 import QuantizeFp8Pass
 from lrcompile.passes.low_rank import FactorizeLowRankPass
-from lrcompile.pipeline import build_pipeline, factorize_pass, fp8_pass
-from lrcompile.ranks import RankSpec
-from lrcompile.runtime import create_session
+from lrcompile.pipeline import build_pipeline, factorize_pass
+from lrcompile.runtime.sessions import create_session
 from tests.conftest import low_rank_matrix, make_model, save
 
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -157,17 +158,33 @@ def test_dynamic_dimensions_stay_dynamic(layer, rng):
         assert out.shape == (*shape[:2], 64)
 
 
-def test_pipeline_order_is_factor_then_fp8_then_cleanup(layer):
-    config = CompileConfig(rank="8", fp8=True, calib="synthetic")
-    passes = build_pipeline(
-        factorize_pass(config), fp8_pass(config, [{"x": None}], layer[0].parent)
-    )
+def test_pipeline_order_is_factor_then_fp8_then_plugin_then_cleanup():
+    config = CompileConfig(rank="8", fp8=True, calib="synthetic", plugin=True)
+    passes = build_pipeline(factorize_pass(config), config).passes
     assert [type(p).__name__ for p in passes] == [
         "FactorizeLowRankPass",
         "QuantizeFp8Pass",
+        "EmitLowRankGemmPass",
         "RemoveUnusedNodesPass",
     ]
-    assert fp8_pass(CompileConfig(rank="8"), [], layer[0].parent) is None
+    plain = build_pipeline(factorize_pass(CompileConfig(rank="8")), CompileConfig(rank="8"))
+    assert [type(p).__name__ for p in plain.passes] == [
+        "FactorizeLowRankPass",
+        "RemoveUnusedNodesPass",
+    ]
+
+
+def test_the_fp8_pass_runs_no_model_it_needs_the_ranges_as_data(layer):
+    model = ir.load(str(layer[0]))
+    FactorizeLowRankPass(rank=RankSpec("fixed", 8), rank_multiple=8)(model)
+    quantize = QuantizeFp8Pass()
+    names = quantize.activation_names(model)
+    assert names == ["x", "y_lr_mid"]
+    with pytest.raises(ValueError, match="no calibrated range for"):
+        quantize(model)
+    ranges = {name: ActivationRange(1.0, 1.0) for name in names}
+    result = QuantizeFp8Pass(ranges=ranges)(model)
+    assert result.modified and {t.name for t in result.tensors} >= set(names)
 
 
 def test_opset_below_19_is_upgraded_with_a_warning(tmp_path, rng, caplog):

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 import lrcompile
 from lrcompile.plugins.kernel import low_rank_gemm
 from lrcompile.plugins.launch import Tiles
-from lrcompile.runtime import create_session
+from lrcompile.runtime.sessions import create_session
 from tests.conftest import low_rank_matrix, make_model, save
 
 SMALL = Tiles(block_m=16, block_n=32, block_r=16, block_k=32, num_warps=4)

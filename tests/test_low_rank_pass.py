@@ -9,9 +9,9 @@ import onnx_ir as ir
 import pytest
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from lrcompile import decompose
+from lrcompile.numerics import decompose
+from lrcompile.numerics.ranks import RankSpec
 from lrcompile.passes.low_rank import FactorizeLowRankPass
-from lrcompile.ranks import RankSpec
 from tests.conftest import low_rank_matrix, make_model, run, save
 
 
@@ -256,7 +256,7 @@ def test_rank_without_saving_stays_dense(rng):
 
 
 def test_override_skip_and_per_layer_spec(rng):
-    from lrcompile.ranks import Override
+    from lrcompile.io.overrides import Override
 
     model = make_model(
         """g (float[N, 64] x) => (float[N, 64] y) {

@@ -11,8 +11,8 @@ import onnx_ir as ir
 import pytest
 
 import lrcompile
-from lrcompile import model_io
 from lrcompile.errors import ModelLoadError, OutputPathError
+from lrcompile.io import model as model_io
 from tests.conftest import run
 
 

@@ -8,10 +8,10 @@ import onnx_ir as ir
 import pytest
 
 import lrcompile
+from lrcompile.numerics.ranks import RankSpec
 from lrcompile.passes.low_rank import FactorizeLowRankPass
 from lrcompile.passes.plugin import EmitLowRankGemmPass
-from lrcompile.ranks import RankSpec
-from lrcompile.runtime import create_session
+from lrcompile.runtime.sessions import create_session
 from tests.conftest import low_rank_matrix, make_model, save
 
 

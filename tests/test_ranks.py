@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from lrcompile import ranks
 from lrcompile.errors import RankSpecError
-from lrcompile.ranks import RankSpec
+from lrcompile.io import overrides as override_files
+from lrcompile.numerics import ranks
+from lrcompile.numerics.ranks import RankSpec
 
 
 @pytest.mark.parametrize(
@@ -78,16 +79,16 @@ def test_break_even():
 def test_overrides_json_and_yaml_first_match_wins(tmp_path):
     path = tmp_path / "o.json"
     path.write_text(json.dumps({"*attn*": "energy:0.9", "W2": "skip", "*": 32}))
-    overrides = ranks.load_overrides(path)
+    overrides = override_files.load_overrides(path)
     default = RankSpec.parse("0.5")
-    assert ranks.resolve_spec(default, overrides, ["layer.attn.q"]).kind == "energy"
-    assert ranks.resolve_spec(default, overrides, ["W2", "node"]).kind == "skip"
-    assert ranks.resolve_spec(default, overrides, ["other"]) == RankSpec("fixed", 32)
+    assert override_files.resolve_spec(default, overrides, ["layer.attn.q"]).kind == "energy"
+    assert override_files.resolve_spec(default, overrides, ["W2", "node"]).kind == "skip"
+    assert override_files.resolve_spec(default, overrides, ["other"]) == RankSpec("fixed", 32)
     yaml_path = tmp_path / "o.yaml"
     yaml_path.write_text("'*q*': 0.25\nW9: skip\n")
-    assert ranks.load_overrides(yaml_path) == (
-        ranks.Override("*q*", RankSpec("fraction", 0.25)),
-        ranks.Override("W9", RankSpec("skip")),
+    assert override_files.load_overrides(yaml_path) == (
+        override_files.Override("*q*", RankSpec("fraction", 0.25)),
+        override_files.Override("W9", RankSpec("skip")),
     )
 
 
@@ -105,9 +106,9 @@ def test_bad_override_files(tmp_path, content, suffix, message):
     path = tmp_path / f"o{suffix}"
     path.write_text(content)
     with pytest.raises(RankSpecError, match=message):
-        ranks.load_overrides(path)
+        override_files.load_overrides(path)
 
 
 def test_missing_override_file(tmp_path):
     with pytest.raises(RankSpecError, match="cannot read the override file"):
-        ranks.load_overrides(tmp_path / "none.yaml")
+        override_files.load_overrides(tmp_path / "none.yaml")

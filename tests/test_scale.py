@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import lrcompile
-from lrcompile import peak_memory
-from lrcompile.synthetic import transformer_like
+from lrcompile.tools import peak_memory
+from lrcompile.tools.synthetic import transformer_like
 
 
 def _digests(*paths: Path) -> list[str]:
@@ -76,7 +76,8 @@ def test_device_cuda_without_a_gpu_is_one_error(tmp_path):
 def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
     import numpy as np
 
-    from lrcompile import compiler
+    from lrcompile import stages
+    from lrcompile.calibration import statistics
 
     model = transformer_like(tmp_path, layers=2, hidden=128, ffn=256, dtype=np.float32)
     np.savez(
@@ -84,14 +85,14 @@ def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
     )
     digests = []
     for fraction, expected_chunks in ((10.0, 1), (1e-9, 12)):
-        monkeypatch.setattr(compiler, "CALIBRATION_MEMORY_FRACTION", fraction)
+        monkeypatch.setattr(stages, "CALIBRATION_MEMORY_FRACTION", fraction)
         calls: list[int] = []
 
         def counting(*args, calls=calls, **kwargs):
             calls.append(1)
-            return lrcompile.calibrate.calibrate(*args, **kwargs)
+            return statistics.calibrate(*args, **kwargs)
 
-        monkeypatch.setattr(compiler, "calibrate", counting)
+        monkeypatch.setattr(stages, "calibrate", counting)
         out = tmp_path / f"f{expected_chunks}" / "o.onnx"
         out.parent.mkdir()
         result = lrcompile.compile_model(

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from lrcompile import cli, runtime
+from lrcompile import cli
 from lrcompile.errors import DataError, LrcompileError
+from lrcompile.runtime import sessions as runtime
 from lrcompile.trt.build import ProfileShapes, parse_profile_shapes, uses_plugin
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import lrcompile
-from lrcompile import data as data_lib
 from lrcompile.errors import DataError, LrcompileError
-from lrcompile.model_io import load_model
+from lrcompile.io import data as data_lib
+from lrcompile.io.model import load_model
 from tests.conftest import make_model, run, save
 
 
@@ -161,7 +161,7 @@ def test_fp8_models_run_at_the_basic_optimisation_level(tmp_path, rng):
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from lrcompile.runtime import create_session
+    from lrcompile.runtime.sessions import create_session
 
     path = _fp8_qdq_model(tmp_path / "fp8.onnx", rng)
     basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

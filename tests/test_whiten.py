@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lrcompile import decompose, whiten
+from lrcompile.numerics import decompose, whiten
 
 
 def _activations(rng, rows: int, k: int) -> np.ndarray:

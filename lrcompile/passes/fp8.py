@@ -9,28 +9,30 @@ missing); FLOAT8E4M3FN zero points (without them the parser assumes INT8). ``sca
 
 Targets: the factored pairs (nodes the factorize pass marked, scope ``factored``), or every
 MatMul/Gemm with a constant float weight (scope ``all``). A tensor feeding several targets gets one
-Q/DQ pair; a shared weight one FP8 initializer. Activation ranges come from running the model as
-it is when the pass runs (factored, not yet quantized) on the calibration feeds.
+Q/DQ pair; a shared weight one FP8 initializer. Activation ranges are data the pass is given:
+``activation_names(model)`` lists the tensors, and the pipeline has the calibration stage
+(``lrcompile.calibration.ranges``) measure them on the model as it is then (factored, not yet
+quantized). The pass runs no model.
 
-Preconditions: opset >= 19. Runs after the factorize pass, before cleanup.
+Preconditions: opset >= 19 (``lrcompile.passes.opset``). Runs after the factorize pass, before
+cleanup.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Literal
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from lrcompile.calibrate import ActivationRange, activation_ranges, parse_range_method
-from lrcompile.candidates import find_candidates
-from lrcompile.data import Feed
+from lrcompile.numerics.ranges import ActivationRange
+from lrcompile.passes.candidates import find_candidates
 from lrcompile.passes.low_rank import FACTOR_KEY
+from lrcompile.passes.opset import MIN_OPSET
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,6 @@ FP8_MAX = 448.0
 # Saturating a few values is the point of percentile calibration; saturating outliers at several
 # times the range is worth a warning (those values lose most of their magnitude).
 OUTLIER_FACTOR = 2.0
-MIN_OPSET = 19
 SCOPES = ("factored", "all")
 WEIGHT_MODES = ("per-tensor", "per-channel")
 Scope = Literal["factored", "all"]
@@ -71,19 +72,18 @@ class QuantizeFp8Pass(ir.passes.InPlacePass):
 
     scope: Scope = "factored"
     weights: WeightMode = "per-tensor"
-    calibration: str = "max"
-    feeds: Sequence[Feed] = dataclasses.field(default=(), compare=False, repr=False)
-    data_folder: Path | None = dataclasses.field(default=None, compare=False, repr=False)
-    ranges: Mapping[str, ActivationRange] | None = dataclasses.field(default=None, repr=False)
+    ranges: Mapping[str, ActivationRange] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.weights not in WEIGHT_MODES:
             raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {self.weights!r}")
-        parse_range_method(self.calibration)
-        if self.ranges is None and not self.feeds:
-            raise ValueError("FP8 scales need calibration feeds or precomputed ranges")
+
+    def activation_names(self, model: ir.Model) -> list[str]:
+        """The activations whose ranges the pass needs on ``model``, sorted."""
+        targets, _ = self._targets(model.graph)
+        return sorted({node.inputs[0].name for node in targets})
 
     def requires(self, model: ir.Model) -> None:
         opset = model.opset_imports.get("", 1)
@@ -97,17 +97,12 @@ class QuantizeFp8Pass(ir.passes.InPlacePass):
         targets, skipped = self._targets(graph)
         if not targets:
             return QuantizeResult(model, False, [], skipped)
-        names = sorted({node.inputs[0].name for node in targets})
-        ranges = self.ranges or activation_ranges(
-            ir.serde.serialize_model(model),
-            names,
-            self.feeds,
-            data_folder=self.data_folder,
-            percentile=parse_range_method(self.calibration),
-        )
+        missing = sorted({n.inputs[0].name for n in targets} - set(self.ranges))
+        if missing:
+            raise ValueError(f"no calibrated range for {missing}: see activation_names()")
         rewriter = _Rewriter(graph, self.weights)
         for node in targets:
-            rewriter.quantize_activation(node, ranges[node.inputs[0].name])
+            rewriter.quantize_activation(node, self.ranges[node.inputs[0].name])
             rewriter.quantize_weight(node)
         return QuantizeResult(model, True, rewriter.report, skipped)
 
@@ -224,30 +219,3 @@ def _scale(amax: np.ndarray, dtype: ir.DataType) -> np.ndarray:
 def _to_fp8(scaled: np.ndarray) -> np.ndarray:
     """Round to E4M3 (nearest even), saturating at +-448 as QuantizeLinear(saturate=1) does."""
     return np.clip(scaled, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
-
-
-def upgrade_opset(model: ir.Model, version: int = MIN_OPSET) -> ir.Model:
-    """The model with its default-domain opset raised to ``version`` by ONNX's converter.
-
-    Raises:
-        ValueError: The converter cannot convert the model.
-    """
-    import onnx.version_converter
-
-    proto = ir.serde.serialize_model(model)
-    try:
-        converted = onnx.version_converter.convert_version(proto, version)
-    except Exception as e:  # the converter raises assorted C++ errors
-        raise ValueError(f"the ONNX version converter failed: {str(e).splitlines()[0]}") from None
-    upgraded = ir.serde.deserialize_model(converted)
-    base = next(
-        (
-            v.const_value.base_dir
-            for v in model.graph.initializers.values()
-            if isinstance(v.const_value, ir.ExternalTensor)
-        ),
-        None,
-    )
-    if base is not None:
-        ir.external_data.set_base_dir(upgraded.graph, base)
-    return upgraded

@@ -7,7 +7,7 @@
 dtype as initializers ``<weight>_lr_A`` and ``<weight>_lr_B``. Nodes sharing a weight share the
 factors. The last node keeps the original output name, so the model's signature is unchanged.
 
-Preconditions: the candidates of ``lrcompile.candidates``. A layer stays dense when its rank
+Preconditions: the candidates of ``lrcompile.passes.candidates``. A layer stays dense when its rank
 saves nothing (``r*(K+N) >= K*N``), when its weight holds NaN/Inf, or when an override says
 ``skip``. Runs first in the pipeline; the cleanup pass then drops the dense weights left unused.
 """
@@ -24,11 +24,12 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from lrcompile import decompose, ranks, whiten
-from lrcompile.candidates import Skipped, WeightGroup, find_candidates
+from lrcompile.io import overrides as override_files
+from lrcompile.io.spill import Spill
+from lrcompile.numerics import decompose, ranks, whiten
+from lrcompile.numerics.whiten import Whitening
+from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates
 from lrcompile.report import LayerReport
-from lrcompile.spill import Spill
-from lrcompile.whiten import Whitening
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +52,13 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
 
     Without ``whitening`` the fit is the SVD of ``W`` (best for the weight); with it, the
     whitened SVD (best for the outputs on the calibration data). Under the ``auto`` spec the ranks
-    come from ``chosen_ranks`` (None: stay dense), which the search in ``lrcompile.auto`` fills.
+    come from ``chosen_ranks`` (None: stay dense), which the search (``lrcompile.search.auto``)
+    fills.
     ``cache`` (keyed like the groups) lets repeated runs reuse each weight's SVD.
     """
 
     rank: ranks.RankSpec
-    overrides: tuple[ranks.Override, ...] = ()
+    overrides: tuple[override_files.Override, ...] = ()
     rank_multiple: int = 16
     decomposition: str = "auto"
     seed: int = 0
@@ -108,7 +110,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     def spec_for(self, group: WeightGroup) -> ranks.RankSpec:
         """The spec that applies to ``group``: its first matching override, else ``rank``."""
         names = [group.name, *(node.name or "" for node in group.nodes)]
-        return ranks.resolve_spec(self.rank, self.overrides, names)
+        return override_files.resolve_spec(self.rank, self.overrides, names)
 
     def svd(self, group: WeightGroup, weight: np.ndarray) -> tuple[np.ndarray, ...]:
         """The full (whitened when calibrated) SVD of ``group``'s effective weight, cached."""

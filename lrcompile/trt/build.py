@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnx
 
 from lrcompile.errors import DataError, LrcompileError
+from lrcompile.io.model import load_model
 from lrcompile.passes.plugin import DOMAIN, OP_TYPE
 from lrcompile.trt import PLUGIN_FUNCTION_MIN_VERSION, require_tensorrt, version_tuple
 
@@ -68,17 +69,28 @@ def uses_plugin(model_path: str | Path) -> bool:
 
 def build_engine(
     model_path: str | Path,
-    engine_path: str | Path,
-    shapes: dict[str, ProfileShapes],
+    engine_path: str | Path | None = None,
+    shapes: Mapping[str, ProfileShapes] | None = None,
     *,
     workspace_mib: int = 4096,
     timing_cache: str | Path | None = None,
 ) -> Path:
-    """Builds and saves a TensorRT engine for ``model_path``.
+    """Builds and saves (atomically) a TensorRT engine for ``model_path``.
+
+    Args:
+        model_path: The ONNX model (checked before TensorRT is looked for).
+        engine_path: Where to write; ``<model>.engine`` by default.
+        shapes: Optimisation profile per dynamic input (``parse_profile_shapes``).
+        workspace_mib: TensorRT's workspace limit.
+        timing_cache: A timing cache file, read and updated.
 
     Raises:
-        LrcompileError: TensorRT is missing or too old for the plugin, or the build fails.
+        LrcompileError: A bad model, TensorRT missing or too old for the plugin, or the build
+            fails.
     """
+    load_model(model_path)  # bad input fails here, before TensorRT is looked for
+    engine_path = Path(engine_path) if engine_path else Path(model_path).with_suffix(".engine")
+    shapes = shapes or {}
     trt = require_tensorrt()
     if uses_plugin(model_path):
         if version_tuple(trt.__version__) < PLUGIN_FUNCTION_MIN_VERSION:
@@ -107,7 +119,6 @@ def build_engine(
     engine = EngineFromNetwork(
         network, config, save_timing_cache=str(timing_cache) if timing_cache else None
     )
-    engine_path = Path(engine_path)
     staging = engine_path.with_name(f".{engine_path.name}.tmp")
     try:
         SaveEngine(engine, str(staging))()

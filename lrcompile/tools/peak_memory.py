@@ -1,9 +1,9 @@
 """Peak resident memory of a command-line run, measured by the process itself.
 
 ``getrusage(...).ru_maxrss`` of a child counts the forking parent's memory too (the high-water
-mark survives exec), so a child run through ``python -m lrcompile.peak_memory ARGS...`` reports its
-own ``VmHWM`` (Linux; reset at exec) on stderr as ``lrcompile-peak-rss-kib N`` after running
-``lrcompile ARGS...``.
+mark survives exec), so a child run through ``python -m lrcompile.tools.peak_memory ARGS...``
+reports its own ``VmHWM`` (Linux; reset at exec) on stderr as ``lrcompile-peak-rss-kib N`` after
+running ``lrcompile ARGS...``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def own_peak_kib() -> int:
 def measure(args: list[str]) -> tuple[int, float, str]:
     """Runs ``lrcompile ARGS`` in a fresh process: (exit code, peak MiB, stderr)."""
     result = subprocess.run(
-        [sys.executable, "-m", "lrcompile.peak_memory", *args],
+        [sys.executable, "-m", "lrcompile.tools.peak_memory", *args],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     match = re.search(rf"{MARKER} (\d+)", result.stderr)

@@ -19,13 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lrcompile.candidates import WeightGroup
-from lrcompile.config import CompileConfig
-from lrcompile.data import Feed, FeedSource, InputSpec, input_feeds, parse_input_shapes
-from lrcompile.errors import DataError
-from lrcompile.runtime import create_session, runtime_errors
-from lrcompile.verify import DEFAULT_ITERATIONS
-from lrcompile.whiten import Whitening, accumulate_gram, whitening_from_gram
+from lrcompile.io.data import Feed, FeedSource
+from lrcompile.numerics.whiten import Whitening, accumulate_gram, whitening_from_gram
+from lrcompile.passes.candidates import WeightGroup
+from lrcompile.runtime.sessions import create_session, runtime_errors
 
 logger = logging.getLogger(__name__)
 
@@ -86,29 +83,6 @@ class Calibration:
         return result
 
 
-def calibration_source(config: CompileConfig, inputs: Sequence[InputSpec]) -> FeedSource:
-    """The calibration feeds ``config`` names (synthetic when it names none, with a warning).
-
-    Raises:
-        DataError: The data does not fit the model.
-    """
-    source = input_feeds(
-        config.calib,
-        config.calib_script,
-        inputs,
-        shapes=parse_input_shapes(config.input_shapes),
-        batch_size=config.batch_size,
-        iterations=DEFAULT_ITERATIONS,
-        seed=config.seed,
-    )
-    if source.synthetic:
-        logger.warning(
-            "calibrating on SYNTHETIC inputs: random data makes a weak calibration and an"
-            " untrustworthy 'auto' search; pass --calib FILE.npz or --calib-script FILE.py"
-        )
-    return source
-
-
 def calibrate(
     model: onnx.ModelProto,
     groups: Sequence[WeightGroup],
@@ -164,85 +138,3 @@ def _accumulate(session, names, outputs, feeds, stats, on_batch) -> list[dict[st
 def _activation_key(node) -> tuple[str, bool]:
     transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transA", 0))
     return node.inputs[0].name, transposed
-
-
-@dataclasses.dataclass(frozen=True)
-class ActivationRange:
-    """The calibrated range of one tensor: its max |x|, the value chosen for the scale, and the
-    fraction of calibration values above that value (which saturate)."""
-
-    amax: float
-    value: float
-    clipped: float = 0.0
-
-
-_HISTOGRAM_BINS = 4096
-
-
-def parse_range_method(spec: str) -> float | None:
-    """``max`` -> None; ``percentile:99.99`` -> 99.99.
-
-    Raises:
-        DataError: Anything else.
-    """
-    if spec == "max":
-        return None
-    kind, _, value = spec.partition(":")
-    try:
-        percentile = float(value)
-    except ValueError:
-        percentile = -1.0
-    if kind != "percentile" or not 0.0 < percentile <= 100.0:
-        raise DataError(
-            f"invalid FP8 calibration {spec!r}: expected max or percentile:P with 0 < P <= 100"
-        )
-    return percentile
-
-
-def activation_ranges(
-    model: onnx.ModelProto,
-    names: Sequence[str],
-    feeds: Sequence[Feed],
-    *,
-    data_folder: str | Path | None,
-    percentile: float | None = None,
-) -> dict[str, ActivationRange]:
-    """Ranges of the tensors ``names`` of ``model`` over ``feeds``: the max |x|, or (with
-    ``percentile``) a histogram's percentile in a second pass over the same feeds."""
-    outputs = {o.name for o in model.graph.output}
-    fed = set(feeds[0]) if feeds else set()
-    exposed = sorted(set(names) - outputs - fed)
-    model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in exposed)
-    session = create_session(model, data_folder=data_folder)
-    fetch = sorted(set(names) - fed)
-
-    def batches():
-        for feed in feeds:
-            fetched = session.run(fetch, feed) if fetch else []  # run([]) returns everything
-            yield dict(zip(fetch, fetched, strict=True)) | feed
-
-    amax = dict.fromkeys(names, 0.0)
-    for values in batches():
-        for name in names:
-            if values[name].size:
-                amax[name] = max(amax[name], float(np.max(np.abs(values[name]))))
-    if percentile is None:
-        return {name: ActivationRange(amax[name], amax[name]) for name in names}
-    counts = {name: np.zeros(_HISTOGRAM_BINS, np.int64) for name in names}
-    for values in batches():
-        for name in names:
-            top = amax[name] or 1.0
-            counts[name] += np.histogram(np.abs(values[name]), _HISTOGRAM_BINS, (0.0, top))[0]
-    return {name: _percentile_range(amax[name], counts[name], percentile) for name in names}
-
-
-def _percentile_range(amax: float, counts: np.ndarray, percentile: float) -> ActivationRange:
-    total = int(counts.sum())
-    if total == 0 or amax == 0.0:
-        return ActivationRange(amax, amax)
-    cumulative = np.cumsum(counts)
-    index = int(np.searchsorted(cumulative, percentile / 100.0 * total))
-    value = min(amax, (index + 1) * amax / len(counts))
-    clipped = float(total - cumulative[min(index, len(counts) - 1)]) / total
-    return ActivationRange(amax, value, clipped)

@@ -16,36 +16,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lrcompile import data as data_lib
+from lrcompile.config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_ITERATIONS,
+    DEFAULT_TOLERANCE,
+    InputShapes,
+    checked_shapes,
+)
 from lrcompile.errors import LrcompileError, ModelLoadError
-from lrcompile.model_io import load_model
-from lrcompile.runtime import create_session, runtime_errors
+from lrcompile.io import data as data_lib
+from lrcompile.io.model import load_model
+from lrcompile.runtime.metrics import ErrorAccumulator, OutputMetrics
+from lrcompile.runtime.sessions import create_session, runtime_errors
 
 logger = logging.getLogger(__name__)
-
-# 5% relative L2 over all outputs: low-rank compression always costs some accuracy, and the gate
-# should pass a model whose outputs are close in aggregate while failing one that drifted.
-DEFAULT_TOLERANCE = 0.05
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_ITERATIONS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class OutputMetrics:
-    """How far one candidate output is from the reference over all data."""
-
-    name: str
-    relative_l2: float
-    cosine: float
-    max_abs_error: float
-    passed: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,45 +65,13 @@ class VerifyResult:
         }
 
 
-@dataclasses.dataclass
-class ErrorAccumulator:
-    """Running sums for the relative L2 error, cosine and max abs error of one output."""
-
-    diff_sq: float = 0.0
-    ref_sq: float = 0.0
-    cand_sq: float = 0.0
-    dot: float = 0.0
-    max_abs: float = 0.0
-
-    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        ref = np.asarray(reference, dtype=np.float64).ravel()
-        cand = np.asarray(candidate, dtype=np.float64).ravel()
-        diff = cand - ref
-        self.diff_sq += float(diff @ diff)
-        self.ref_sq += float(ref @ ref)
-        self.cand_sq += float(cand @ cand)
-        self.dot += float(ref @ cand)
-        if diff.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
-
-    def metrics(self, name: str, tolerance: float) -> OutputMetrics:
-        if self.ref_sq > 0:
-            rel = math.sqrt(self.diff_sq / self.ref_sq)
-        else:
-            rel = 0.0 if self.diff_sq == 0 else math.inf
-        norms = math.sqrt(self.ref_sq * self.cand_sq)
-        cosine = self.dot / norms if norms > 0 else float(self.diff_sq == 0)
-        passed = math.isfinite(rel) and rel <= tolerance
-        return OutputMetrics(name, rel, cosine, self.max_abs, passed)
-
-
 def verify(
     reference: str | Path,
     candidate: str | Path,
     *,
     data: str | Path | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_shapes: InputShapes | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     iterations: int = DEFAULT_ITERATIONS,
     seed: int = 0,
@@ -128,7 +86,7 @@ def verify(
         candidate: The model to check (for example the compressed one).
         data: An ``.npz`` of inputs (samples along axis 0); synthetic inputs when None.
         tolerance: Largest relative L2 error allowed per output.
-        input_shapes: Shapes for synthetic inputs with dynamic dimensions.
+        input_shapes: Shapes for synthetic inputs with dynamic dimensions, by input name.
         batch_size: Rows per batch for ``data`` and for a dynamic leading dimension.
         iterations: Number of synthetic batches.
         seed: Seed of the synthetic inputs.
@@ -147,32 +105,37 @@ def verify(
     if engine and not Path(candidate).is_file():
         raise ModelLoadError(f"{candidate}: no such file, expected a TensorRT engine")
     ref_model = load_model(reference)
-    inputs = data_lib.model_inputs(ref_model)
     if not engine:
         _check_same_signature(reference, candidate, ref_model, load_model(candidate))
     if feeds is None:
         feeds = data_lib.input_feeds(
             None if data is None else str(data),
             None,
-            inputs,
-            shapes=input_shapes or {},
+            data_lib.model_inputs(ref_model),
+            shapes=checked_shapes(input_shapes),
             batch_size=batch_size,
             iterations=iterations,
             seed=seed,
         )
     outputs = [value.name for value in ref_model.graph.outputs]
-    accumulators = {name: ErrorAccumulator() for name in outputs}
-    count = 0
     with _quiet_polygraphy(), runtime_errors(f"{reference} vs {candidate}"):
         runners = _runners(reference, candidate, providers, engine)
-        for ref_out, cand_out in _run_pair(runners, feeds.feeds):
-            for name in outputs:
-                if name not in cand_out:
-                    raise LrcompileError(f"{candidate}: has no output {name!r}")
-                accumulators[name].add(ref_out[name], cand_out[name])
-            count += 1
+        accumulators, count = _accumulate(_run_pair(runners, feeds.feeds), outputs, candidate)
     metrics = tuple(accumulators[name].metrics(name, tolerance) for name in outputs)
     return VerifyResult(metrics, tolerance, count, feeds.description)
+
+
+def _accumulate(pairs, outputs, candidate) -> tuple[dict[str, ErrorAccumulator], int]:
+    """Each output's error over every (reference, candidate) batch, and the batch count."""
+    accumulators = {name: ErrorAccumulator() for name in outputs}
+    count = 0
+    for ref_out, cand_out in pairs:
+        for name in outputs:
+            if name not in cand_out:
+                raise LrcompileError(f"{candidate}: has no output {name!r}")
+            accumulators[name].add(ref_out[name], cand_out[name])
+        count += 1
+    return accumulators, count
 
 
 def _runners(reference, candidate, providers: Sequence[str], engine: bool) -> list:

@@ -4,7 +4,7 @@ Each layer has options: dense, or a rank r (a multiple of the rank multiple) tha
 An option costs ``r*(K+N)`` (x the nodes sharing the weight, for FLOPs) and adds
 ``sensitivity * e(r)``, where ``e(r) = sum_{i>r} s_i^2 / sum_i s_i^2`` is the layer's relative
 squared error from its (whitened) spectrum and ``sensitivity`` converts it into squared relative
-error of the MODEL's outputs (measured by ``lrcompile.auto``; 1 when unknown). Relative, not
+error of the MODEL's outputs (measured by ``lrcompile.search.auto``; 1 when unknown). Relative, not
 absolute, energies: layers' output scales differ, so raw energies are not comparable (DESIGN.md
 measured the absolute score far worse than a uniform ratio); and layers differ in how much of
 their error reaches the outputs (on MiniLM's embeddings by ~300x, attention projections least).

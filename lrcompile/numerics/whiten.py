@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from lrcompile.decompose import Factorization, compute_dtype
+from lrcompile.numerics.decompose import Factorization, compute_dtype
 
 _JITTER_START = 1e-8
 _JITTER_TRIES = 12

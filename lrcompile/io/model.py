@@ -72,6 +72,34 @@ def external_data_files(path: str | Path) -> set[Path]:
     return {(path.parent / _location(t)).resolve() for t in _external_tensors(proto.graph)}
 
 
+def runnable_proto(model: ir.Model) -> tuple[onnx.ModelProto, Path | None]:
+    """``model`` as a protobuf for ONNX Runtime, and the folder its external data is read from.
+
+    The tensors of one model can lie in several folders: the input's, and the factors spilled to
+    the scratch folder. ONNX Runtime reads external data from one folder and refuses files outside
+    it (after following links), so the locations are rewritten relative to the files' common
+    folder (the written model keeps its own locations).
+
+    Raises:
+        ValueError: One location names files in two folders.
+    """
+    files: dict[str, str] = {}
+    for tensor in _ir_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            path = os.path.realpath(os.path.join(tensor.base_dir, tensor.location))
+            if files.setdefault(tensor.location, path) != path:
+                raise ValueError(f"external data {tensor.location!r} names two files")
+    proto = ir.serde.serialize_model(model)
+    if not files:
+        return proto, None
+    root = os.path.commonpath([os.path.dirname(path) for path in files.values()])
+    for tensor in _external_tensors(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = os.path.relpath(files[entry.value], root)
+    return proto, Path(root)
+
+
 def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None = None) -> None:
     """Saves ``model`` to ``path`` atomically, with IR version 10.
 
@@ -175,6 +203,18 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensors(attr.g)
             for subgraph in attr.graphs:
                 yield from _tensors(subgraph)
+
+
+def _ir_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every tensor of the model: initializers and tensor attributes, subgraphs included."""
+    for graph in (model.graph, *model.graph.subgraphs()):
+        yield from (v.const_value for v in graph.initializers.values() if v.const_value)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR:
+                yield attr.value
+            elif attr.type == ir.AttributeType.TENSORS:
+                yield from attr.value
 
 
 def _external_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

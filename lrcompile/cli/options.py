@@ -1,0 +1,172 @@
+"""The options of ``lrcompile compile``: one per ``CompileConfig`` field, whose default and choices
+they read from the config (help shows them), never copy."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lrcompile.config import CHOICES, CompileConfig
+
+PATH = click.Path(path_type=Path, dir_okay=False)
+_FIELDS = {field.name: field for field in dataclasses.fields(CompileConfig)}
+
+
+def config_default(name: str) -> Any:
+    """The default of the ``CompileConfig`` field ``name`` (None when it has none)."""
+    field = _FIELDS[name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def config_option(*decls: str, field: str, **kwargs: Any) -> Callable:
+    """``click.option`` for the config field ``field``, its default and choices from the config."""
+    if field in CHOICES:
+        kwargs["type"] = click.Choice(CHOICES[field])
+    default = config_default(field)
+    if default is not None and not kwargs.get("multiple"):
+        kwargs.setdefault("default", default)
+        kwargs.setdefault("show_default", True)
+    return click.option(*decls, field, **kwargs)
+
+
+# Shared by compile and verify: the accuracy check.
+CHECK_OPTIONS = [
+    config_option(
+        "--tolerance",
+        field="tolerance",
+        type=float,
+        help="Largest relative L2 error ||y - y_ref|| / ||y_ref|| allowed per output.",
+    ),
+    config_option(
+        "--input-shapes",
+        field="input_shapes",
+        multiple=True,
+        metavar="NAME:DxD,...",
+        help="Shapes of synthetic inputs with dynamic dimensions, e.g. input_ids:8x128.",
+    ),
+    config_option("--batch-size", field="batch_size", type=int, help="Rows per batch."),
+]
+
+COMPILE_OPTIONS = [
+    config_option(
+        "--rank",
+        field="rank",
+        required=True,
+        metavar="SPEC",
+        help="N (fixed rank), F in (0,1] (fraction of weight parameters kept), energy:F or auto.",
+    ),
+    config_option(
+        "--overrides",
+        field="overrides",
+        type=PATH,
+        help="JSON/YAML mapping glob patterns of node/weight names to a spec or 'skip'.",
+    ),
+    config_option(
+        "--rank-multiple", field="rank_multiple", type=int, help="Round ranks to this multiple."
+    ),
+    config_option(
+        "--decomposition",
+        field="decomposition",
+        help="SVD method; auto uses randomized SVD for large weights at low rank.",
+    ),
+    config_option("--seed", field="seed", type=int, help="Seed (randomized SVD, data)."),
+    config_option(
+        "--allow-no-saving",
+        field="allow_no_saving",
+        is_flag=True,
+        help="Factor layers even when the rank saves nothing.",
+    ),
+    config_option(
+        "--external-data",
+        field="external_data",
+        is_flag=True,
+        help="Write weights to OUTPUT.data (automatic above 2 GB).",
+    ),
+    config_option("--verify/--no-verify", field="verify", help="Check the output after compiling."),
+    config_option(
+        "--verify-data",
+        field="verify_data",
+        type=PATH,
+        help=".npz of inputs for the check [default: calibration data, else synthetic].",
+    ),
+    *CHECK_OPTIONS,
+    config_option(
+        "--calib",
+        field="calib",
+        metavar="FILE.npz|synthetic",
+        help="Calibration inputs: factor with activation-whitened SVD (auto: synthetic, warned).",
+    ),
+    config_option(
+        "--calib-script",
+        field="calib_script",
+        metavar="FILE.py[:FUNC]",
+        help="Polygraphy data-loader script yielding calibration feed dicts (FUNC: load_data).",
+    ),
+    config_option("--objective", field="objective", help="What --rank auto minimizes."),
+    config_option(
+        "--headroom",
+        field="headroom",
+        type=float,
+        help="auto aims for (1 - HEADROOM) x tolerance on the calibration data.",
+    ),
+    config_option(
+        "--budget",
+        field="budget",
+        type=float,
+        help="auto: most accurate ranks within this fraction of the dense cost (no search).",
+    ),
+    config_option(
+        "--fp8",
+        field="fp8",
+        is_flag=True,
+        help="Add TensorRT-ready FP8 E4M3 Q/DQ (needs calibration).",
+    ),
+    config_option(
+        "--fp8-weights",
+        field="fp8_weights",
+        help="FP8 weight scales (per-channel with an explicit axis).",
+    ),
+    config_option(
+        "--fp8-scope",
+        field="fp8_scope",
+        help="Quantize the factored MatMuls only, or the dense ones too.",
+    ),
+    config_option(
+        "--fp8-calib",
+        field="fp8_calib",
+        metavar="max|percentile:P",
+        help="How activation ranges become FP8 scales.",
+    ),
+    config_option(
+        "--plugin",
+        field="plugin",
+        is_flag=True,
+        help="Emit each factored block as one lrcompile.LowRankGemm call (TensorRT plugin).",
+    ),
+    config_option(
+        "--jobs",
+        field="jobs",
+        type=int,
+        help="Layers factored in parallel (BLAS already uses every core: more pays on many cores).",
+    ),
+    config_option("--device", field="device", help="Where SVDs run (cuda: torch on a GPU)."),
+]
+
+
+def with_options(options: list[Callable]) -> Callable:
+    """Applies ``options`` to a command, in the order listed (as ``--help`` shows them)."""
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate

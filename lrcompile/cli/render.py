@@ -1,0 +1,225 @@
+"""Rendering for the terminal: the per-layer table, verdicts, the auto summary, the demo and the
+inspection, from the library's result objects. Only the CLI prints."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from lrcompile.check.verify import VerifyResult
+from lrcompile.compiler import CompileResult
+from lrcompile.report import LayerReport, totals
+
+_COLUMNS = ("layer", "shape", "rank", "energy", "W err", "params", "bytes", "FLOPs", "status")
+
+
+def layer_table(layers: Sequence[LayerReport]) -> str:
+    """The report as an aligned text table with a totals line."""
+    total = totals(layers)
+    total_row = (
+        "total",
+        "",
+        "",
+        "",
+        "",
+        f"{_human(total.params_before)}->{_human(total.params_after)}",
+        f"{_human(total.bytes_before)}->{_human(total.bytes_after)}",
+        f"{total.flop_ratio:.3f}",
+        f"{total.factored} factored, {total.dense} dense, {total.skipped} skipped",
+    )
+    header, *body, last = aligned([_COLUMNS, *(_row(layer) for layer in layers), total_row])
+    rule = "-" * len(header)
+    return "\n".join([header, rule, *body, rule, last])
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """The rows as lines with every column padded to its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def _row(layer: LayerReport) -> tuple[str, ...]:
+    # Node names say where a layer is (exporters often name weights onnx::MatMul_922).
+    name = layer.nodes[0] or layer.weight or "?"
+    if len(layer.nodes) > 1:
+        name += f" (x{len(layer.nodes)})"
+    shape = "x".join(str(d) for d in layer.shape) if layer.shape else "-"
+    status = layer.status if layer.reason is None else f"{layer.status}: {layer.reason}"
+    if layer.status == "skipped":
+        return (name, shape, "-", "-", "-", "-", "-", "-", status)
+    energy = f"{layer.kept_energy:.4f}" if layer.kept_energy is not None else "-"
+    error = f"{layer.relative_error:.4f}" if layer.relative_error is not None else "-"
+    ratio = f"{layer.flop_ratio:.3f}" if layer.flop_ratio is not None else "-"
+    return (
+        name,
+        shape,
+        str(layer.rank) if layer.rank is not None else "-",
+        energy,
+        error,
+        f"{_human(layer.params_before)}->{_human(layer.params_after)}",
+        f"{_human(layer.bytes_before)}->{_human(layer.bytes_after)}",
+        ratio,
+        status,
+    )
+
+
+def _human(count: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f}{unit}"
+    return str(count)
+
+
+def print_compile(result: CompileResult) -> None:
+    click.echo(layer_table(result.layers))
+    if result.output_path is None:
+        click.echo(f"{result.input_path}: nothing to factor; no output written.")
+        return
+    total = result.totals
+    click.echo(
+        f"wrote {result.output_path}: weight parameters x{total.params_ratio:.3f},"
+        f" weight bytes {_megabytes(total.bytes_before)} -> {_megabytes(total.bytes_after)},"
+        f" predicted FLOPs x{total.flop_ratio:.3f}"
+    )
+    if result.fp8 is not None:
+        activations = [t for t in result.fp8.tensors if t.kind == "activation"]
+        weights = [t for t in result.fp8.tensors if t.kind == "weight"]
+        click.echo(
+            f"fp8: {len(activations)} activations and {len(weights)} weights in E4M3"
+            f" ({result.config.fp8_weights} weight scales, {result.config.fp8_calib} ranges);"
+            f" {len(result.fp8.skipped)} nodes left as they are"
+        )
+        for node, reason in result.fp8.skipped:
+            click.echo(f"  fp8 left alone: {node}: {reason}")
+    if result.auto is not None:
+        _print_auto(result)
+    if result.verification is not None:
+        print_verification(result.verification)
+
+
+def print_verification(result: VerifyResult) -> None:
+    header = ("output", "rel L2", "cosine", "max abs err", "status")
+    rows = [
+        (
+            o.name,
+            f"{o.relative_l2:.3e}",
+            f"{o.cosine:.6f}",
+            f"{o.max_abs_error:.3e}",
+            "ok" if o.passed else "FAIL",
+        )
+        for o in result.outputs
+    ]
+    _echo_table(header, rows)
+    verdict = "PASS" if result.passed else "FAIL"
+    click.echo(
+        f"verdict: {verdict} (worst relative L2 {result.worst_relative_l2:.3e}, tolerance"
+        f" {result.tolerance:g}, {result.batches} batches of {result.data_source})"
+    )
+
+
+def _print_auto(result: CompileResult) -> None:
+    auto, config = result.auto, result.config
+    if config.budget is not None:
+        goal = f"budget x{config.budget:g}: output error {auto.measured_error:.4f}"
+    else:
+        goal = (
+            f"output error {auto.measured_error:.4f} within its target {auto.tolerance:.4g}"
+            f" ({1 - config.headroom:g} x tolerance)"
+        )
+    click.echo(
+        f"auto: {len(auto.steps)} candidate models measured on {result.calibration}; {goal};"
+        f" {config.objective} x{auto.cost_ratio:.3f} of the searched layers;"
+        f" {auto.dense_layers} left dense"
+    )
+
+
+def print_demo(demo, workdir: Path) -> None:
+    result = demo.compile
+    total, auto = result.totals, result.auto
+    weights = total.factored + total.dense
+    rows = [
+        ("model", f"all-MiniLM-L6-v2 sentence embedder, {weights} weight MatMuls"),
+        (
+            "data",
+            f"256 calibration / {demo.sentences} held-out sentences, {demo.sequence_length} tokens",
+        ),
+        (
+            "tolerance",
+            f"{result.config.tolerance:g} relative L2 (auto target {auto.tolerance:.4g}"
+            " on the calibration data)",
+        ),
+        ("factored", f"{total.factored} of {weights} layers"),
+        ("weight params kept", f"x{demo.params_ratio:.3f}"),
+        (
+            "weight bytes",
+            f"{_megabytes(total.bytes_before)} -> {_megabytes(total.bytes_after)}"
+            f" (x{demo.bytes_ratio:.3f}{', FP8 E4M3' if result.fp8 else ''})",
+        ),
+        ("predicted FLOPs", f"x{total.flop_ratio:.3f}"),
+        ("calibration error", f"{auto.measured_error:.4f}"),
+        (
+            "held-out error",
+            f"{demo.heldout_relative_l2:.4f} ({'PASS' if result.passed else 'FAIL'})",
+        ),
+        ("held-out cosine", f"mean {demo.cosine_mean:.4f}, min {demo.cosine_min:.4f}"),
+        ("neighbour agreement", f"{demo.neighbour_agreement:.3f} (nearest other sentence)"),
+    ]
+    note = " (ORT CPU dequantizes FP8 each call: FP8 speed is TensorRT's)" if result.fp8 else ""
+    for name, (before, after) in demo.latency_ms.items():
+        rows.append(
+            (f"ORT CPU {name}", f"{before:.2f} -> {after:.2f} ms (x{before / after:.2f}){note}")
+        )
+    profile = dict(result.seconds) | {f"  {k}": v for k, v in auto.seconds.items()}
+    rows.append(("compile time", ", ".join(f"{k.strip()} {v:.1f}s" for k, v in profile.items())))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        click.echo(f"{name.ljust(width)}  {value}")
+    click.echo(
+        f"wrote {workdir}/minilm.onnx, {result.output_path.name}, calib.npz, heldout.npz, demo.json"
+    )
+
+
+def print_inspection(result) -> None:
+    header = ("layer", "op", "shape", "readers", "break-even", "r99", "r99 whitened", "sensitivity")
+    rows = [
+        (
+            layer.node or layer.weight,
+            layer.op,
+            f"{layer.shape[0]}x{layer.shape[1]}",
+            str(layer.nodes),
+            f"{layer.break_even:.0f}",
+            _or_dash(layer.energy_rank(0.99)),
+            _or_dash(layer.energy_rank(0.99, whitened=True)),
+            "-" if layer.sensitivity is None else f"{layer.sensitivity:.3g}",
+        )
+        for layer in result.layers
+    ]
+    _echo_table(header, rows)
+    for node, reason in result.skipped:
+        click.echo(f"left alone: {node}: {reason}")
+    if result.curve:
+        click.echo(f"auto trade-off on {result.calibration} (cost of the factorable layers):")
+        _echo_table(
+            ("cost", "predicted error", "measured error"),
+            [
+                (f"x{p.cost_ratio:.3f}", f"{p.predicted_error:.4f}", f"{p.measured_error:.4f}")
+                for p in result.curve
+            ],
+        )
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _echo_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    for line in aligned([header, *rows]):
+        click.echo(line)
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 1e6:.2f} MB"

@@ -1,0 +1,78 @@
+"""Where the CLI meets the terminal: exit codes, one-line user errors, signals, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import click
+
+from lrcompile.errors import LrcompileError
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_SIGINT = 130  # 128 + SIGINT, as shells report it
+EXIT_SIGTERM = 143  # 128 + SIGTERM
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler, so that cleanup (finally blocks) runs as for Ctrl-C."""
+
+
+def on_sigterm(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turns an ``LrcompileError`` into one line on stderr and exit code 2, and an interruption
+    (Ctrl-C, SIGTERM) into one line and 130/143; outputs are atomic, so nothing partial remains."""
+    try:
+        yield
+    except LrcompileError as error:
+        click.echo(f"lrcompile: error: {error}", err=True)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        click.echo("lrcompile: interrupted; no output written", err=True)
+        sys.exit(EXIT_SIGINT)
+    except Terminated:
+        click.echo("lrcompile: terminated; no output written", err=True)
+        sys.exit(EXIT_SIGTERM)
+
+
+class Progress:
+    """Progress bars on stderr, one per stage of long work, only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._stage = ""
+        self._done = 0
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._finish()
+
+    def __call__(self, stage: str, done: int, total: int, detail: str) -> None:
+        if not sys.stderr.isatty():
+            return
+        if stage != self._stage:
+            self._finish()
+            self._stage, self._done = stage, 0
+            self._bar = click.progressbar(
+                length=total,
+                label=stage,
+                file=sys.stderr,
+                show_eta=True,
+                show_pos=True,
+                item_show_func=lambda item: item,
+            )
+        self._bar.update(max(0, done - self._done), detail)
+        self._done = done
+
+    def _finish(self) -> None:
+        if self._bar is not None:
+            self._bar.render_finish()
+            self._bar = None

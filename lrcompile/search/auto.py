@@ -1,0 +1,204 @@
+"""``--rank auto``: the cheapest ranks whose outputs stay within the tolerance on calibration data.
+
+    whitened spectra -> per-layer sensitivity (``lrcompile.search.sensitivity``)
+      -> allocation path (``lrcompile.numerics.allocate``: all-dense ... cheapest)
+      -> bisection over the path, each probe compiled by the same pipeline as the output
+         (``lrcompile.pipeline``, FP8 included) and run end to end in ONNX Runtime
+
+The spectra are only an error model; the end-to-end measurement on the calibration data decides.
+The search keeps the cheapest allocation it measured within the tolerance (all-dense, error 0, is
+always within it). Bisection assumes the error grows along the path, which it does in practice
+but not by construction: every answer it returns was measured, so it may be conservative, never
+over the tolerance on the calibration data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from lrcompile.calibration.ranges import RangeCalibration
+from lrcompile.calibration.statistics import Calibration
+from lrcompile.config import CompileConfig
+from lrcompile.numerics.allocate import Allocation, allocation_path, most_accurate_within
+from lrcompile.passes.candidates import WeightGroup
+from lrcompile.passes.low_rank import FactorizeLowRankPass
+from lrcompile.pipeline import build_pipeline
+from lrcompile.runtime.metrics import measure_error
+from lrcompile.search.sensitivity import StepCallback, layer_spectra, measure_sensitivities
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchStep:
+    """One probe of the bisection: a point on the path and its measured output error."""
+
+    index: int
+    cost_ratio: float
+    predicted_error: float
+    measured_error: float
+    passed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoResult:
+    """The chosen ranks (by group key; None = dense), what they reach, and how they were found."""
+
+    ranks: dict[str, int | None]
+    tolerance: float
+    measured_error: float
+    cost_ratio: float
+    steps: tuple[SearchStep, ...]
+    path: tuple[Allocation, ...]
+    sensitivities: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dense_layers(self) -> int:
+        """How many of the searched layers the chosen allocation leaves dense."""
+        return sum(rank is None for rank in self.ranks.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tolerance": self.tolerance,
+            "measured_error": self.measured_error,
+            "cost_ratio": self.cost_ratio,
+            "ranks": self.ranks,
+            "sensitivities": self.sensitivities,
+            "seconds": self.seconds,
+            "steps": [dataclasses.asdict(step) for step in self.steps],
+            "path": [
+                {"cost_ratio": a.cost_ratio, "predicted_error": a.predicted_error}
+                for a in self.path
+            ],
+        }
+
+
+def search_ranks(
+    model: ir.Model,
+    model_folder: str | Path,
+    groups: Sequence[WeightGroup],
+    factorize: FactorizeLowRankPass,
+    calibration: Calibration,
+    config: CompileConfig,
+    *,
+    on_step: StepCallback | None = None,
+    on_sensitivity: StepCallback | None = None,
+) -> AutoResult:
+    """Bisects the allocation path for the cheapest allocation within the tolerance.
+
+    Args:
+        model: The prepared model; it is not modified (probes run on clones).
+        model_folder: Where the model's external data lies.
+        groups: Its candidate groups.
+        factorize: The configured pass (spec ``auto``, whitening, cache); probes replace its ranks.
+        calibration: Feeds and the original model's outputs on them.
+        config: The target ``(1 - headroom) * tolerance``, the ``objective``, an optional
+            ``budget`` (then the most accurate allocation within it, measured once), and the
+            passes every probe runs after factoring (FP8, plugin), so that what is measured is
+            what will be written.
+        on_step: Called as ``on_step(probes_done, probes_expected, description)``.
+        on_sensitivity: Called likewise while sensitivities are measured.
+    """
+    clock = _Clock()
+    spectra = layer_spectra(groups, factorize)
+    clock.lap("spectra")
+    spectra = measure_sensitivities(
+        model, model_folder, spectra, factorize, calibration, on_step=on_sensitivity
+    )
+    clock.lap("sensitivity")
+    path = allocation_path(spectra, multiple=factorize.rank_multiple, objective=config.objective)
+    prober = _Prober(model, model_folder, factorize, calibration, config, path, on_step)
+    if config.budget is not None:
+        best = most_accurate_within(path, config.budget)
+        prober(best)
+    else:
+        best = _bisect(len(path), prober)
+    clock.lap("bisection")
+    prober.done()
+    measured = next((s.measured_error for s in prober.steps if s.index == best), 0.0)
+    return AutoResult(
+        dict(path[best].ranks),
+        prober.tolerance,
+        measured,
+        path[best].cost_ratio,
+        tuple(prober.steps),
+        tuple(path),
+        {layer.name: layer.sensitivity for layer in spectra},
+        clock.seconds,
+    )
+
+
+class _Clock:
+    """Seconds per stage, from one lap to the next."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._last
+        self._last = now
+
+
+class _Prober:
+    """Compiles the allocation at a path index like the output, measures it, records the step."""
+
+    def __init__(self, model, folder, factorize, calibration, config, path, on_step) -> None:
+        self.model, self.folder, self.factorize = model, folder, factorize
+        self.calibration, self.config, self.path, self.on_step = calibration, config, path, on_step
+        self.tolerance = config.tolerance * (1.0 - config.headroom)
+        self.ranges = RangeCalibration(calibration.feeds, config.fp8_calib)
+        self.expected = int(np.ceil(np.log2(max(len(path), 2)))) + 1
+        self.steps: list[SearchStep] = []
+
+    def __call__(self, index: int) -> bool:
+        allocation = self.path[index]
+        if self.on_step is not None:
+            self.on_step(len(self.steps), self.expected, f"cost x{allocation.cost_ratio:.3f}")
+        candidate = self.model.clone()
+        probe = dataclasses.replace(self.factorize, chosen_ranks=allocation.ranks, progress=None)
+        build_pipeline(probe, self.config).run(candidate, ranges=self.ranges)
+        calibration = self.calibration
+        error = measure_error(candidate, self.folder, calibration.feeds, calibration.reference)
+        passed = error <= self.tolerance
+        self.steps.append(
+            SearchStep(index, allocation.cost_ratio, allocation.predicted_error, error, passed)
+        )
+        logger.info(
+            "auto probe %d/%d: cost x%.3f, predicted %.3g, measured %.4f (%s)",
+            index,
+            len(self.path) - 1,
+            allocation.cost_ratio,
+            allocation.predicted_error,
+            error,
+            "within" if passed else "over",
+        )
+        return passed
+
+    def done(self) -> None:
+        if self.on_step is not None:
+            self.on_step(self.expected, self.expected, "done")
+
+
+def _bisect(length: int, passes: Callable[[int], bool]) -> int:
+    """The largest index in [0, length) with ``passes(index)``, index 0 assumed to pass."""
+    low, high = 0, length - 1
+    if high == 0 or passes(high):
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if passes(middle):
+            low = middle
+        else:
+            high = middle
+    return low

@@ -1,0 +1,244 @@
+"""The stages of ``compile_model`` (and ``inspect_model``), each a function of what came before.
+
+    load -> find candidates -> calibrate -> search -> rewrite -> save -> verify
+
+``load`` prepares the model for the passes and finds the candidates; ``calibrate`` plans the
+calibration (which layers' statistics are gathered together) and, for ``auto``, gathers them;
+``search`` configures the factorize pass (whitening, the ``auto`` ranks); ``rewrite`` runs the
+pipeline, calibrating each chunk of layers just before it is factored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveInitializersFromInputsPass
+
+from lrcompile.calibration.ranges import RangeCalibration
+from lrcompile.calibration.statistics import Calibration, calibrate
+from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
+from lrcompile.io import data as data_lib
+from lrcompile.io import model as model_io
+from lrcompile.io.spill import Spill
+from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates
+from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback
+from lrcompile.passes.opset import with_fp8_opset
+from lrcompile.pipeline import Chunk, PipelineResult, build_pipeline
+from lrcompile.search.auto import AutoResult, search_ranks
+
+logger = logging.getLogger(__name__)
+
+# Calibrating without auto holds the Gram matrices of at most this fraction of the model's weight
+# bytes at a time (but at least one layer's).
+CALIBRATION_MEMORY_FRACTION = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """The model ready for the passes, its run-time inputs, and its candidates."""
+
+    path: Path
+    model: ir.Model
+    inputs: list[data_lib.InputSpec]
+    groups: list[WeightGroup]
+    skipped: list[Skipped]
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibrated:
+    """The calibration plan: the feeds, and the chunks of layers whose statistics are gathered
+    in one run of the original model. Under ``auto`` there is one chunk, gathered up front with
+    the model's reference outputs (``statistics``); otherwise each chunk is gathered when the
+    rewrite reaches it, so that only one chunk's Gram matrices are ever in memory."""
+
+    prepared: Prepared
+    source: data_lib.FeedSource | None
+    chunks: tuple[tuple[WeightGroup, ...], ...]
+    statistics: Calibration | None = None
+
+    def whitened_chunks(self, progress: ProgressCallback | None = None) -> Iterator[Chunk]:
+        """Each chunk's group keys and, where this plan gathers it, its whitening.
+
+        Every chunk is calibrated on the ORIGINAL model, serialized before the first chunk is
+        factored (the caller rewrites the model in place between chunks).
+        """
+        gather = self.statistics is None and self.source is not None
+        original = ir.serde.serialize_model(self.prepared.model) if gather else None
+        for index, chunk in enumerate(self.chunks):
+            keys = frozenset(group.key for group in chunk)
+            if not gather:
+                yield keys, None  # the factorize pass's own whitening (search set it), if any
+                continue
+            _report(progress, "calibrating", index, len(self.chunks), f"{len(chunk)} layers")
+            statistics = self._gather(chunk, keep_reference=False, model=original)
+            whitening = statistics.whitening(chunk)
+            del statistics  # the Gram matrices: only the Cholesky factors are needed now
+            yield keys, whitening
+        if gather:
+            _report(progress, "calibrating", len(self.chunks), len(self.chunks), "")
+
+    def _gather(self, groups, *, keep_reference: bool, on_batch=None, model=None) -> Calibration:
+        prepared = self.prepared
+        return calibrate(
+            model if model is not None else ir.serde.serialize_model(prepared.model),
+            groups,
+            self.source,
+            data_folder=prepared.path.parent,
+            keep_reference=keep_reference,
+            on_batch=on_batch,
+        )
+
+
+def load(path: Path, config: CompileConfig, output_path: Path | None = None) -> Prepared:
+    """The model at ``path``, prepared: initializers dropped from the graph inputs (old exporters
+    list weights as optional inputs, which are no constants until removed), opset >= 19 under
+    FP8, and its candidates found (the graph is unchanged until the rewrite).
+
+    Raises:
+        LrcompileError: The model is invalid, or ``output_path`` is not usable.
+    """
+    model = model_io.load_model(path)
+    if output_path is not None:
+        model_io.check_output_path(path, output_path)
+    inputs = data_lib.model_inputs(model)
+    RemoveInitializersFromInputsPass()(model)
+    if config.fp8:
+        model = with_fp8_opset(model, path)
+    groups, skipped = find_candidates(model.graph)
+    return Prepared(path, model, inputs, groups, skipped)
+
+
+def plan_calibration(
+    prepared: Prepared,
+    config: CompileConfig,
+    factorize: FactorizeLowRankPass,
+    progress: ProgressCallback | None = None,
+) -> Calibrated:
+    """The calibration plan; under ``auto``, its one chunk gathered with the reference outputs."""
+    auto = uses_auto(factorize, prepared.groups)
+    if not (config.calibrated or auto):
+        return Calibrated(prepared, None, (tuple(prepared.groups),))
+    source = calibration_source(config, prepared.inputs)
+    if not auto:
+        return Calibrated(prepared, source, memory_chunks(prepared.model, prepared.groups))
+    plan = Calibrated(prepared, source, (tuple(prepared.groups),))
+    on_batch = _stage(progress, "calibrating")
+    statistics = plan._gather(prepared.groups, keep_reference=True, on_batch=on_batch)
+    return dataclasses.replace(plan, statistics=statistics)
+
+
+def search(
+    plan: Calibrated,
+    config: CompileConfig,
+    factorize: FactorizeLowRankPass,
+    progress: ProgressCallback | None = None,
+) -> tuple[FactorizeLowRankPass, AutoResult | None]:
+    """The factorize pass with whitening and, under ``auto``, the searched ranks."""
+    if plan.statistics is None:
+        return factorize, None
+    prepared, statistics = plan.prepared, plan.statistics
+    # auto compiles many candidates from the same SVDs: cache them (memory grows with the model).
+    factorize = dataclasses.replace(
+        factorize, whitening=statistics.whitening(prepared.groups), cache={}
+    )
+    auto = search_ranks(
+        prepared.model,
+        prepared.path.parent,
+        prepared.groups,
+        factorize,
+        statistics,
+        config,
+        on_step=_stage(progress, "searching"),
+        on_sensitivity=_stage(progress, "sensitivity"),
+    )
+    return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
+
+
+def rewrite(
+    plan: Calibrated,
+    config: CompileConfig,
+    factorize: FactorizeLowRankPass,
+    scratch: Path | None,
+    progress: ProgressCallback | None = None,
+) -> PipelineResult:
+    """Runs the pipeline on the prepared model, chunk by chunk of layers.
+
+    With a ``scratch`` folder (large models), each layer's factors are spilled there as they are
+    made, so memory holds a few weights at a time, not the model.
+    """
+    prepared = plan.prepared
+    factorize = dataclasses.replace(
+        factorize,
+        progress=progress,
+        jobs=config.jobs,
+        device=config.device,
+        spill=Spill(scratch) if scratch is not None else None,
+    )
+    ranges = RangeCalibration(plan.source.feeds, config.fp8_calib) if config.fp8 else None
+    pipeline = build_pipeline(factorize, config)
+    return pipeline.run(prepared.model, ranges=ranges, chunks=plan.whitened_chunks(progress))
+
+
+def calibration_source(
+    config: CompileConfig, inputs: Sequence[data_lib.InputSpec]
+) -> data_lib.FeedSource:
+    """The calibration feeds ``config`` names (synthetic when it names none, with a warning).
+
+    Raises:
+        DataError: The data does not fit the model.
+    """
+    source = data_lib.input_feeds(
+        config.calib,
+        config.calib_script,
+        inputs,
+        shapes=config.input_shapes,
+        batch_size=config.batch_size,
+        iterations=DEFAULT_ITERATIONS,
+        seed=config.seed,
+    )
+    if source.synthetic:
+        logger.warning(
+            "calibrating on SYNTHETIC inputs: random data makes a weak calibration and an"
+            " untrustworthy 'auto' search; pass --calib FILE.npz or --calib-script FILE.py"
+        )
+    return source
+
+
+def memory_chunks(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[tuple, ...]:
+    """Groups of layers whose Gram matrices together fit a quarter of the model's weight bytes
+    (at least one layer each).
+
+    A Gram matrix is K x K float64: for a 4096 x 11008 down projection 970 MB, ten times its fp16
+    weight, so holding every layer's at once would cost far more than the model.
+    """
+    budget = max(int(model_io.tensor_bytes(model) * CALIBRATION_MEMORY_FRACTION), 1)
+    chunks: list[list] = [[]]
+    used = 0
+    for group in groups:
+        cost = 8 * group.shape[0] ** 2 * 2  # its Gram and its Cholesky factor, float64
+        if chunks[-1] and used + cost > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(group)
+        used += cost
+    return tuple(tuple(chunk) for chunk in chunks)
+
+
+def uses_auto(factorize: FactorizeLowRankPass, groups: Sequence[WeightGroup]) -> bool:
+    """Whether any group's spec is ``auto``."""
+    return any(factorize.spec_for(group).kind == "auto" for group in groups)
+
+
+def _stage(progress: ProgressCallback | None, stage: str) -> Callable | None:
+    if progress is None:
+        return None
+    return lambda done, total, detail: progress(stage, done, total, detail)
+
+
+def _report(progress: ProgressCallback | None, stage: str, done: int, total: int, detail: str):
+    if progress is not None:
+        progress(stage, done, total, detail)
