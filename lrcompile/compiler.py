@@ -123,27 +123,39 @@ def compile_model(
         plan = stages.plan_calibration(prepared, config, factorize, progress)
     with timer("auto search"):
         factorize, auto = stages.search(plan, config, factorize, progress)
+    result = _rewrite_and_save(plan, config, factorize, output_path, timer, progress)
     source = plan.source.description if plan.source is not None else None
-    external = config.external_data or model_io.needs_external_data(prepared.model)
-    with model_io.write_errors(output_path), model_io.staging_folder(output_path.parent) as scratch:
-        with timer("factorize"):
-            result = stages.rewrite(
-                plan, config, factorize, scratch if external else None, progress
-            )
-        compiled = CompileResult(
-            input_path, None, result.layers, None, config, auto, source, timer.seconds, result.fp8
-        )
-        if not any(layer.status == "factored" for layer in result.layers):
-            logger.info("%s: nothing to factor; no output written", input_path)
-            return compiled
-        with timer("save"):
-            model_io.save_model(prepared.model, output_path, external_data=external)
+    compiled = CompileResult(
+        input_path, None, result.layers, None, config, auto, source, timer.seconds, result.fp8
+    )
+    if not any(layer.status == "factored" for layer in result.layers):
+        logger.info("%s: nothing to factor; no output written", input_path)
+        return compiled
     verification = None
     if config.verify:
         feeds = check_feeds or _calibration_or_synthetic(plan.source, config, prepared.inputs)
         with timer("verify"), _removed_on_error(output_path):
             verification = verify(input_path, output_path, tolerance=config.tolerance, feeds=feeds)
     return dataclasses.replace(compiled, output_path=output_path, verification=verification)
+
+
+def _rewrite_and_save(plan, config, factorize, output_path: Path, timer, progress):
+    """Rewrites the model and saves it atomically, unless no layer was factored.
+
+    Large models (external data in or out) spill each layer's factors to the staging folder as
+    they are made; saving then copies file to file.
+    """
+    model = plan.prepared.model
+    external = config.external_data or model_io.needs_external_data(model)
+    with model_io.write_errors(output_path), model_io.staging_folder(output_path.parent) as scratch:
+        with timer("factorize"):
+            result = stages.rewrite(
+                plan, config, factorize, scratch if external else None, progress
+            )
+        if any(layer.status == "factored" for layer in result.layers):
+            with timer("save"):
+                model_io.save_model(model, output_path, external_data=external)
+    return result
 
 
 class _Timer:

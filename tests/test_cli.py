@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from lrcompile import cli
 from lrcompile.cli.terminal import Progress
-from lrcompile.config import CompileConfig
+from lrcompile.config import CHOICES, CompileConfig
+from lrcompile.io.data import parse_input_shapes
 from tests.conftest import make_model, save
 
 
@@ -191,11 +192,28 @@ def test_output_equal_to_input_is_refused(mlp):
     assert mlp.read_bytes() == before
 
 
-def test_every_compile_option_maps_to_a_config_field():
+def test_every_compile_option_maps_to_a_config_field_with_its_default_and_choices():
     command = cli.main.commands["compile"]
-    options = {p.name for p in command.params} - {"model", "output", "report"}
-    fields = {f.name for f in dataclasses.fields(CompileConfig)}
-    assert options == fields
+    context = command.make_context("compile", ["m.onnx", "--rank", "8"])  # what a bare run gets
+    params = {p.name: p for p in command.params if p.name not in ("model", "output", "report")}
+    fields = {f.name: f for f in dataclasses.fields(CompileConfig)}
+    assert set(params) == set(fields)
+    defaults = CompileConfig(rank="8")
+    for name, param in params.items():
+        if name == "rank":
+            assert param.required
+            continue
+        default = context.params[name]
+        if param.multiple:
+            default = parse_input_shapes(default)
+        assert default == getattr(defaults, name), name
+        choices = getattr(param.type, "choices", None)
+        assert (tuple(choices) if choices else None) == CHOICES.get(name), name
+        if default not in (None, {}, False):  # the help shows every default but off flags
+            shown = "verify" if default is True else default
+            assert f"[default: {shown}]" in param.get_help_record(context)[1], name
+    # Every choice the config knows is offered on the command line.
+    assert {n for n, p in params.items() if getattr(p.type, "choices", None)} == set(CHOICES)
 
 
 def test_console_entry_point_runs(mlp, tmp_path):

@@ -324,3 +324,50 @@ def test_auto_with_fp8_meets_the_tolerance(layer, tmp_path):
     error = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert error == pytest.approx(result.auto.measured_error, rel=1e-4)
     assert result.verification.passed and result.fp8 is not None
+
+
+def test_auto_with_fp8_on_a_model_with_external_data(tmp_path, rng):
+    # The FP8 ranges of the final model are measured with its factors in the scratch folder and
+    # the other weights beside the input: both must be found, and the model must equal the
+    # one compiled from the same model stored inline.
+    model = make_model(
+        """g (float[N, 64] x) => (float[N, 64] y) {
+            h = MatMul(x, W1)
+            r = Relu(h)
+            y = Gemm(r, W2, C)
+        }""",
+        {
+            "W1": low_rank_matrix(rng, 64, 128, decay=0.8),
+            "W2": low_rank_matrix(rng, 128, 64, decay=0.8),
+            "C": rng.standard_normal(64).astype(np.float32),
+        },
+    )
+    inline = save(model, tmp_path / "inline.onnx")
+    (tmp_path / "ext").mkdir()
+    external = save(
+        model,
+        tmp_path / "ext" / "m.onnx",
+        save_as_external_data=True,
+        location="m.onnx.data",
+        size_threshold=0,
+    )
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    results = [
+        lrcompile.compile_model(
+            path,
+            path.with_name("o.onnx"),
+            rank="auto",
+            calib=str(tmp_path / "calib.npz"),
+            fp8=True,
+            tolerance=0.2,
+        )
+        for path in (inline, external)
+    ]
+    assert all(r.passed and r.totals.factored == 2 for r in results)
+    assert results[0].auto.ranks == results[1].auto.ranks
+    assert (tmp_path / "ext" / "o.onnx.data").is_file()
+    assert not any(p.name.startswith(".lrcompile") for p in (tmp_path / "ext").iterdir())
+    outputs = [create_session(r.output_path).run(None, {"x": x})[0] for r in results]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    assert {t.name for t in results[0].fp8.tensors} == {t.name for t in results[1].fp8.tensors}
