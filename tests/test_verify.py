@@ -176,3 +176,17 @@ def test_fp8_models_run_at_the_basic_optimisation_level(tmp_path, rng):
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     result = lrcompile.verify(path, path, tolerance=0.0)
     assert result.passed and result.outputs[0].relative_l2 == 0.0
+
+
+def test_input_shapes_are_one_mapping_type_in_config_and_verify(mlp, tmp_path):
+    config = lrcompile.CompileConfig(rank="16", input_shapes={"x": [3, 64]}, verify=True)
+    assert config.input_shapes == {"x": (3, 64)}
+    result = lrcompile.compile_model(mlp, tmp_path / "o.onnx", config, tolerance=1.0)
+    assert result.verification.batches == 8  # synthetic batches of the given shape
+    check = lrcompile.verify(mlp, result.output_path, input_shapes=config.input_shapes)
+    assert check.outputs[0].relative_l2 == pytest.approx(result.verification.worst_relative_l2)
+    for bad in ({"x": (0, 64)}, {"x": "3x64"}, {"x": (3.0, 64)}):
+        with pytest.raises(LrcompileError, match="must be a sequence of positive integers"):
+            lrcompile.CompileConfig(rank="16", input_shapes=bad)
+        with pytest.raises(LrcompileError, match="must be a sequence of positive integers"):
+            lrcompile.verify(mlp, mlp, input_shapes=bad)
