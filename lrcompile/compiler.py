@@ -42,6 +42,7 @@ class CompileResult:
     calibration: str | None = None
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     fp8: Fp8Report | None = None
+    left_alone: tuple[tuple[str, str, int], ...] = ()  # (op, why, count): not MatMul/Gemm
 
     @property
     def totals(self) -> Totals:
@@ -63,6 +64,9 @@ class CompileResult:
             "auto": self.auto.to_dict() if self.auto else None,
             "seconds": self.seconds,
             "fp8": self.fp8.to_dict() if self.fp8 else None,
+            "left_alone": [
+                {"op": op, "reason": why, "count": count} for op, why, count in self.left_alone
+            ],
         }
 
     def write_report(self, path: str | Path) -> None:
@@ -126,8 +130,9 @@ def compile_model(
     result = _rewrite_and_save(plan, config, factorize, output_path, timer, progress)
     source = plan.source.description if plan.source is not None else None
     compiled = CompileResult(
-        input_path, None, result.layers, None, config, auto, source, timer.seconds, result.fp8
-    )
+        input_path, None, result.layers, None, config, auto, source, timer.seconds, result.fp8,
+        tuple(prepared.left_alone),
+    )  # fmt: skip
     if not any(layer.status == "factored" for layer in result.layers):
         logger.info("%s: nothing to factor; no output written", input_path)
         return compiled

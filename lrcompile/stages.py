@@ -24,7 +24,7 @@ from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
 from lrcompile.io.spill import Spill
-from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates
+from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, ops_left_alone
 from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback
 from lrcompile.passes.opset import with_fp8_opset
 from lrcompile.pipeline import Chunk, PipelineResult, build_pipeline
@@ -46,6 +46,7 @@ class Prepared:
     inputs: list[data_lib.InputSpec]
     groups: list[WeightGroup]
     skipped: list[Skipped]
+    left_alone: list[tuple[str, str, int]]  # (op, why, count) of ops lrcompile does not factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +109,8 @@ def load(path: Path, config: CompileConfig, output_path: Path | None = None) -> 
     RemoveInitializersFromInputsPass()(model)
     if config.fp8:
         model = with_fp8_opset(model, path)
-    groups, skipped = find_candidates(model.graph)
-    return Prepared(path, model, inputs, groups, skipped)
+    groups, skipped = find_candidates(model.graph, model.functions.values())
+    return Prepared(path, model, inputs, groups, skipped, ops_left_alone(model))
 
 
 def plan_calibration(

@@ -310,7 +310,7 @@ def test_pass_options_are_validated():
     assert repr(FactorizeLowRankPass(RankSpec.parse("8"))).startswith("FactorizeLowRankPass(rank=")
 
 
-def test_weight_also_read_elsewhere_is_kept_and_counted(tmp_path, rng):
+def test_weight_also_read_elsewhere_stays_dense_unless_forced_then_is_counted(tmp_path, rng):
     w = low_rank_matrix(rng, 32, 64)
     model = make_model(
         """g (float[N, 32] x, int64[N] ids) => (float[N, 64] y, float[N, 64] e) {
@@ -320,6 +320,11 @@ def test_weight_also_read_elsewhere_is_kept_and_counted(tmp_path, rng):
         {"W": w},
     )
     result, out = _apply(model, "8", rank_multiple=1)
+    (layer,) = [layer for layer in result.layers if layer.weight == "W"]
+    assert layer.status == "dense" and not result.modified
+    assert layer.reason.startswith("weight also read by Gather: its factors would be added")
+    assert layer.params_after == layer.params_before == 32 * 64
+    result, out = _apply(model, "8", rank_multiple=1, allow_no_saving=True)
     (layer,) = [layer for layer in result.layers if layer.weight == "W"]
     assert layer.status == "factored"
     assert layer.reason == "weight also read by other nodes; kept beside its factors"

@@ -76,6 +76,9 @@ def _human(count: int) -> str:
 
 def print_compile(result: CompileResult) -> None:
     click.echo(layer_table(result.layers))
+    if result.left_alone:
+        ops = ", ".join(f"{count} {op} ({why})" for op, why, count in result.left_alone)
+        click.echo(f"left alone: {ops}")
     if result.output_path is None:
         click.echo(f"{result.input_path}: nothing to factor; no output written.")
         return

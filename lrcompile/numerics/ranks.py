@@ -111,7 +111,8 @@ def choose_rank(
     multiple: int = 16,
     spectrum: np.ndarray | None = None,
 ) -> int:
-    """The rank ``spec`` gives a ``K x N`` weight, rounded to ``multiple`` and clamped to min(K, N).
+    """The rank ``spec`` gives a ``K x N`` weight, rounded to ``multiple`` and clamped to min(K, N);
+    0 when a fraction's budget holds less than one ``multiple`` (the layer then stays dense).
 
     Args:
         spec: A fixed, fraction or energy spec.
@@ -124,7 +125,10 @@ def choose_rank(
     if spec.kind == "fixed":
         rank = _round_up(int(spec.value), multiple)
     elif spec.kind == "fraction":
-        rank = max(multiple, _round_down(math.floor(spec.value * k * n / (k + n)), multiple))
+        # Never over the budget: 0 (stay dense) when not even one multiple fits in it.
+        rank = _round_down(math.floor(spec.value * k * n / (k + n)), multiple)
+        if rank == 0:
+            return 0
     elif spec.kind == "energy":
         if spectrum is None:
             raise ValueError("an energy spec needs the singular values")

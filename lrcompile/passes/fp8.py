@@ -30,8 +30,8 @@ import numpy as np
 import onnx_ir as ir
 
 from lrcompile.numerics.ranges import ActivationRange
-from lrcompile.passes.candidates import find_candidates
-from lrcompile.passes.low_rank import FACTOR_KEY
+from lrcompile.passes.candidates import find_candidates, read_weight, resolve_weight
+from lrcompile.passes.factored_graph import FACTOR_KEY
 from lrcompile.passes.opset import MIN_OPSET
 
 logger = logging.getLogger(__name__)
@@ -174,17 +174,23 @@ class _Rewriter:
     def quantize_weight(self, node: ir.Node) -> None:
         w = node.inputs[1]
         if w.name not in self.done:
-            weight = w.const_value.numpy()
-            dtype = w.const_value.dtype
-            amax = np.max(np.abs(weight.astype(np.float32)), axis=0 if self._per_channel else None)
+            source = resolve_weight(w)
+            weight = read_weight(source)  # what the node reads: through Transpose, Cast
+            dtype = source.cast or source.tensor.dtype
+            # Per output channel: W[K, N] for MatMul, B[N, K] for Gemm(transB=1) (DESIGN.md).
+            axis = 0 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 1
+            amax = np.max(
+                np.abs(weight.astype(np.float32)), axis=1 - axis if self._per_channel else None
+            )
             scale_value = _scale(np.asarray(amax), dtype)
-            quantized = _to_fp8(weight.astype(np.float32) / scale_value.astype(np.float32))
+            shaped = np.expand_dims(scale_value, 1 - axis) if self._per_channel else scale_value
+            quantized = _to_fp8(weight.astype(np.float32) / shaped.astype(np.float32))
             fp8 = self._constant(f"{w.name}_fp8", quantized)
             scale = self._constant(f"{w.name}_fp8_scale", scale_value)
             zero = self._constant(
                 f"{w.name}_fp8_zero", np.zeros(scale_value.shape, quantized.dtype)
             )
-            attributes = {"axis": 1} if self._per_channel else {}
+            attributes = {"axis": axis} if self._per_channel else {}
             dq = ir.node("DequantizeLinear", [fp8, scale, zero], attributes, name=f"{w.name}_DQ")
             dq.outputs[0].name = f"{w.name}_fp8_dq"
             dq.outputs[0].dtype, dq.outputs[0].shape = dtype, ir.Shape(weight.shape)

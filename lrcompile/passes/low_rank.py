@@ -28,7 +28,8 @@ from lrcompile.io import overrides as override_files
 from lrcompile.io.spill import Spill
 from lrcompile.numerics import decompose, ranks, whiten
 from lrcompile.numerics.whiten import Whitening
-from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates
+from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, has_live_readers
+from lrcompile.passes.factored_graph import rewrite_group
 from lrcompile.report import LayerReport
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 # progress(stage, done, total, detail), e.g. ("factoring", 3, 36, "fc1_weight")
 ProgressCallback = Callable[[str, int, int, str], None]
 SvdCache = dict[str, tuple[np.ndarray, ...]]
-FACTOR_KEY = "lrcompile.factor"  # node metadata: "A" (x @ A) or "B" (mid @ B)
 
 
 @dataclasses.dataclass
@@ -85,7 +85,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
             )
 
     def call(self, model: ir.Model) -> FactorizeResult:
-        groups, skipped = find_candidates(model.graph)
+        groups, skipped = find_candidates(model.graph, model.functions.values())
         if self.only is not None:
             # A chunked compile: each chunk factors its groups; the final, empty-``only`` run
             # reports the nodes left alone.
@@ -103,6 +103,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
                 layers.append(self._apply(model.graph, group, report, factors))
         if self.progress is not None and groups:
             self.progress("factoring", len(groups), len(groups), "")
+        layers = _count_kept_weights(groups, layers)
         layers.extend(_skipped_report(s) for s in skipped)
         modified = any(layer.status == "factored" for layer in layers)
         return FactorizeResult(model, modified, layers)
@@ -133,13 +134,18 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         base = _base_report(group, spec)
         if spec.kind == "skip":
             return dataclasses.replace(base, status="dense", reason="override says skip"), None
+        reason = self.refusal(group)
+        if reason is not None:
+            return dataclasses.replace(base, reason=reason), None
         weight = effective_weight(group)
         if not np.all(np.isfinite(weight)):
             return dataclasses.replace(base, reason="weight contains NaN or Inf"), None
         factors, rank = self._decompose(weight, spec, group)
         if factors is None:
             reason = "auto left it dense: its error costs more than it saves"
-            if rank is not None:
+            if rank == 0:
+                rank, reason = None, f"{spec} of the layer is less than one rank multiple"
+            elif rank is not None:
                 reason = f"rank {rank} saves nothing (break-even {ranks.break_even_rank(k, n):.0f})"
             return dataclasses.replace(base, rank=rank, reason=reason), None
         dtype = group.tensor.dtype.numpy()
@@ -163,6 +169,17 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         )
         return report, (left, right)
 
+    def refusal(self, group: WeightGroup) -> str | None:
+        """Why ``group`` stays dense whatever its rank, or None: its weight has other readers, so
+        its factors would be added beside it (unless ``allow_no_saving``)."""
+        if group.other_readers and not self.allow_no_saving:
+            readers = ", ".join(group.other_readers)
+            return (
+                f"weight also read by {readers}: its factors would be added beside it and the"
+                " model would grow (--allow-no-saving factors it anyway)"
+            )
+        return None
+
     def _apply(
         self, graph: ir.Graph, group: WeightGroup, report: LayerReport, factors: tuple | None
     ) -> LayerReport:
@@ -170,16 +187,13 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         if factors is None:
             return report
         k, n = group.shape
-        factor_names = _rewrite(graph, group, *factors)
-        # A weight also read elsewhere (a tied embedding, say) stays beside its factors.
-        kept = k * n if group.weight.uses() or group.weight.is_graph_output() else 0
-        params = report.rank * (k + n) + kept
+        factor_names = rewrite_group(graph, group, *factors)
+        params = report.rank * (k + n)
         return dataclasses.replace(
             report,
             params_after=params,
             bytes_after=int(params * group.tensor.dtype.itemsize),
             factors=factor_names,
-            reason="weight also read by other nodes; kept beside its factors" if kept else None,
         )
 
     def _decompose(
@@ -199,7 +213,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
                 svd = self.svd(group, weight)
             spectrum = svd[1] if svd is not None else None
             rank = ranks.choose_rank(spec, k, n, multiple=self.rank_multiple, spectrum=spectrum)
-        if not (self.allow_no_saving or ranks.saves(rank, k, n)):
+        if rank == 0 or not (self.allow_no_saving or ranks.saves(rank, k, n)):
             return None, rank
         if white is not None:
             svd = svd if svd is not None else self.svd(group, weight)
@@ -226,6 +240,26 @@ def effective_weight(group: WeightGroup) -> np.ndarray:
     if group.alpha != 1.0:
         weight = weight.astype(decompose.compute_dtype(weight.dtype)) * group.alpha
     return weight
+
+
+def _count_kept_weights(groups: list[WeightGroup], layers: list[LayerReport]) -> list[LayerReport]:
+    """Each factored layer whose weight something still reads (a tied embedding's Gather, a
+    group left dense) with that weight counted in its params and bytes, once per weight."""
+    counted: set[int] = set()
+    result = []
+    for group, layer in zip(groups, layers, strict=True):
+        factored = layer.status == "factored" and id(group.weight) not in counted
+        if factored and has_live_readers(group.weight):
+            counted.add(id(group.weight))
+            k, n = group.shape
+            layer = dataclasses.replace(
+                layer,
+                params_after=layer.params_after + k * n,
+                bytes_after=layer.bytes_after + int(k * n * group.tensor.dtype.itemsize),
+                reason="weight also read by other nodes; kept beside its factors",
+            )
+        result.append(layer)
+    return result
 
 
 def _base_report(group: WeightGroup, spec: ranks.RankSpec) -> LayerReport:
@@ -256,53 +290,3 @@ def _skipped_report(skipped: Skipped) -> LayerReport:
         status="skipped",
         reason=skipped.reason,
     )
-
-
-def _rewrite(graph: ir.Graph, group: WeightGroup, left, right) -> tuple[str, str]:
-    """Replaces the group's nodes by factored pairs; returns the factors' initializer names."""
-    a = _initializer(graph, f"{group.name}_lr_A", left)
-    b = _initializer(graph, f"{group.name}_lr_B", right)
-    for node in group.nodes:
-        first, second = _factored_nodes(node, a, b)
-        # Saved with the model, so later passes (FP8, plugin) find the pairs in any model.
-        first.metadata_props[FACTOR_KEY] = "A"
-        second.metadata_props[FACTOR_KEY] = "B"
-        output = node.outputs[0]
-        first.outputs[0].name = f"{output.name}_lr_mid"
-        first.outputs[0].type = output.type
-        if output.shape is not None and len(output.shape) > 0:
-            first.outputs[0].shape = ir.Shape([*list(output.shape)[:-1], a.shape[1]])
-        ir.convenience.replace_nodes_and_values(
-            graph, node, [node], [first, second], [output], [second.outputs[0]]
-        )
-    return a.name, b.name
-
-
-def _factored_nodes(node: ir.Node, a: ir.Value, b: ir.Value) -> tuple[ir.Node, ir.Node]:
-    x = node.inputs[0]
-    name = node.name or node.outputs[0].name
-    if node.op_type == "MatMul":
-        first = ir.node("MatMul", [x, a], name=f"{name}_lr_A")
-        second = ir.node("MatMul", [first.outputs[0], b], name=f"{name}_lr_B")
-        return first, second
-    trans_a = node.attributes.get_int("transA", 0)
-    first = ir.node("Gemm", [x, a], {"transA": trans_a}, name=f"{name}_lr_A")
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    attributes = {"beta": node.attributes.get_float("beta", 1.0)} if bias is not None else {}
-    inputs = [first.outputs[0], b] + ([bias] if bias is not None else [])
-    second = ir.node("Gemm", inputs, attributes, name=f"{name}_lr_B")
-    return first, second
-
-
-def _initializer(graph: ir.Graph, name: str, array) -> ir.Value:
-    """A new initializer named ``name`` (made unique) holding ``array`` or a spilled tensor."""
-    unique, suffix = name, 1
-    while unique in graph.initializers:
-        unique, suffix = f"{name}_{suffix}", suffix + 1
-    tensor = array if isinstance(array, ir.ExternalTensor) else ir.tensor(array, name=unique)
-    tensor.name = unique
-    value = ir.Value(name=unique, const_value=tensor)
-    value.shape = ir.Shape([int(d) for d in tensor.shape])
-    value.type = ir.TensorType(tensor.dtype)
-    graph.register_initializer(value)
-    return value

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from lrcompile.passes.low_rank import FACTOR_KEY
+from lrcompile.passes.factored_graph import FACTOR_KEY
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,80 @@
+"""The factored subgraph of one weight group, as ``FactorizeLowRankPass`` writes it.
+
+    MatMul(x, W)            -> MatMul(MatMul(x, A), B)
+    MatMul(x, Cast(W))      -> MatMul(MatMul(x, Cast(A)), Cast(B))     (factors in W's dtype)
+    Gemm(a, W, C; tA, tB)   -> Gemm(Gemm(a, A; tA), B, C; beta)
+
+Factors are initializers ``<weight>_lr_A`` / ``<weight>_lr_B``; nodes ``<node>_lr_A`` /
+``<node>_lr_B``, marked with the metadata ``FACTOR_KEY`` so that later passes find the pairs in
+any model. The last node keeps the original output name.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from lrcompile.passes.candidates import WeightGroup
+
+FACTOR_KEY = "lrcompile.factor"  # node metadata: "A" (x @ A) or "B" (mid @ B)
+
+
+def rewrite_group(graph: ir.Graph, group: WeightGroup, left, right) -> tuple[str, str]:
+    """Replaces the group's nodes by factored pairs; returns the factors' initializer names.
+
+    Factors are stored in the weight's dtype; when the nodes read it through a Cast, the factors
+    are read through one Cast each, to the same dtype.
+    """
+    a = _initializer(graph, f"{group.name}_lr_A", left)
+    b = _initializer(graph, f"{group.name}_lr_B", right)
+    names = (a.name, b.name)
+    if group.cast is not None:
+        casts = [ir.node("Cast", [v], {"to": group.cast}, name=f"{v.name}_Cast") for v in (a, b)]
+        for cast, v in zip(casts, (a, b), strict=True):
+            cast.outputs[0].name = f"{v.name}_cast"
+            cast.outputs[0].dtype, cast.outputs[0].shape = group.cast, v.shape
+        graph.insert_before(group.nodes[0], casts)
+        a, b = casts[0].outputs[0], casts[1].outputs[0]
+    for node in group.nodes:
+        first, second = _factored_nodes(node, a, b)
+        # Saved with the model, so later passes (FP8, plugin) find the pairs in any model.
+        first.metadata_props[FACTOR_KEY] = "A"
+        second.metadata_props[FACTOR_KEY] = "B"
+        output = node.outputs[0]
+        first.outputs[0].name = f"{output.name}_lr_mid"
+        first.outputs[0].type = output.type
+        if output.shape is not None and len(output.shape) > 0:
+            first.outputs[0].shape = ir.Shape([*list(output.shape)[:-1], a.shape[1]])
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], [first, second], [output], [second.outputs[0]]
+        )
+    return names
+
+
+def _factored_nodes(node: ir.Node, a: ir.Value, b: ir.Value) -> tuple[ir.Node, ir.Node]:
+    x = node.inputs[0]
+    name = node.name or node.outputs[0].name
+    if node.op_type == "MatMul":
+        first = ir.node("MatMul", [x, a], name=f"{name}_lr_A")
+        second = ir.node("MatMul", [first.outputs[0], b], name=f"{name}_lr_B")
+        return first, second
+    trans_a = node.attributes.get_int("transA", 0)
+    first = ir.node("Gemm", [x, a], {"transA": trans_a}, name=f"{name}_lr_A")
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    attributes = {"beta": node.attributes.get_float("beta", 1.0)} if bias is not None else {}
+    inputs = [first.outputs[0], b] + ([bias] if bias is not None else [])
+    second = ir.node("Gemm", inputs, attributes, name=f"{name}_lr_B")
+    return first, second
+
+
+def _initializer(graph: ir.Graph, name: str, array) -> ir.Value:
+    """A new initializer named ``name`` (made unique) holding ``array`` or a spilled tensor."""
+    unique, suffix = name, 1
+    while unique in graph.initializers:
+        unique, suffix = f"{name}_{suffix}", suffix + 1
+    tensor = array if isinstance(array, ir.ExternalTensor) else ir.tensor(array, name=unique)
+    tensor.name = unique
+    value = ir.Value(name=unique, const_value=tensor)
+    value.shape = ir.Shape([int(d) for d in tensor.shape])
+    value.type = ir.TensorType(tensor.dtype)
+    graph.register_initializer(value)
+    return value
