@@ -16,7 +16,7 @@ from typing import Any
 
 from lrcompile import stages
 from lrcompile.check.verify import VerifyResult, verify
-from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
+from lrcompile.config import CompileConfig
 from lrcompile.errors import LrcompileError
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
@@ -122,7 +122,7 @@ def compile_model(
         factorize = factorize_pass(config)  # validates the spec and overrides first
         _check_device(config.device)
         prepared = stages.load(input_path, config, output_path)
-        check_feeds = _verification_feeds(config, prepared.inputs)  # bad data fails early
+        check_feeds = _verification_feeds(config, prepared)  # bad data fails early
     with timer("calibrate"):
         plan = stages.plan_calibration(prepared, config, factorize, progress)
     with timer("auto search"):
@@ -138,7 +138,7 @@ def compile_model(
         return compiled
     verification = None
     if config.verify:
-        feeds = check_feeds or _calibration_or_synthetic(plan.source, config, prepared.inputs)
+        feeds = check_feeds or _calibration_or_synthetic(plan.source, config, prepared)
         with timer("verify"), _removed_on_error(output_path):
             verification = verify(input_path, output_path, tolerance=config.tolerance, feeds=feeds)
     return dataclasses.replace(compiled, output_path=output_path, verification=verification)
@@ -203,32 +203,20 @@ def _removed_on_error(output_path: Path) -> Iterator[None]:
         raise
 
 
-def _verification_feeds(config: CompileConfig, inputs) -> data_lib.FeedSource | None:
+def _verification_feeds(config: CompileConfig, prepared) -> data_lib.FeedSource | None:
     """The held-out feeds for the final check (None: use calibration or synthetic data).
 
     Checked before anything runs, so bad data fails before anything is written.
     """
-    data_lib.resolve_shapes(inputs, config.input_shapes, config.batch_size)
+    data_lib.resolve_shapes(prepared.inputs, config.input_shapes, config.batch_size)
     if not config.verify or config.verify_data is None:
         return None
-    return _feeds(config, inputs, str(config.verify_data))
+    return stages.feeds(prepared, config, str(config.verify_data))
 
 
-def _calibration_or_synthetic(source, config: CompileConfig, inputs) -> data_lib.FeedSource:
+def _calibration_or_synthetic(source, config: CompileConfig, prepared) -> data_lib.FeedSource:
     if source is not None:
         return data_lib.FeedSource(
             source.feeds, f"{source.description} (the calibration data)", source.synthetic
         )
-    return _feeds(config, inputs, None)
-
-
-def _feeds(config: CompileConfig, inputs, npz: str | None) -> data_lib.FeedSource:
-    return data_lib.input_feeds(
-        npz,
-        None,
-        inputs,
-        shapes=config.input_shapes,
-        batch_size=config.batch_size,
-        iterations=DEFAULT_ITERATIONS,
-        seed=config.seed,
-    )
+    return stages.feeds(prepared, config, None)

@@ -55,6 +55,8 @@ class CompileConfig:
             target of ``auto`` on the calibration data.
         verify_data: ``.npz`` of inputs for verification (synthetic inputs when None).
         input_shapes: Shapes of synthetic inputs with dynamic dimensions, by input name.
+        val_ranges: Value ranges ``(low, high)`` of synthetic inputs, by input name (default:
+            ``[0, 1]``, or ``[0, rows - 1]`` for an integer input that indexes a table).
         batch_size: Rows per batch of calibration and verification data.
         calib: ``.npz`` of calibration inputs, or ``synthetic``; calibrating makes every spec
             factor with activation-whitened SVD, and ``auto`` needs it (synthetic by default).
@@ -89,6 +91,7 @@ class CompileConfig:
     tolerance: float = DEFAULT_TOLERANCE
     verify_data: Path | None = None
     input_shapes: InputShapes = dataclasses.field(default_factory=dict)
+    val_ranges: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     batch_size: int = DEFAULT_BATCH_SIZE
     calib: str | None = None
     calib_script: str | None = None
@@ -110,6 +113,8 @@ class CompileConfig:
                 label = name.replace("_", " ").replace("fp8", "FP8")
                 raise LrcompileError(f"{label} {value!r} is not one of {', '.join(choices)}")
         object.__setattr__(self, "input_shapes", checked_shapes(self.input_shapes))
+        ranges = {str(k): (float(v[0]), float(v[1])) for k, v in self.val_ranges.items()}
+        object.__setattr__(self, "val_ranges", ranges)
         self._check_ranges()
         parse_range_method(self.fp8_calib)
         if self.fp8 and self.calib is None and self.calib_script is None:
@@ -144,6 +149,7 @@ class CompileConfig:
         """The fields as JSON-ready values."""
         data = dataclasses.asdict(self)
         data["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
+        data["val_ranges"] = {k: list(v) for k, v in self.val_ranges.items()}
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
 
 

@@ -21,10 +21,12 @@ from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 from lrcompile.calibration.ranges import RangeCalibration
 from lrcompile.calibration.statistics import Calibration, calibrate
 from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
+from lrcompile.errors import DataError
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
 from lrcompile.io.spill import Spill
 from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, ops_left_alone
+from lrcompile.passes.inputs import index_ranges
 from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback
 from lrcompile.passes.opset import with_fp8_opset
 from lrcompile.pipeline import Chunk, PipelineResult, build_pipeline
@@ -123,7 +125,7 @@ def plan_calibration(
     auto = uses_auto(factorize, prepared.groups)
     if not (config.calibrated or auto):
         return Calibrated(prepared, None, (tuple(prepared.groups),))
-    source = calibration_source(config, prepared.inputs)
+    source = calibration_source(prepared, config)
     if not auto:
         return Calibrated(prepared, source, memory_chunks(prepared.model, prepared.groups))
     plan = Calibrated(prepared, source, (tuple(prepared.groups),))
@@ -142,6 +144,7 @@ def search(
     if plan.statistics is None:
         return factorize, None
     prepared, statistics = plan.prepared, plan.statistics
+    _check_calibration(statistics, prepared, plan.source)
     # auto compiles many candidates from the same SVDs: cache them (memory grows with the model).
     factorize = dataclasses.replace(
         factorize, whitening=statistics.whitening(prepared.groups), cache={}
@@ -184,23 +187,54 @@ def rewrite(
     return pipeline.run(prepared.model, ranges=ranges, chunks=plan.whitened_chunks(progress))
 
 
-def calibration_source(
-    config: CompileConfig, inputs: Sequence[data_lib.InputSpec]
+def feeds(
+    prepared: Prepared, config: CompileConfig, npz: str | None, script: str | None = None
 ) -> data_lib.FeedSource:
+    """Feeds from an ``.npz``, a script, or synthetic (``npz`` None or ``synthetic``), with
+    ``config``'s shapes and value ranges (index inputs kept within their tables).
+
+    Raises:
+        DataError: The data does not fit the model.
+    """
+    return data_lib.input_feeds(
+        npz,
+        script,
+        prepared.inputs,
+        shapes=config.input_shapes,
+        batch_size=config.batch_size,
+        iterations=DEFAULT_ITERATIONS,
+        seed=config.seed,
+        val_ranges=index_ranges(prepared.model.graph) | dict(config.val_ranges),
+    )
+
+
+def _check_calibration(statistics: Calibration, prepared: Prepared, source) -> None:
+    """``--rank auto`` on calibration data that cannot support it stops here, with the fix."""
+    output = statistics.degenerate_output()
+    if output is not None:
+        raise DataError(
+            f"{prepared.path}: output {output[0]!r} is {output[1]} on the calibration data"
+            f" ({source.description}): --rank auto cannot measure errors against it; pass --calib"
+            " with inputs the model is meant for"
+        )
+    degenerate = statistics.degenerate_input(prepared.groups)
+    if degenerate is not None:
+        tensor, node, rank, width, rows = degenerate
+        raise DataError(
+            f"{prepared.path}: the calibration activations {tensor!r} (input of {node}, {width}"
+            f" wide) have numerical rank {rank} over {rows} rows ({source.description}): too few"
+            f" or too alike for --rank auto; pass --calib with at least {width} varied rows of"
+            " real inputs"
+        )
+
+
+def calibration_source(prepared: Prepared, config: CompileConfig) -> data_lib.FeedSource:
     """The calibration feeds ``config`` names (synthetic when it names none, with a warning).
 
     Raises:
         DataError: The data does not fit the model.
     """
-    source = data_lib.input_feeds(
-        config.calib,
-        config.calib_script,
-        inputs,
-        shapes=config.input_shapes,
-        batch_size=config.batch_size,
-        iterations=DEFAULT_ITERATIONS,
-        seed=config.seed,
-    )
+    source = feeds(prepared, config, config.calib, config.calib_script)
     if source.synthetic:
         logger.warning(
             "calibrating on SYNTHETIC inputs: random data makes a weak calibration and an"

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from lrcompile import cli
 from lrcompile.cli.terminal import Progress
 from lrcompile.config import CHOICES, CompileConfig
-from lrcompile.io.data import parse_input_shapes
+from lrcompile.io.data import parse_input_shapes, parse_val_ranges
 from tests.conftest import make_model, save
 
 
@@ -205,7 +205,8 @@ def test_every_compile_option_maps_to_a_config_field_with_its_default_and_choice
             continue
         default = context.params[name]
         if param.multiple:
-            default = parse_input_shapes(default)
+            parse = parse_input_shapes if name == "input_shapes" else parse_val_ranges
+            default = parse(default)
         assert default == getattr(defaults, name), name
         choices = getattr(param.type, "choices", None)
         assert (tuple(choices) if choices else None) == CHOICES.get(name), name

@@ -95,7 +95,7 @@ def test_static_batch_dimension_sets_the_batch(tmp_path, rng):
         make_model("g (float[2, 8] x) => (float[2, 8] y) { y = MatMul(x, W) }", {"W": w}),
         tmp_path / "s.onnx",
     )
-    path = _npz(tmp_path / "d.npz", x=np.zeros((6, 8), np.float32))
+    path = _npz(tmp_path / "d.npz", x=np.ones((6, 8), np.float32))
     assert lrcompile.verify(model, model, data=path, batch_size=5).batches == 3
     odd = _npz(tmp_path / "odd.npz", x=np.zeros((5, 8), np.float32))
     with pytest.raises(DataError, match="not a multiple of the model's static batch dimension 2"):

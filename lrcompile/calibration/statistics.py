@@ -20,11 +20,20 @@ import numpy as np
 import onnx
 
 from lrcompile.io.data import Feed, FeedSource
-from lrcompile.numerics.whiten import Whitening, accumulate_gram, whitening_from_gram
+from lrcompile.numerics.whiten import (
+    Whitening,
+    accumulate_gram,
+    numerical_rank,
+    whitening_from_gram,
+)
 from lrcompile.passes.candidates import WeightGroup
 from lrcompile.runtime.sessions import create_session, runtime_errors
 
 logger = logging.getLogger(__name__)
+
+# ``--rank auto`` refuses activations whose Gram matrix has a numerical rank below this fraction of
+# its width: its whitening and its probes would describe data that has (almost) no directions.
+MIN_RANK_FRACTION = 0.5
 
 
 @dataclasses.dataclass
@@ -64,6 +73,35 @@ class Calibration:
         if any(g is None for g in grams):
             return None
         return np.sum(grams, axis=0)
+
+    def degenerate_output(self) -> tuple[str, str] | None:
+        """``(output, problem)`` when a reference output is not finite or identically zero."""
+        for name in self.reference[0] if self.reference else ():
+            values = [batch[name] for batch in self.reference]
+            if not all(np.all(np.isfinite(v)) for v in values):
+                return name, "not finite (NaN or Inf)"
+            if not any(np.any(v != 0) for v in values):
+                return name, "identically zero"
+        return None
+
+    def degenerate_input(
+        self, groups: Sequence[WeightGroup], fraction: float = MIN_RANK_FRACTION
+    ) -> tuple[str, str, int, int, int] | None:
+        """``(tensor, node, numerical rank, width, rows)`` of the first activation feeding
+        ``groups`` whose Gram matrix has a numerical rank below ``fraction`` of its width:
+        rows too few or too alike (synthetic 0/1 token ids make every token alike)."""
+        seen = set()
+        for group in groups:
+            for node in group.nodes:
+                key = _activation_key(node)
+                stat = self.stats.get(key)
+                if key in seen or stat is None or stat.gram is None:
+                    continue
+                seen.add(key)
+                rank, width = numerical_rank(stat.gram), stat.gram.shape[0]
+                if rank < fraction * width:
+                    return key[0], node.name or "", rank, width, stat.rows
+        return None
 
     def whitening(self, groups: Sequence[WeightGroup]) -> dict[str, Whitening]:
         """The Cholesky whitening of each group with statistics, keyed by ``group.key``; groups

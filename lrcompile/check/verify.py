@@ -29,9 +29,10 @@ from lrcompile.config import (
     InputShapes,
     checked_shapes,
 )
-from lrcompile.errors import LrcompileError, ModelLoadError
+from lrcompile.errors import DataError, LrcompileError, ModelLoadError
 from lrcompile.io import data as data_lib
 from lrcompile.io.model import load_model
+from lrcompile.passes.inputs import index_ranges
 from lrcompile.runtime.metrics import ErrorAccumulator, OutputMetrics
 from lrcompile.runtime.sessions import create_session, runtime_errors
 
@@ -46,6 +47,7 @@ class VerifyResult:
     tolerance: float
     batches: int
     data_source: str
+    synthetic: bool = False
 
     @property
     def passed(self) -> bool:
@@ -61,7 +63,8 @@ class VerifyResult:
             "tolerance": self.tolerance,
             "batches": self.batches,
             "data_source": self.data_source,
-            "outputs": [dataclasses.asdict(o) for o in self.outputs],
+            "synthetic": self.synthetic,
+            "outputs": [o.to_dict() for o in self.outputs],
         }
 
 
@@ -72,6 +75,7 @@ def verify(
     data: str | Path | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
     input_shapes: InputShapes | None = None,
+    val_ranges: Mapping[str, tuple[float, float]] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     iterations: int = DEFAULT_ITERATIONS,
     seed: int = 0,
@@ -87,6 +91,8 @@ def verify(
         data: An ``.npz`` of inputs (samples along axis 0); synthetic inputs when None.
         tolerance: Largest relative L2 error allowed per output.
         input_shapes: Shapes for synthetic inputs with dynamic dimensions, by input name.
+        val_ranges: Value ranges of synthetic inputs, by input name (default ``[0, 1]``, or the
+            rows of the table an integer input indexes).
         batch_size: Rows per batch for ``data`` and for a dynamic leading dimension.
         iterations: Number of synthetic batches.
         seed: Seed of the synthetic inputs.
@@ -102,11 +108,7 @@ def verify(
     if not tolerance >= 0:
         raise LrcompileError(f"tolerance must be >= 0, got {tolerance}")
     engine = Path(candidate).suffix in (".engine", ".plan") if engine is None else engine
-    if engine and not Path(candidate).is_file():
-        raise ModelLoadError(f"{candidate}: no such file, expected a TensorRT engine")
-    ref_model = load_model(reference)
-    if not engine:
-        _check_same_signature(reference, candidate, ref_model, load_model(candidate))
+    ref_model = _load_pair(reference, candidate, engine)
     if feeds is None:
         feeds = data_lib.input_feeds(
             None if data is None else str(data),
@@ -116,13 +118,37 @@ def verify(
             batch_size=batch_size,
             iterations=iterations,
             seed=seed,
+            val_ranges=index_ranges(ref_model.graph) | dict(val_ranges or {}),
         )
     outputs = [value.name for value in ref_model.graph.outputs]
     with _quiet_polygraphy(), runtime_errors(f"{reference} vs {candidate}"):
         runners = _runners(reference, candidate, providers, engine)
         accumulators, count = _accumulate(_run_pair(runners, feeds.feeds), outputs, candidate)
+    _refuse_degenerate(reference, accumulators, feeds)
     metrics = tuple(accumulators[name].metrics(name, tolerance) for name in outputs)
-    return VerifyResult(metrics, tolerance, count, feeds.description)
+    return VerifyResult(metrics, tolerance, count, feeds.description, feeds.synthetic)
+
+
+def _refuse_degenerate(reference, accumulators, feeds) -> None:
+    """No verdict on a reference output that is not finite or identically zero on the data."""
+    for name, accumulator in accumulators.items():
+        problem = accumulator.reference_problem()
+        if problem is not None:
+            raise DataError(
+                f"{reference}: output {name!r} is {problem} on {feeds.description}: no verdict"
+                " can rest on it; pass --verify-data (or --calib) with inputs the model is meant"
+                " for, or --val-range to keep synthetic inputs in range"
+            )
+
+
+def _load_pair(reference, candidate, engine: bool):
+    """The reference model, after checking that the candidate exists and has its signature."""
+    if engine and not Path(candidate).is_file():
+        raise ModelLoadError(f"{candidate}: no such file, expected a TensorRT engine")
+    ref_model = load_model(reference)
+    if not engine:
+        _check_same_signature(reference, candidate, ref_model, load_model(candidate))
+    return ref_model
 
 
 def _accumulate(pairs, outputs, candidate) -> tuple[dict[str, ErrorAccumulator], int]:

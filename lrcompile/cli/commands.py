@@ -27,7 +27,7 @@ from lrcompile.cli.options import (
 )
 from lrcompile.cli.terminal import EXIT_FAILED, Progress, on_sigterm, user_errors
 from lrcompile.config import CHOICES, DEFAULT_ITERATIONS, CompileConfig
-from lrcompile.io.data import parse_input_shapes
+from lrcompile.io.data import parse_input_shapes, parse_val_ranges
 
 
 class _DefaultToCompile(click.Group):
@@ -63,6 +63,7 @@ def compile_command(model: Path, output: Path | None, report: Path | None, **opt
     """Factor the weights of MODEL and write the compressed model."""
     with user_errors():
         options["input_shapes"] = parse_input_shapes(options["input_shapes"])
+        options["val_ranges"] = parse_val_ranges(options["val_ranges"])
         config = CompileConfig(**options)
         with Progress() as progress:
             result = lrcompile.compile_model(model, output, config, progress=progress)
@@ -111,6 +112,7 @@ def verify_command(
     """Compare CANDIDATE's outputs with REFERENCE's; exit 1 when over the tolerance."""
     with user_errors():
         options["input_shapes"] = parse_input_shapes(options["input_shapes"])
+        options["val_ranges"] = parse_val_ranges(options["val_ranges"])
         names = [p.strip() for p in providers.split(",") if p.strip()]
         result = lrcompile.verify(reference, candidate, providers=names, **options)
     if json_path is not None and str(json_path) == "-":
@@ -162,6 +164,9 @@ def build_command(
     metavar="NAME:DxD,...",
     help="Shapes of synthetic inputs.",
 )
+@config_option(
+    "--val-range", field="val_ranges", multiple=True, metavar="NAME:LO,HI", help="Synthetic range."
+)
 @config_option("--batch-size", field="batch_size", type=int, help="Rows per batch.")
 @click.option(
     "--curve-points",
@@ -183,6 +188,7 @@ def inspect_command(
     """List MODEL's factorable weights, their spectra, and what --rank auto would walk."""
     with user_errors():
         options["input_shapes"] = parse_input_shapes(options["input_shapes"])
+        options["val_ranges"] = parse_val_ranges(options["val_ranges"])
         config = CompileConfig(rank="auto", **options)
         spectra = plot_dir is not None or config.calibrated
         result = lrcompile.inspect_model(model, config, spectra=spectra, curve_points=curve_points)

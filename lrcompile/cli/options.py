@@ -52,6 +52,13 @@ CHECK_OPTIONS = [
         metavar="NAME:DxD,...",
         help="Shapes of synthetic inputs with dynamic dimensions, e.g. input_ids:8x128.",
     ),
+    config_option(
+        "--val-range",
+        field="val_ranges",
+        multiple=True,
+        metavar="NAME:LO,HI",
+        help="Value range of a synthetic input (default [0,1]; index inputs: their table's rows).",
+    ),
     config_option("--batch-size", field="batch_size", type=int, help="Rows per batch."),
 ]
 

@@ -3,6 +3,7 @@ inspection, from the library's result objects. Only the CLI prints."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -109,18 +110,21 @@ def print_verification(result: VerifyResult) -> None:
     rows = [
         (
             o.name,
-            f"{o.relative_l2:.3e}",
-            f"{o.cosine:.6f}",
-            f"{o.max_abs_error:.3e}",
+            f"{o.relative_l2:.3e}" if o.finite else "non-finite",
+            f"{o.cosine:.6f}" if o.finite else "-",
+            f"{o.max_abs_error:.3e}" if o.finite else "-",
             "ok" if o.passed else "FAIL",
         )
         for o in result.outputs
     ]
     _echo_table(header, rows)
     verdict = "PASS" if result.passed else "FAIL"
+    worst = result.worst_relative_l2
+    error = f"{worst:.3e}" if math.isfinite(worst) else "non-finite output"
+    data = f"SYNTHETIC {result.data_source}" if result.synthetic else result.data_source
     click.echo(
-        f"verdict: {verdict} (worst relative L2 {result.worst_relative_l2:.3e}, tolerance"
-        f" {result.tolerance:g}, {result.batches} batches of {result.data_source})"
+        f"verdict: {verdict} (worst relative L2 {error}, tolerance {result.tolerance:g},"
+        f" {result.batches} batches of {data})"
     )
 
 

@@ -2,6 +2,12 @@
 
 An ``.npz`` holds one array per model input, samples along axis 0. Batches are slices along that
 axis: ``batch_size`` rows, or exactly the model's batch dimension when it is static.
+
+Synthetic data (Polygraphy's seeded ``DataLoader``): each value uniform in a range, inclusive:
+``[0, 1]`` for floats and integers by default; for an integer input that indexes a table (a
+``Gather``, found by ``lrcompile.passes.inputs``) ``[0, rows - 1]``; any input's range set by
+``val_ranges`` (``--val-range NAME:LO,HI``). Dynamic dimensions: ``--input-shapes``, else the
+leading one is the batch size and the others 1.
 """
 
 from __future__ import annotations
@@ -180,20 +186,66 @@ def _check_given_shape(spec: InputSpec, shape: tuple[int, ...]) -> None:
 
 
 def synthetic_feeds(
-    inputs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]], iterations: int, seed: int
+    inputs: Sequence[InputSpec],
+    shapes: Mapping[str, tuple[int, ...]],
+    iterations: int,
+    seed: int,
+    val_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> list[Feed]:
-    """Seeded random feeds from Polygraphy's ``DataLoader`` with the given concrete shapes."""
+    """Seeded random feeds from Polygraphy's ``DataLoader`` with the given concrete shapes, each
+    input uniform in its ``val_ranges`` entry (inclusive; ``[0, 1]`` without one).
+
+    Raises:
+        DataError: An input has a dtype ONNX Runtime cannot be fed from Python (bfloat16, FP8).
+    """
     from polygraphy.common import TensorMetadata
     from polygraphy.comparator import DataLoader
     from polygraphy.logger import G_LOGGER
 
     metadata = TensorMetadata()
     for spec in inputs:
+        if spec.dtype.kind == "V" or spec.dtype.name in _UNFEEDABLE:
+            raise DataError(
+                f"model input {spec.name!r} is {spec.dtype.name}: ONNX Runtime's Python API cannot"
+                " be fed such arrays, so no synthetic or .npz data can run this model here;"
+                " compile with --no-verify (factoring needs no data)"
+            )
         metadata.add(spec.name, spec.dtype, shapes[spec.name])
+    ranges = {name: tuple(bounds) for name, bounds in (val_ranges or {}).items()}
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # the library never prints
-        loader = DataLoader(seed=seed, iterations=iterations, input_metadata=metadata)
+        loader = DataLoader(
+            seed=seed, iterations=iterations, input_metadata=metadata, val_range=ranges or None
+        )
         feeds = [loader[index] for index in range(iterations)]
     return [{name: np.asarray(array) for name, array in feed.items()} for feed in feeds]
+
+
+# ml_dtypes types numpy knows but ONNX Runtime's Python API does not accept as inputs.
+_UNFEEDABLE = frozenset(
+    {"bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "int4"}
+)
+
+
+def parse_val_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Parses ``["input_ids:0,30521", "x:[-1,1]"]`` (Polygraphy's ``--val-range`` convention).
+
+    Raises:
+        DataError: An entry is not ``name:LO,HI`` with LO <= HI.
+    """
+    ranges = {}
+    for item in items:
+        name, _, bounds = item.rpartition(":")
+        parts = bounds.strip().strip("[]").split(",")
+        try:
+            low, high = (float(part) for part in parts)
+        except ValueError:
+            low, high = 1.0, 0.0
+        if not name or not low <= high:
+            raise DataError(
+                f"invalid value range {item!r}: expected NAME:LO,HI with LO <= HI, e.g. ids:0,999"
+            )
+        ranges[name] = (low, high)
+    return ranges
 
 
 def _format_shape(shape: Sequence[int | str | None]) -> str:
@@ -245,6 +297,7 @@ def input_feeds(
     batch_size: int,
     iterations: int,
     seed: int,
+    val_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> FeedSource:
     """Feeds from an ``.npz`` (``npz``), a data-loader script, or synthetic data (``npz`` None or
     ``"synthetic"``): what calibration and verification run on.
@@ -260,5 +313,8 @@ def input_feeds(
         arrays = load_npz(npz, inputs)
         return FeedSource(batches(arrays, inputs, batch_size), npz, False)
     resolved = resolve_shapes(inputs, shapes, batch_size)
-    feeds = list(synthetic_feeds(inputs, resolved, iterations, seed))
+    unknown = sorted(set(val_ranges or {}) - {spec.name for spec in inputs})
+    if unknown:
+        raise DataError(f"--val-range: {unknown[0]!r} is not a model input")
+    feeds = list(synthetic_feeds(inputs, resolved, iterations, seed, val_ranges))
     return FeedSource(feeds, f"synthetic inputs (seed {seed})", True)

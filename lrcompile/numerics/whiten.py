@@ -62,6 +62,24 @@ def whitening_from_gram(gram: np.ndarray) -> Whitening:
     raise ValueError("the Gram matrix is not positive definite even with jitter")
 
 
+def numerical_rank(gram: np.ndarray, tolerance: float = 1e-12) -> int:
+    """The number of eigenvalues of the Gram matrix above ``tolerance`` times the largest.
+
+    A Cholesky factor without jitter gives it from its pivots (``L_ii^2``, the Schur
+    complements), at a third of an eigendecomposition's cost; a singular matrix, whose Cholesky
+    fails, is counted from its eigenvalues.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    top = float(np.max(np.diag(gram))) if gram.size else 0.0
+    if top <= 0.0:
+        return 0
+    lower = _cholesky((gram + gram.T) / 2)
+    if lower is not None:
+        return int(np.sum(np.square(np.diag(lower)) > tolerance * top))
+    eigenvalues = np.linalg.eigvalsh((gram + gram.T) / 2)
+    return int(np.sum(eigenvalues > tolerance * eigenvalues[-1]))
+
+
 def _cholesky(matrix: np.ndarray) -> np.ndarray | None:
     try:
         return np.linalg.cholesky(matrix)

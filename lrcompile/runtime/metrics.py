@@ -22,10 +22,21 @@ class OutputMetrics:
     """How far one candidate output is from the reference over all data."""
 
     name: str
-    relative_l2: float
+    relative_l2: float  # inf when the candidate's output is not finite
     cosine: float
     max_abs_error: float
     passed: bool
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.relative_l2)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: a non-finite candidate output gives nulls and ``"non_finite": true``."""
+        data = dataclasses.asdict(self)
+        if not self.finite:
+            data.update(relative_l2=None, cosine=None, max_abs_error=None)
+        return data | {"non_finite": not self.finite}
 
 
 @dataclasses.dataclass
@@ -37,10 +48,16 @@ class ErrorAccumulator:
     cand_sq: float = 0.0
     dot: float = 0.0
     max_abs: float = 0.0
+    ref_finite: bool = True
+    cand_finite: bool = True
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         ref = np.asarray(reference, dtype=np.float64).ravel()
         cand = np.asarray(candidate, dtype=np.float64).ravel()
+        self.ref_finite = self.ref_finite and bool(np.all(np.isfinite(ref)))
+        self.cand_finite = self.cand_finite and bool(np.all(np.isfinite(cand)))
+        if not (self.ref_finite and self.cand_finite):
+            return
         diff = cand - ref
         self.diff_sq += float(diff @ diff)
         self.ref_sq += float(ref @ ref)
@@ -49,7 +66,17 @@ class ErrorAccumulator:
         if diff.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
 
+    def reference_problem(self) -> str | None:
+        """Why the reference cannot support a verdict (None when it can)."""
+        if not self.ref_finite:
+            return "not finite (NaN or Inf)"
+        if self.ref_sq == 0:
+            return "identically zero"
+        return None
+
     def metrics(self, name: str, tolerance: float) -> OutputMetrics:
+        if not self.cand_finite:
+            return OutputMetrics(name, math.inf, math.nan, math.inf, False)
         if self.ref_sq > 0:
             rel = math.sqrt(self.diff_sq / self.ref_sq)
         else:
