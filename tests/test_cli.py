@@ -246,3 +246,32 @@ def test_progress_bar_only_on_a_terminal(monkeypatch):
                 progress("factoring", done, 3, f"w{done}")
         text = stream.getvalue()
         assert ("calibrating" in text and "factoring" in text and "3/3" in text) is shown, text
+
+
+def test_verbose_before_the_model_and_usage_errors_in_one_line(mlp):
+    runner = CliRunner()
+    result = runner.invoke(cli.main, ["-v", str(mlp), "--rank", "16", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    for args in (["--rank", "16", "--decomposition", "foo"], []):
+        result = runner.invoke(cli.main, [str(mlp), *args])
+        assert result.exit_code == 2
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith("lrcompile: error: ") and "--help" in line
+
+
+def test_a_bug_exits_3_in_one_line_with_the_traceback_under_verbose(mlp, monkeypatch):
+    import lrcompile
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something impossible")
+
+    monkeypatch.setattr(lrcompile, "compile_model", broken)
+    result = CliRunner().invoke(cli.main, [str(mlp), "--rank", "16"])
+    assert result.exit_code == 3
+    (line,) = result.output.strip().splitlines()
+    assert line == (
+        "lrcompile: internal error: RuntimeError: something impossible (a bug in lrcompile;"
+        " run with -v for the traceback)"
+    )
+    verbose = CliRunner().invoke(cli.main, ["-v", str(mlp), "--rank", "16"])
+    assert verbose.exit_code == 3 and "Traceback (most recent call last)" in verbose.output

@@ -354,3 +354,14 @@ def test_gemm_before_opset_11_is_left_alone(rng):
     assert [(layer.status, layer.reason) for layer in result.layers] == [
         ("skipped", "Gemm before opset 11 requires its C input; upgrade")
     ]
+
+
+def test_a_fraction_spec_below_one_rank_multiple_leaves_the_layer_dense(rng):
+    model = make_model(
+        "g (float[N, 64] x) => (float[N, 96] y) { y = MatMul(x, W) }",
+        {"W": low_rank_matrix(rng, 64, 96)},
+    )
+    result, _ = _apply(model, "0.1")
+    (layer,) = result.layers
+    assert layer.status == "dense" and not result.modified
+    assert layer.reason == "0.1 of the layer is less than one rank multiple"

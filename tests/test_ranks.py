@@ -112,3 +112,9 @@ def test_bad_override_files(tmp_path, content, suffix, message):
 def test_missing_override_file(tmp_path):
     with pytest.raises(RankSpecError, match="cannot read the override file"):
         override_files.load_overrides(tmp_path / "none.yaml")
+
+
+def test_a_fraction_below_one_rank_multiple_keeps_the_layer_dense():
+    # 0.1 of a 64x96 layer's parameters is rank 3: less than one multiple of 16, never 16.
+    assert ranks.choose_rank(RankSpec("fraction", 0.1), 64, 96, multiple=16) == 0
+    assert ranks.choose_rank(RankSpec("fraction", 0.1), 64, 96, multiple=1) == 3

@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import click
@@ -25,18 +26,63 @@ from lrcompile.cli.options import (
     config_option,
     with_options,
 )
-from lrcompile.cli.terminal import EXIT_FAILED, Progress, on_sigterm, user_errors
+from lrcompile.cli.terminal import (
+    EXIT_FAILED,
+    EXIT_INTERNAL,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    Progress,
+    on_sigterm,
+    user_errors,
+)
 from lrcompile.config import CHOICES, DEFAULT_ITERATIONS, CompileConfig
 from lrcompile.io.data import parse_input_shapes, parse_val_ranges
 
 
+_VERBOSITY = [0]  # -v count of the running command, for the internal-error handler
+
+
 class _DefaultToCompile(click.Group):
-    """A group where ``lrcompile MODEL ...`` means ``lrcompile compile MODEL ...``."""
+    """A group where ``lrcompile [-v] MODEL ...`` means ``lrcompile [-v] compile MODEL ...``, usage
+    errors are one line (exit 2), and a bug is one line with its own exit code (3), its
+    traceback under ``-v``."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
-            args = ["compile", *args]
+        position = 0
+        while position < len(args) and args[position] in ("-v", "-vv", "-vvv", "--verbose"):
+            position += 1
+        rest = args[position:]
+        if rest and rest[0] not in self.commands and rest[0] not in ("--help", "-h", "--version"):
+            args = [*args[:position], "compile", *rest]
         return super().parse_args(ctx, args)
+
+    def main(self, *args, **kwargs):
+        _VERBOSITY[0] = 0
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx is not None else "lrcompile"
+            click.echo(
+                f"lrcompile: error: {error.format_message()} (see {command} --help)", err=True
+            )
+            sys.exit(EXIT_USAGE)
+        except click.Abort:
+            click.echo("lrcompile: interrupted; no output written", err=True)
+            sys.exit(EXIT_SIGINT)
+        except click.ClickException as error:
+            click.echo(f"lrcompile: error: {error.format_message()}", err=True)
+            sys.exit(EXIT_USAGE)
+        except Exception as error:  # a bug: never an exit code that means a verdict or bad input
+            if _VERBOSITY[0]:
+                traceback.print_exc()
+            click.echo(
+                f"lrcompile: internal error: {type(error).__name__}: {error} (a bug in lrcompile;"
+                " run with -v for the traceback)",
+                err=True,
+            )
+            sys.exit(EXIT_INTERNAL)
 
 
 @click.group(cls=_DefaultToCompile, context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,6 +94,7 @@ def main(verbose: int) -> None:
     Run `lrcompile MODEL --rank SPEC` to compile (same as `lrcompile compile ...`).
     """
     signal.signal(signal.SIGTERM, on_sigterm)
+    _VERBOSITY[0] = verbose
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr

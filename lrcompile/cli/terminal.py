@@ -12,6 +12,7 @@ from lrcompile.errors import LrcompileError
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3  # a bug in lrcompile: one line, the traceback under -v
 EXIT_SIGINT = 130  # 128 + SIGINT, as shells report it
 EXIT_SIGTERM = 143  # 128 + SIGTERM
 

@@ -56,11 +56,12 @@ class ErrorAccumulator:
         cand = np.asarray(candidate, dtype=np.float64).ravel()
         self.ref_finite = self.ref_finite and bool(np.all(np.isfinite(ref)))
         self.cand_finite = self.cand_finite and bool(np.all(np.isfinite(cand)))
+        if self.ref_finite:
+            self.ref_sq += float(ref @ ref)  # judged on its own: is the reference usable
         if not (self.ref_finite and self.cand_finite):
             return
         diff = cand - ref
         self.diff_sq += float(diff @ diff)
-        self.ref_sq += float(ref @ ref)
         self.cand_sq += float(cand @ cand)
         self.dot += float(ref @ cand)
         if diff.size:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -74,7 +75,16 @@ class AutoResult:
             "ranks": self.ranks,
             "sensitivities": self.sensitivities,
             "seconds": self.seconds,
-            "steps": [dataclasses.asdict(step) for step in self.steps],
+            # A probe whose outputs went non-finite measured no error: null, never NaN/Infinity.
+            "steps": [
+                dataclasses.asdict(step)
+                | {
+                    "measured_error": step.measured_error
+                    if math.isfinite(step.measured_error)
+                    else None
+                }
+                for step in self.steps
+            ],
             "path": [
                 {"cost_ratio": a.cost_ratio, "predicted_error": a.predicted_error}
                 for a in self.path
