@@ -38,7 +38,6 @@ from lrcompile.cli.terminal import (
 from lrcompile.config import CHOICES, DEFAULT_ITERATIONS, CompileConfig
 from lrcompile.io.data import parse_input_shapes, parse_val_ranges
 
-
 _VERBOSITY = [0]  # -v count of the running command, for the internal-error handler
 
 
