@@ -67,3 +67,42 @@ def test_bad_grams_are_refused():
         whiten.whitening_from_gram(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="NaN"):
         whiten.whitening_from_gram(np.full((2, 2), np.nan))
+
+
+def test_whitened_factors_are_balanced_and_signed(rng):
+    # Activations of scale 30 (as in real hidden states): L^-T alone would shrink the left factor.
+    x = _activations(rng, 2000, 48) * 30
+    w = rng.standard_normal((48, 40)).astype(np.float32) * 0.05
+    white = whiten.whitening_from_gram(whiten.accumulate_gram(None, x) / len(x))
+    f = whiten.factorize_whitened(w, 16, white)
+    np.testing.assert_allclose(
+        np.linalg.norm(f.left, axis=0), np.linalg.norm(f.right, axis=1), rtol=1e-5
+    )
+    ratio = np.abs(f.left).max() / np.abs(f.right).max()
+    assert 0.1 < ratio < 10
+    u, _, _ = whiten.whitened_svd(w, white)
+    assert np.all(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])] > 0)
+
+
+def test_whitened_factors_do_not_depend_on_the_number_of_calibration_rows(tmp_path, rng):
+    import onnx
+    from onnx import numpy_helper
+
+    import lrcompile
+    from tests.conftest import make_model, save
+
+    model = make_model(
+        "g (float[N, 48] x) => (float[N, 40] y) { y = MatMul(x, W) }",
+        {"W": rng.standard_normal((48, 40)).astype(np.float32)},
+    )
+    path = save(model, tmp_path / "m.onnx")
+    x = _activations(rng, 256, 48)
+    factors = []
+    for copies in (1, 4):
+        np.savez(tmp_path / "c.npz", x=np.concatenate([x] * copies))
+        out = tmp_path / f"o{copies}.onnx"
+        lrcompile.compile_model(path, out, rank="16", calib=str(tmp_path / "c.npz"), verify=False)
+        inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+        factors.append((inits["W_lr_A"], inits["W_lr_B"]))
+    for once, four_times in zip(*factors, strict=True):
+        np.testing.assert_allclose(once, four_times, rtol=1e-4, atol=1e-6)

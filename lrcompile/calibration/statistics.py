@@ -66,13 +66,12 @@ class Calibration:
         return FeedSource(self.feeds, self.source, self.synthetic)
 
     def gram(self, group: WeightGroup) -> np.ndarray | None:
-        """``X^T X`` of everything the group's weight multiplies (summed over its nodes)."""
-        grams = [
-            self.stats.get(_activation_key(node), ActivationStats()).gram for node in group.nodes
-        ]
-        if any(g is None for g in grams):
+        """``X^T X / rows`` of everything the group's weight multiplies (over all its nodes): a
+        mean, so that whitened factors do not depend on how many calibration rows there were."""
+        stats = [self.stats.get(_activation_key(node), ActivationStats()) for node in group.nodes]
+        if any(stat.gram is None for stat in stats):
             return None
-        return np.sum(grams, axis=0)
+        return np.sum([stat.gram for stat in stats], axis=0) / max(sum(s.rows for s in stats), 1)
 
     def degenerate_output(self) -> tuple[str, str] | None:
         """``(output, problem)`` when a reference output is not finite or identically zero."""

@@ -61,7 +61,7 @@ def choose_method(shape: tuple[int, int], rank: int) -> Method:
 def svd_exact(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thin SVD ``w = u @ diag(s) @ vt`` in the compute dtype, with deterministic signs."""
     u, s, vt = np.linalg.svd(np.asarray(w, dtype=compute_dtype(w.dtype)), full_matrices=False)
-    return _fix_signs(u, s, vt)
+    return fix_signs(u, s, vt)
 
 
 def svd_randomized(
@@ -88,7 +88,7 @@ def svd_randomized(
         z, _ = np.linalg.qr(w.T @ q)
         q, _ = np.linalg.qr(w @ z)
     ub, s, vt = np.linalg.svd(q.T @ w, full_matrices=False)
-    u, s, vt = _fix_signs(q @ ub[:, :rank], s[:rank], vt[:rank])
+    u, s, vt = fix_signs(q @ ub[:, :rank], s[:rank], vt[:rank])
     return u, s, vt
 
 
@@ -152,9 +152,10 @@ def relative_error(w: np.ndarray, left: np.ndarray, right: np.ndarray, *, rows: 
     return float(np.sqrt(max(w_sq - 2.0 * cross + ab_sq, 0.0) / w_sq))
 
 
-def _fix_signs(
+def fix_signs(
     u: np.ndarray, s: np.ndarray, vt: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The SVD with each pair of singular vectors signed so that ``u``'s largest entry is > 0."""
     # Singular vectors are defined up to sign; pinning the sign of each column's largest entry
     # makes the factors independent of LAPACK's internal choices.
     pivot = u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])]
@@ -177,4 +178,4 @@ def _svd_cuda(
     else:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         u, s, vt = u[:, :rank], s[:rank], vh[:rank]
-    return _fix_signs(u.cpu().numpy(), s.cpu().numpy(), vt.contiguous().cpu().numpy())
+    return fix_signs(u.cpu().numpy(), s.cpu().numpy(), vt.contiguous().cpu().numpy())

@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from lrcompile.numerics.decompose import Factorization, compute_dtype
+from lrcompile.numerics.decompose import Factorization, compute_dtype, fix_signs
 
 _JITTER_START = 1e-8
 _JITTER_TRIES = 12
@@ -62,6 +62,15 @@ def whitening_from_gram(gram: np.ndarray) -> Whitening:
     raise ValueError("the Gram matrix is not positive definite even with jitter")
 
 
+def balance(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``left @ right`` unchanged, each column of ``left`` with the norm of its row of ``right``."""
+    left_norms = np.linalg.norm(left, axis=0)
+    right_norms = np.linalg.norm(right, axis=1)
+    scale = np.sqrt(np.where(left_norms > 0, right_norms / np.maximum(left_norms, 1e-300), 1.0))
+    scale = np.where(scale > 0, scale, 1.0)
+    return left * scale, right / scale[:, np.newaxis]
+
+
 def numerical_rank(gram: np.ndarray, tolerance: float = 1e-12) -> int:
     """The number of eigenvalues of the Gram matrix above ``tolerance`` times the largest.
 
@@ -88,11 +97,11 @@ def _cholesky(matrix: np.ndarray) -> np.ndarray | None:
 
 
 def whitened_svd(w: np.ndarray, whitening: Whitening) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The thin SVD of ``L^T W`` (float64)."""
+    """The thin SVD of ``L^T W`` (float64), with deterministic signs."""
     u, s, vt = np.linalg.svd(
         whitening.lower.T @ np.asarray(w, dtype=np.float64), full_matrices=False
     )
-    return u, s, vt
+    return fix_signs(u, s, vt)
 
 
 def factorize_whitened(
@@ -104,8 +113,11 @@ def factorize_whitened(
 ) -> Factorization:
     """Rank-``rank`` factors minimizing the output error on the calibration activations.
 
-    ``left = L^{-T} U_r sqrt(S_r)`` and ``right = sqrt(S_r) V_r^T``. ``kept_energy`` and
-    ``total_energy`` are in output space: ``total_energy = ||X W||_F^2``.
+    ``left = L^{-T} U_r sqrt(S_r)`` and ``right = sqrt(S_r) V_r^T``, then balanced: each rank
+    component's column of ``left`` and row of ``right`` get the same norm (``L^{-T}`` scales the
+    left side by the activations' scale, which would put it orders of magnitude below the right
+    side, below fp16's normal range). ``kept_energy`` and ``total_energy`` are in output space:
+    ``total_energy = ||X W||_F^2`` for ``G = X^T X``.
 
     Args:
         w: The weight ``[K, N]``.
@@ -120,6 +132,7 @@ def factorize_whitened(
     root = np.sqrt(s[:rank])
     left = np.linalg.solve(whitening.lower.T, u[:, :rank] * root)
     right = root[:, np.newaxis] * vt[:rank]
+    left, right = balance(left, right)
     dtype = compute_dtype(w.dtype)
     return Factorization(
         np.ascontiguousarray(left, dtype=dtype),
