@@ -146,3 +146,70 @@ def test_blocks_sharing_a_quantized_input(tmp_path, rng):
         strict=True,
     ):
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(("opset", "fp8"), [(21, True), (12, False)])
+def test_function_bodies_use_the_models_opset(tmp_path, rng, opset, fp8):
+    model = make_model(
+        "g (float[N, 64] x) => (float[N, 48] y) { y = MatMul(x, W) }",
+        {"W": low_rank_matrix(rng, 64, 48, 0.8)},
+        opset=opset,
+    )
+    path = save(model, tmp_path / "m.onnx")
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    options = {"fp8": True} if fp8 else {}
+    plain = _compile(path, tmp_path / "c.npz", "plain.onnx", **options)
+    fused = _compile(path, tmp_path / "c.npz", "fused.onnx", plugin=True, **options)
+    onnx.checker.check_model(fused, full_check=True)
+    assert [n.op_type for n in fused.graph.node] == ["LowRankGemm"]
+    (function,) = fused.functions
+    assert {o.domain: o.version for o in function.opset_import}[""] == opset
+    np.testing.assert_array_equal(
+        create_session(fused).run(None, {"x": x})[0], create_session(plain).run(None, {"x": x})[0]
+    )
+
+
+@pytest.mark.parametrize("c_shape", [(1, 48), (), (48,)])
+def test_gemm_beta_and_broadcast_bias_reach_the_plugin_as_one_vector(tmp_path, rng, c_shape):
+    model = make_model(
+        "g (float[N, 64] x) => (float[N, 48] y) { y = Gemm<beta = 0.5>(x, W, C) }",
+        {
+            "W": low_rank_matrix(rng, 64, 48, 0.8),
+            "C": rng.standard_normal(c_shape).astype(np.float32),
+        },
+    )
+    path = save(model, tmp_path / "m.onnx")
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    plain = _compile(path, tmp_path / "c.npz", "plain.onnx")
+    fused = _compile(path, tmp_path / "c.npz", "fused.onnx", plugin=True)
+    onnx.checker.check_model(fused, full_check=True)
+    (call,) = fused.graph.node
+    assert call.op_type == "LowRankGemm"
+    bias = {t.name: onnx.numpy_helper.to_array(t) for t in fused.graph.initializer}[call.input[7]]
+    c = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}["C"]
+    np.testing.assert_array_equal(bias, np.broadcast_to(c * np.float32(0.5), (1, 48))[0])
+    np.testing.assert_allclose(
+        create_session(fused).run(None, {"x": x})[0],
+        create_session(plain).run(None, {"x": x})[0],
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_a_full_matrix_gemm_bias_is_left_unfused_with_a_reason(rng):
+    model = make_model(
+        "g (float[4, 64] x) => (float[4, 48] y) { y = Gemm(x, W, C) }",
+        {
+            "W": low_rank_matrix(rng, 64, 48, 0.8),
+            "C": rng.standard_normal((4, 48)).astype(np.float32),
+        },
+    )
+    ir_model = ir.serde.deserialize_model(model)
+    FactorizeLowRankPass(RankSpec.parse("16"))(ir_model)
+    result = EmitLowRankGemmPass()(ir_model)
+    assert not result.modified
+    assert result.skipped == [
+        ("y_lr_B", "its Gemm bias C of shape [4, 48] is not one value per output ([48])")
+    ]

@@ -50,7 +50,7 @@ class _Block:
 
     nodes: tuple[ir.Node, ...]
     output: ir.Value
-    inputs: dict[str, ir.Value | None]
+    inputs: dict[str, ir.Value | np.ndarray | None]  # bias: a new [N] array for beta * C
     zero_shapes: tuple[tuple[int, ...], tuple[int, ...]]
     rank: int
     fp8: bool
@@ -72,7 +72,8 @@ class EmitLowRankGemmPass(ir.passes.InPlacePass):
                 continue
             overload = _overload(block)
             if overload not in functions:
-                functions[overload] = _function(block, overload)
+                opset = model.opset_imports.get("", 1)
+                functions[overload] = _function(block, overload, opset)
                 model.functions[functions[overload].identifier()] = functions[overload]
             _replace(graph, block, overload)
             replaced.append(second.name or block.output.name or "")
@@ -112,6 +113,8 @@ def _find_block(second: ir.Node) -> tuple[_Block | None, str]:
         return None, "only partly quantized"
     nodes = [n for n in (q_x, dq_x, dq_a, first, q_mid, dq_mid, dq_b, second) if n is not None]
     output, bias = second.outputs[0], _gemm_bias(second)
+    if isinstance(bias, str):
+        return None, bias
     if bias is None:
         add, bias = _bias_add(output)
         if add is not None:
@@ -142,10 +145,23 @@ def _weight(value: ir.Value) -> tuple[ir.Value, ir.Value | None, ir.Node | None]
     return (dq.inputs[0], dq.inputs[1], dq) if dq is not None else (value, None, None)
 
 
-def _gemm_bias(node: ir.Node) -> ir.Value | None:
+def _gemm_bias(node: ir.Node) -> ir.Value | np.ndarray | str | None:
+    """The Gemm's bias as the kernel takes it, ``beta * C`` of shape ``[N]``: ``C`` itself when it
+    is already that, else a new array; a string says why the bias cannot be fused."""
     if node.op_type != "Gemm" or len(node.inputs) < 3 or node.inputs[2] is None:
         return None
-    return node.inputs[2]
+    c, beta = node.inputs[2], node.attributes.get_float("beta", 1.0)
+    tensor = ir.convenience.get_const_tensor(c)
+    if tensor is None:
+        return "its Gemm bias C is computed at run time"
+    shape = tuple(int(d) for d in tensor.shape)
+    n = int(node.inputs[1].shape[-1])
+    if shape == (n,) and beta == 1.0:
+        return c
+    if shape not in ((), (1,), (n,), (1, n)):
+        return f"its Gemm bias C of shape {list(shape)} is not one value per output ([{n}])"
+    array = tensor.numpy()
+    return np.broadcast_to(array * np.asarray(beta, array.dtype), (1, n))[0].copy()
 
 
 def _bias_add(value: ir.Value) -> tuple[ir.Node | None, ir.Value | None]:
@@ -169,15 +185,19 @@ def _shape(value: ir.Value | None) -> tuple[int, ...]:
 
 
 def _overload(block: _Block) -> str:
-    parts = ["fp8" if block.fp8 else "float", "bias" if block.inputs["bias"] else "nobias"]
+    has_bias = block.inputs["bias"] is not None
+    parts = ["fp8" if block.fp8 else "float", "bias" if has_bias else "nobias"]
     a_zero, b_zero = block.zero_shapes
     if a_zero or b_zero:
         parts.append(f"pc{'x'.join(map(str, a_zero))}_{'x'.join(map(str, b_zero))}")
+    second = next(n for n in block.nodes if n.metadata_props.get(FACTOR_KEY) == "B")
+    if second.op_type == "Gemm":  # a Gemm body differs from MatMul (+ Add)
+        parts.append("gemm")
     return "_".join(parts)
 
 
-def _function(block: _Block, overload: str) -> ir.Function:
-    """The body: exactly the block, on the eight function inputs."""
+def _function(block: _Block, overload: str, opset: int) -> ir.Function:
+    """The body: exactly the block, on the eight function inputs, at the model's opset."""
     inputs = [ir.Value(name=name) for name in INPUTS]
     x, x_scale, a, a_scale, mid_scale, b, b_scale, bias = inputs
     nodes: list[ir.Node] = []
@@ -206,12 +226,14 @@ def _function(block: _Block, overload: str) -> ir.Function:
         mid = add("DequantizeLinear", [add("QuantizeLinear", [mid, mid_scale, zm]), mid_scale, zm])
     if second.op_type == "Gemm" and block.inputs["bias"] is not None:
         attributes = {k: v.value for k, v in second.attributes.items()}
+        if isinstance(block.inputs["bias"], np.ndarray):
+            attributes["beta"] = 1.0  # the bias input already is beta * C
         output = add("Gemm", [mid, b, bias], attributes)
     else:
         output = matmul(second, mid, b)
         if block.inputs["bias"] is not None:
             output = add("Add", [output, bias])
-    graph = ir.Graph(inputs, [output], nodes=nodes, opset_imports={"": 19})
+    graph = ir.Graph(inputs, [output], nodes=nodes, opset_imports={"": opset})
     attributes = [
         ir.Attr("rank", ir.AttributeType.INT, 0),
         ir.Attr("has_bias", ir.AttributeType.INT, 0),
@@ -231,6 +253,9 @@ def _replace(graph: ir.Graph, block: _Block, overload: str) -> None:
     values = dict(block.inputs)
     for name in ("x_scale", "a_scale", "mid_scale", "b_scale"):
         values[name] = values[name] or one
+    if isinstance(values["bias"], np.ndarray):  # beta * C as one [N] vector
+        name = f"{block.nodes[-1].name or block.output.name}_bias"
+        values["bias"] = _shared(graph, name, values["bias"])
     if values["bias"] is None:
         n = int(block.inputs["b"].shape[-1])
         values["bias"] = _shared(graph, f"lrcompile_zero_bias_{n}", np.zeros(n, one.dtype.numpy()))
