@@ -371,3 +371,38 @@ def test_auto_with_fp8_on_a_model_with_external_data(tmp_path, rng):
     outputs = [create_session(r.output_path).run(None, {"x": x})[0] for r in results]
     np.testing.assert_array_equal(outputs[0], outputs[1])
     assert {t.name for t in results[0].fp8.tensors} == {t.name for t in results[1].fp8.tensors}
+
+
+def test_fp8_scope_all_quantizes_constant_node_and_transposed_gemm_weights(tmp_path, rng):
+    # A dense weight held by a Constant node, and a dense Gemm(transB=1) weight [N, K] quantized
+    # per output channel: axis 0 there (axis 1 would be per input channel).
+    w0 = low_rank_matrix(rng, 64, 64, decay=0.8)
+    w1 = rng.standard_normal((64, 8)).astype(np.float32)
+    w2 = (rng.standard_normal((8, 8)) * np.linspace(0.1, 10, 8)[:, None]).astype(np.float32)
+    values = ", ".join(f"{v:.9g}" for v in w1.ravel())
+    text = """g (float[N, 64] x) => (float[N, 8] y) {
+        h0 = MatMul(x, W0)
+        w1 = Constant<value = float[64, 8] {VALUES}>()
+        h = MatMul(h0, w1)
+        y = Gemm<transB = 1>(h, W2)
+    }"""
+    model = make_model(text.replace("VALUES", values), {"W0": w0, "W2": w2})
+    path = save(model, tmp_path / "m.onnx")
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    result = lrcompile.compile_model(
+        path, tmp_path / "q.onnx", rank="16", calib=str(tmp_path / "c.npz"), fp8=True,
+        fp8_scope="all", fp8_weights="per-channel", verify=False,
+    )  # fmt: skip
+    assert [layer.status for layer in result.layers] == ["factored", "dense", "dense"]
+    out = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    (gemm_dq,) = [
+        n for n in out.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W2_fp8"
+    ]
+    assert {a.name: a.i for a in gemm_dq.attribute}["axis"] == 0
+    np.testing.assert_allclose(inits[gemm_dq.input[1]], np.abs(w2).max(axis=1) / 448, rtol=1e-6)
+    assert len([t for t in result.fp8.tensors if t.kind == "weight"]) == 4  # A, B, w1, W2
+    y_ref = create_session(path).run(None, {"x": x})[0]
+    y = create_session(tmp_path / "q.onnx").run(None, {"x": x})[0]
+    assert np.linalg.norm(y - y_ref) / np.linalg.norm(y_ref) < 0.15
