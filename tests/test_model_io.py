@@ -193,3 +193,33 @@ def test_external_offset_out_of_range(mlp, tmp_path, offset):
     onnx.save(model, str(source))
     with pytest.raises(ModelLoadError, match=r"lies outside 'weights\.bin'"):
         model_io.load_model(source)
+
+
+def test_external_data_linked_from_outside_the_folder_is_refused_with_the_fix(tmp_path, rng):
+    # The Hugging Face cache layout: snapshots/<hash>/model.onnx_data -> ../../blobs/<sha>.
+    import os
+
+    from lrcompile.io.model import load_model
+    from tests.conftest import make_model, save
+
+    snapshot = tmp_path / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "blobs").mkdir()
+    model = make_model(
+        "g (float[N, 8] x) => (float[N, 8] y) { y = MatMul(x, W) }",
+        {"W": rng.standard_normal((8, 8)).astype(np.float32)},
+    )
+    path = save(
+        model, snapshot / "model.onnx", save_as_external_data=True, location="model.onnx_data",
+        size_threshold=0,
+    )  # fmt: skip
+    os.rename(snapshot / "model.onnx_data", tmp_path / "blobs" / "sha")
+    os.symlink("../../blobs/sha", snapshot / "model.onnx_data")
+    with pytest.raises(ModelLoadError, match=r"is a symbolic link to .*blobs/sha, outside the"):
+        load_model(path)
+    # Even a link inside the folder is refused (by ONNX's checker): data files are real files.
+    os.remove(snapshot / "model.onnx_data")
+    os.rename(tmp_path / "blobs" / "sha", snapshot / "data.bin")
+    os.symlink("data.bin", snapshot / "model.onnx_data")
+    with pytest.raises(ModelLoadError, match="symbolic link"):
+        load_model(path)

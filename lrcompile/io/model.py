@@ -267,10 +267,19 @@ def _check_external_reference(model_path: Path, tensor: onnx.TensorProto) -> Non
         raise ModelLoadError(f"{where}: external data without a 'location'")
     folder = model_path.parent.resolve()
     target = (folder / location).resolve()
-    if os.path.isabs(location) or not target.is_relative_to(folder):
+    lexical = Path(os.path.normpath(folder / location))
+    if os.path.isabs(location) or not lexical.is_relative_to(folder):
         raise ModelLoadError(
             f"{where}: external data location {location!r} points outside the model's folder"
             f" {folder}; expected a relative path inside it"
+        )
+    if not target.is_relative_to(folder):
+        # A link out of the folder (the Hugging Face cache's ../../blobs/ layout): refused, as
+        # ONNX Runtime refuses it, since a link can point anywhere (CVE-2024-27318).
+        raise ModelLoadError(
+            f"{where}: external data {location!r} is a symbolic link to {target}, outside the"
+            f" model's folder {folder}; ONNX Runtime refuses such links too: copy the model and"
+            " its data into one folder (e.g. huggingface-cli download REPO --local-dir DIR)"
         )
     if not target.is_file():
         raise ModelLoadError(f"{where}: external data file {location!r} is missing")
