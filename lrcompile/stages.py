@@ -127,6 +127,7 @@ def plan_calibration(
         return Calibrated(prepared, None, (tuple(prepared.groups),))
     source = calibration_source(prepared, config)
     if not auto:
+        _warn_if_synthetic(source)
         return Calibrated(prepared, source, memory_chunks(prepared.model, prepared.groups))
     plan = Calibrated(prepared, source, (tuple(prepared.groups),))
     on_batch = _stage(progress, "calibrating")
@@ -145,6 +146,7 @@ def search(
         return factorize, None
     prepared, statistics = plan.prepared, plan.statistics
     _check_calibration(statistics, prepared, plan.source)
+    _warn_if_synthetic(plan.source)  # after the check: a refusal is the one line the user sees
     # auto compiles many candidates from the same SVDs: cache them (memory grows with the model).
     factorize = dataclasses.replace(
         factorize, whitening=statistics.whitening(prepared.groups), cache={}
@@ -229,18 +231,20 @@ def _check_calibration(statistics: Calibration, prepared: Prepared, source) -> N
 
 
 def calibration_source(prepared: Prepared, config: CompileConfig) -> data_lib.FeedSource:
-    """The calibration feeds ``config`` names (synthetic when it names none, with a warning).
+    """The calibration feeds ``config`` names (synthetic when it names none).
 
     Raises:
         DataError: The data does not fit the model.
     """
-    source = feeds(prepared, config, config.calib, config.calib_script)
+    return feeds(prepared, config, config.calib, config.calib_script)
+
+
+def _warn_if_synthetic(source: data_lib.FeedSource) -> None:
     if source.synthetic:
         logger.warning(
             "calibrating on SYNTHETIC inputs: random data makes a weak calibration and an"
             " untrustworthy 'auto' search; pass --calib FILE.npz or --calib-script FILE.py"
         )
-    return source
 
 
 def memory_chunks(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[tuple, ...]:

@@ -81,3 +81,27 @@ def test_fp8_with_auto_meets_the_tolerance_on_heldout(tmp_path_factory):
     tensors = result.compile.fp8.tensors
     assert sum(t.kind == "weight" for t in tensors) >= 36
     assert result.compile.auto.measured_error <= 0.08
+
+
+def test_auto_without_calibration_data_refuses_or_holds_on_heldout_text(demo, tmp_path):
+    # The card's command, no calibration data: either one line and exit 2, or a model whose
+    # error on the held-out sentences is at most 0.15 (never a PASS that real text breaks).
+    from click.testing import CliRunner
+
+    from lrcompile import cli
+    from lrcompile.demo.minilm import embed
+
+    _, workdir = demo
+    out = tmp_path / "nocalib.onnx"
+    args = [str(workdir / "minilm.onnx"), "--rank", "auto", "--tolerance", "0.1", "-o", str(out)]
+    result = CliRunner().invoke(cli.main, args)
+    if result.exit_code == 2:
+        (line,) = result.output.strip().splitlines()
+        assert line.startswith("lrcompile: error: ") and "--calib" in line
+        assert not out.exists()
+        return
+    assert result.exit_code == 0, result.output
+    heldout = dict(np.load(workdir / "heldout.npz"))
+    reference = embed(workdir / "minilm.onnx", heldout)
+    candidate = embed(out, heldout)
+    assert np.linalg.norm(candidate - reference) / np.linalg.norm(reference) <= 0.15

@@ -121,7 +121,13 @@ def print_verification(result: VerifyResult) -> None:
     verdict = "PASS" if result.passed else "FAIL"
     worst = result.worst_relative_l2
     error = f"{worst:.3e}" if math.isfinite(worst) else "non-finite output"
-    data = f"SYNTHETIC {result.data_source}" if result.synthetic else result.data_source
+    data = result.data_source
+    if result.synthetic:
+        data = (
+            data.replace("synthetic", "SYNTHETIC", 1)
+            if "synthetic" in data
+            else f"SYNTHETIC {data}"
+        )
     click.echo(
         f"verdict: {verdict} (worst relative L2 {error}, tolerance {result.tolerance:g},"
         f" {result.batches} batches of {data})"
