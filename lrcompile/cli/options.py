@@ -95,7 +95,7 @@ COMPILE_OPTIONS = [
         "--external-data",
         field="external_data",
         is_flag=True,
-        help="Write weights to OUTPUT.data (automatic above 2 GB).",
+        help="Write weights to OUTPUT.data (automatic with external-data input or above 2 GB).",
     ),
     config_option("--verify/--no-verify", field="verify", help="Check the output after compiling."),
     config_option(

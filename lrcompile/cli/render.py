@@ -207,7 +207,7 @@ def print_inspection(result) -> None:
             f"{layer.break_even:.0f}",
             _or_dash(layer.energy_rank(0.99)),
             _or_dash(layer.energy_rank(0.99, whitened=True)),
-            "-" if layer.sensitivity is None else f"{layer.sensitivity:.3g}",
+            "-" if layer.sensitivity is None else f"{layer.sensitivity:#.3g}",
         )
         for layer in result.layers
     ]

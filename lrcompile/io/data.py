@@ -83,7 +83,9 @@ def load_npz(path: str | Path, inputs: Sequence[InputSpec]) -> Feed:
     except FileNotFoundError:
         raise DataError(f"{path}: no such file, expected an .npz of model inputs") from None
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+        # numpy reads a file that is no zip archive as a pickle, and says so: not the problem.
+        why = "not a zip archive" if "pickle" in str(e) or not zipfile.is_zipfile(path) else e
+        raise DataError(f"{path}: not a readable .npz file ({why})") from None
     if not isinstance(arrays, dict) or not arrays:
         raise DataError(f"{path}: holds no arrays, expected one per model input")
     check_feed(str(path), arrays, inputs)

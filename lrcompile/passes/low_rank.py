@@ -142,7 +142,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
             return dataclasses.replace(base, reason="weight contains NaN or Inf"), None
         factors, rank = self._decompose(weight, spec, group)
         if factors is None:
-            reason = "auto left it dense: its error costs more than it saves"
+            reason = "its error costs more than it saves (auto)"
             if rank == 0:
                 rank, reason = None, f"{spec} of the layer is less than one rank multiple"
             elif rank is not None:
