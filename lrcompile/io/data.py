@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrcompile.errors import DataError
+from lrcompile.io.past import is_past, with_empty_past
 
 Feed = dict[str, np.ndarray]
 _SHAPE = re.compile(r"^([^:]+):(\d+(?:x\d+)*)$")
@@ -101,6 +102,8 @@ def check_feed(source: str, arrays: Mapping[str, np.ndarray], inputs: Sequence[I
             raise DataError(f"{source}: array {name!r} is not a model input (inputs: {names})")
     for spec in inputs:
         if spec.name not in arrays:
+            if is_past(spec.name):
+                continue  # an empty KV cache is supplied (lrcompile.io.past)
             raise DataError(f"{source}: no array for model input {spec.name!r}")
         _check_array(source, arrays[spec.name], spec)
     lengths = {name: array.shape[0] for name, array in arrays.items()}
@@ -310,13 +313,23 @@ def input_feeds(
     if npz is not None and script is not None:
         raise DataError("give input data once: an .npz or a data-loader script, not both")
     if script is not None:
-        return FeedSource(load_script(script, inputs), script, False)
+        return FeedSource(_filled(load_script(script, inputs), inputs), script, False)
     if npz is not None and npz != "synthetic":
         arrays = load_npz(npz, inputs)
-        return FeedSource(batches(arrays, inputs, batch_size), npz, False)
+        return FeedSource(_filled(batches(arrays, inputs, batch_size), inputs), npz, False)
+    # A KV cache is empty in synthetic data too, unless its shape is given.
+    generated = [s for s in inputs if not is_past(s.name) or s.name in shapes]
+    feeds = _synthetic(generated, shapes, batch_size, iterations, seed, val_ranges)
+    return FeedSource(_filled(feeds, inputs), f"synthetic inputs (seed {seed})", True)
+
+
+def _filled(feeds: list[Feed], inputs: Sequence[InputSpec]) -> list[Feed]:
+    return [with_empty_past(feed, inputs) for feed in feeds]
+
+
+def _synthetic(inputs, shapes, batch_size, iterations, seed, val_ranges) -> list[Feed]:
     resolved = resolve_shapes(inputs, shapes, batch_size)
     unknown = sorted(set(val_ranges or {}) - {spec.name for spec in inputs})
     if unknown:
         raise DataError(f"--val-range: {unknown[0]!r} is not a model input")
-    feeds = list(synthetic_feeds(inputs, resolved, iterations, seed, val_ranges))
-    return FeedSource(feeds, f"synthetic inputs (seed {seed})", True)
+    return list(synthetic_feeds(inputs, resolved, iterations, seed, val_ranges))
