@@ -140,8 +140,13 @@ def compile_model(
     if config.verify:
         feeds = check_feeds or _calibration_or_synthetic(plan.source, config, prepared)
         with timer("verify"), _removed_on_error(output_path):
-            verification = verify(input_path, output_path, tolerance=config.tolerance, feeds=feeds)
+            verification = _verify(input_path, output_path, config, feeds)
     return dataclasses.replace(compiled, output_path=output_path, verification=verification)
+
+
+def _verify(input_path: Path, output_path: Path, config: CompileConfig, feeds) -> VerifyResult:
+    gate = {"tolerance": config.tolerance, "metric": config.metric}
+    return verify(input_path, output_path, feeds=feeds, **gate)
 
 
 def _rewrite_and_save(plan, config, factorize, output_path: Path, timer, progress):

@@ -14,6 +14,7 @@ from lrcompile.numerics.allocate import OBJECTIVES
 from lrcompile.numerics.decompose import METHODS
 from lrcompile.numerics.ranges import parse_range_method
 from lrcompile.passes.fp8 import SCOPES, WEIGHT_MODES
+from lrcompile.runtime.metrics import METRICS
 
 # 5% relative L2 over all outputs: low-rank compression always costs some accuracy, and the gate
 # should pass a model whose outputs are close in aggregate while failing one that drifted.
@@ -29,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fp8_weights": WEIGHT_MODES,
     "fp8_scope": SCOPES,
     "device": DEVICES,
+    "metric": METRICS,
 }
 
 # Input shapes for synthetic data: {input name: concrete shape}, e.g. {"input_ids": (8, 128)}.
@@ -51,8 +53,11 @@ class CompileConfig:
         allow_no_saving: Factor layers even when the rank saves nothing (for experiments).
         external_data: Always write weights to ``<output>.data`` (automatic above 2 GB).
         verify: Compare the output with the input model after compiling.
-        tolerance: Largest relative L2 error of any output: the verification gate, and the
-            target of ``auto`` on the calibration data.
+        tolerance: Largest error of any output under ``metric``: the verification gate, and
+            the target of ``auto`` on the calibration data.
+        metric: The gated error: ``rel-l2`` (relative L2), ``cosine`` (1 - cosine), ``kl`` (mean
+            KL of the softmax over the last axis, nats) or ``top1`` (fraction of positions whose
+            argmax changed); see ``lrcompile.runtime.metrics``.
         verify_data: ``.npz`` of inputs for verification (synthetic inputs when None).
         input_shapes: Shapes of synthetic inputs with dynamic dimensions, by input name.
         val_ranges: Value ranges ``(low, high)`` of synthetic inputs, by input name (default:
@@ -89,6 +94,7 @@ class CompileConfig:
     external_data: bool = False
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
+    metric: str = "rel-l2"
     verify_data: Path | None = None
     input_shapes: InputShapes = dataclasses.field(default_factory=dict)
     val_ranges: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)

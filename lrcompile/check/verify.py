@@ -33,7 +33,7 @@ from lrcompile.errors import DataError, LrcompileError, ModelLoadError
 from lrcompile.io import data as data_lib
 from lrcompile.io.model import load_model
 from lrcompile.passes.inputs import index_ranges
-from lrcompile.runtime.metrics import ErrorAccumulator, OutputMetrics
+from lrcompile.runtime.metrics import METRICS, ErrorAccumulator, OutputMetrics
 from lrcompile.runtime.sessions import create_session, runtime_errors
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class VerifyResult:
     batches: int
     data_source: str
     synthetic: bool = False
+    metric: str = "rel-l2"
 
     @property
     def passed(self) -> bool:
@@ -57,10 +58,16 @@ class VerifyResult:
     def worst_relative_l2(self) -> float:
         return max((o.relative_l2 for o in self.outputs), default=0.0)
 
+    @property
+    def worst_error(self) -> float:
+        """The largest gated error (under ``metric``) of any output."""
+        return max((o.error for o in self.outputs), default=0.0)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
             "tolerance": self.tolerance,
+            "metric": self.metric,
             "batches": self.batches,
             "data_source": self.data_source,
             "synthetic": self.synthetic,
@@ -74,6 +81,7 @@ def verify(
     *,
     data: str | Path | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
+    metric: str = "rel-l2",
     input_shapes: InputShapes | None = None,
     val_ranges: Mapping[str, tuple[float, float]] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -89,7 +97,8 @@ def verify(
         reference: The original ONNX model.
         candidate: The model to check (for example the compressed one).
         data: An ``.npz`` of inputs (samples along axis 0); synthetic inputs when None.
-        tolerance: Largest relative L2 error allowed per output.
+        tolerance: Largest error allowed per output, under ``metric``.
+        metric: ``rel-l2``, ``cosine``, ``kl`` or ``top1`` (``lrcompile.runtime.metrics``).
         input_shapes: Shapes for synthetic inputs with dynamic dimensions, by input name.
         val_ranges: Value ranges of synthetic inputs, by input name (default ``[0, 1]``, or the
             rows of the table an integer input indexes).
@@ -105,8 +114,7 @@ def verify(
     Raises:
         LrcompileError: A model or the data is invalid, or the models' inputs/outputs differ.
     """
-    if not tolerance >= 0:
-        raise LrcompileError(f"tolerance must be >= 0, got {tolerance}")
+    _check_gate(tolerance, metric)
     engine = Path(candidate).suffix in (".engine", ".plan") if engine is None else engine
     ref_model = _load_pair(reference, candidate, engine)
     if feeds is None:
@@ -125,8 +133,8 @@ def verify(
         runners = _runners(reference, candidate, providers, engine)
         accumulators, count = _accumulate(_run_pair(runners, feeds.feeds), outputs, candidate)
     _refuse_degenerate(reference, accumulators, feeds)
-    metrics = tuple(accumulators[name].metrics(name, tolerance) for name in outputs)
-    return VerifyResult(metrics, tolerance, count, feeds.description, feeds.synthetic)
+    metrics = tuple(accumulators[name].metrics(name, tolerance, metric) for name in outputs)
+    return VerifyResult(metrics, tolerance, count, feeds.description, feeds.synthetic, metric)
 
 
 def _refuse_degenerate(reference, accumulators, feeds) -> None:
@@ -139,6 +147,13 @@ def _refuse_degenerate(reference, accumulators, feeds) -> None:
                 " can rest on it; pass --verify-data (or --calib) with inputs the model is meant"
                 " for, or --val-range to keep synthetic inputs in range"
             )
+
+
+def _check_gate(tolerance: float, metric: str) -> None:
+    if not tolerance >= 0:
+        raise LrcompileError(f"tolerance must be >= 0, got {tolerance}")
+    if metric not in METRICS:
+        raise LrcompileError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
 
 
 def _load_pair(reference, candidate, engine: bool):

@@ -43,7 +43,12 @@ CHECK_OPTIONS = [
         "--tolerance",
         field="tolerance",
         type=float,
-        help="Largest relative L2 error ||y - y_ref|| / ||y_ref|| allowed per output.",
+        help="Largest error allowed per output, under --metric.",
+    ),
+    config_option(
+        "--metric",
+        field="metric",
+        help="rel-l2 ||y - y_ref||/||y_ref||, cosine (1 - cos), kl (nats, logits), top1 (changed).",
     ),
     config_option(
         "--input-shapes",

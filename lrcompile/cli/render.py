@@ -106,20 +106,12 @@ def print_compile(result: CompileResult) -> None:
 
 
 def print_verification(result: VerifyResult) -> None:
-    header = ("output", "rel L2", "cosine", "max abs err", "status")
-    rows = [
-        (
-            o.name,
-            f"{o.relative_l2:.3e}" if o.finite else "non-finite",
-            f"{o.cosine:.6f}" if o.finite else "-",
-            f"{o.max_abs_error:.3e}" if o.finite else "-",
-            "ok" if o.passed else "FAIL",
-        )
-        for o in result.outputs
-    ]
-    _echo_table(header, rows)
+    classes = any(o.kl is not None for o in result.outputs)
+    header = ("output", "rel L2", "cosine", "max abs err", *(("KL", "top-1 changed") * classes))
+    rows = [(*_metric_cells(o, classes), "ok" if o.passed else "FAIL") for o in result.outputs]
+    _echo_table((*header, "status"), rows)
     verdict = "PASS" if result.passed else "FAIL"
-    worst = result.worst_relative_l2
+    worst = result.worst_error
     error = f"{worst:.3e}" if math.isfinite(worst) else "non-finite output"
     data = result.data_source
     if result.synthetic:
@@ -129,9 +121,28 @@ def print_verification(result: VerifyResult) -> None:
             else f"SYNTHETIC {data}"
         )
     click.echo(
-        f"verdict: {verdict} (worst relative L2 {error}, tolerance {result.tolerance:g},"
+        f"verdict: {verdict} (worst {_METRIC_NAMES[result.metric]} {error}, tolerance"
+        f" {result.tolerance:g},"
         f" {result.batches} batches of {data})"
     )
+
+
+_METRIC_NAMES = {
+    "rel-l2": "relative L2",
+    "cosine": "1 - cosine",
+    "kl": "KL",
+    "top1": "top-1 change",
+}
+
+
+def _metric_cells(o, classes: bool) -> tuple[str, ...]:
+    if not o.finite:
+        return (o.name, "non-finite", "-", "-", *(("-", "-") * classes))
+    cells = (o.name, f"{o.relative_l2:.3e}", f"{o.cosine:.6f}", f"{o.max_abs_error:.3e}")
+    if classes:
+        kl = f"{o.kl:.3e}" if o.kl is not None else "-"
+        cells += (kl, f"{o.top1:.4f}" if o.top1 is not None else "-")
+    return cells
 
 
 def _print_auto(result: CompileResult) -> None:

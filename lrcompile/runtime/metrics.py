@@ -1,7 +1,18 @@
 """Error statistics of a candidate's outputs against reference outputs, accumulated over batches.
 
-Per output, over all data: the relative L2 error ``||y - y_ref|| / ||y_ref||`` (every gate in
-lrcompile), the cosine similarity of the flattened outputs, and the max absolute error.
+Per output, over all data: the relative L2 error ``||y - y_ref|| / ||y_ref||``, the cosine
+similarity of the flattened outputs, the max absolute error and, for outputs with a class axis
+(the last, of size > 1: logits), the mean over positions of ``KL(softmax(ref) || softmax(cand))``
+in nats and the fraction of positions whose argmax differs. The gate is one of them (``METRICS``):
+
+- ``rel-l2``: the relative L2 error (default; 0.05 = 5% of the outputs' norm);
+- ``cosine``: ``1 - cosine`` (0.001 = cosine 0.999);
+- ``kl``: the mean KL in nats (for logits; 0.05 means the candidate's next-token distribution is
+  close: perplexity changes by about ``exp(0.05) - 1 = 5%`` at most on the reference's own
+  samples);
+- ``top1``: the fraction of positions whose top prediction changed (0.02 = 2%).
+
+Outputs without a class axis are gated on ``rel-l2`` under ``kl`` and ``top1``.
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ import onnx_ir as ir
 
 from lrcompile.runtime.sessions import create_session, runtime_errors
 
+METRICS: tuple[str, ...] = ("rel-l2", "cosine", "kl", "top1")
+
 
 @dataclasses.dataclass(frozen=True)
 class OutputMetrics:
@@ -26,17 +39,33 @@ class OutputMetrics:
     cosine: float
     max_abs_error: float
     passed: bool
+    kl: float | None = None  # outputs with a class axis only
+    top1: float | None = None
+    metric: str = "rel-l2"
 
     @property
     def finite(self) -> bool:
         return math.isfinite(self.relative_l2)
 
+    @property
+    def error(self) -> float:
+        """The gated error under ``metric`` (inf when the output is not finite)."""
+        if not self.finite:
+            return math.inf
+        if self.metric == "cosine":
+            return 1.0 - self.cosine
+        if self.metric == "kl" and self.kl is not None:
+            return self.kl
+        if self.metric == "top1" and self.top1 is not None:
+            return self.top1
+        return self.relative_l2
+
     def to_dict(self) -> dict:
         """JSON-ready: a non-finite candidate output gives nulls and ``"non_finite": true``."""
         data = dataclasses.asdict(self)
         if not self.finite:
-            data.update(relative_l2=None, cosine=None, max_abs_error=None)
-        return data | {"non_finite": not self.finite}
+            data.update(relative_l2=None, cosine=None, max_abs_error=None, kl=None, top1=None)
+        return data | {"non_finite": not self.finite, "error": self.error if self.finite else None}
 
 
 @dataclasses.dataclass
@@ -50,8 +79,26 @@ class ErrorAccumulator:
     max_abs: float = 0.0
     ref_finite: bool = True
     cand_finite: bool = True
+    kl_sum: float = 0.0
+    top1_changed: int = 0
+    positions: int = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        self._add_flat(np.asarray(reference), np.asarray(candidate))
+        if self.ref_finite and self.cand_finite:
+            self._add_classes(np.asarray(reference), np.asarray(candidate))
+
+    def _add_classes(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        """KL and argmax changes over the last axis, when it is a class axis."""
+        if reference.ndim == 0 or reference.shape[-1] < 2 or reference.dtype.kind != "f":
+            return
+        ref = _log_softmax(reference.astype(np.float64))
+        cand = _log_softmax(candidate.astype(np.float64))
+        self.kl_sum += float(np.sum(np.exp(ref) * (ref - cand)))
+        self.top1_changed += int(np.sum(np.argmax(ref, -1) != np.argmax(cand, -1)))
+        self.positions += int(np.prod(reference.shape[:-1]))
+
+    def _add_flat(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         ref = np.asarray(reference, dtype=np.float64).ravel()
         cand = np.asarray(candidate, dtype=np.float64).ravel()
         self.ref_finite = self.ref_finite and bool(np.all(np.isfinite(ref)))
@@ -75,17 +122,19 @@ class ErrorAccumulator:
             return "identically zero"
         return None
 
-    def metrics(self, name: str, tolerance: float) -> OutputMetrics:
+    def metrics(self, name: str, tolerance: float, metric: str = "rel-l2") -> OutputMetrics:
         if not self.cand_finite:
-            return OutputMetrics(name, math.inf, math.nan, math.inf, False)
+            return OutputMetrics(name, math.inf, math.nan, math.inf, False, metric=metric)
         if self.ref_sq > 0:
             rel = math.sqrt(self.diff_sq / self.ref_sq)
         else:
             rel = 0.0 if self.diff_sq == 0 else math.inf
         norms = math.sqrt(self.ref_sq * self.cand_sq)
         cosine = self.dot / norms if norms > 0 else float(self.diff_sq == 0)
-        passed = math.isfinite(rel) and rel <= tolerance
-        return OutputMetrics(name, rel, cosine, self.max_abs, passed)
+        kl = max(self.kl_sum, 0.0) / self.positions if self.positions else None
+        top1 = self.top1_changed / self.positions if self.positions else None
+        result = OutputMetrics(name, rel, cosine, self.max_abs, False, kl, top1, metric)
+        return dataclasses.replace(result, passed=math.isfinite(rel) and result.error <= tolerance)
 
 
 def measure_error(
@@ -93,9 +142,10 @@ def measure_error(
     model_folder: str | Path,
     feeds: Sequence[Mapping[str, np.ndarray]],
     reference: Sequence[Mapping[str, np.ndarray]],
+    metric: str = "rel-l2",
 ) -> float:
-    """Largest relative L2 error of any output of ``model`` (external data in ``model_folder``)
-    on ``feeds`` against the ``reference`` outputs, one per feed."""
+    """Largest error under ``metric`` of any output of ``model`` (external data in
+    ``model_folder``) on ``feeds`` against the ``reference`` outputs, one per feed."""
     session = create_session(ir.serde.serialize_model(model), data_folder=model_folder)
     names = list(reference[0])
     sums = {name: ErrorAccumulator() for name in names}
@@ -103,4 +153,9 @@ def measure_error(
         for feed, expected in zip(feeds, reference, strict=True):
             for name, value in zip(names, session.run(names, feed), strict=True):
                 sums[name].add(expected[name], value)
-    return max(sums[name].metrics(name, 0.0).relative_l2 for name in names)
+    return max(sums[name].metrics(name, 0.0, metric).error for name in names)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - np.max(logits, axis=-1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))

@@ -179,7 +179,9 @@ class _Prober:
         probe = dataclasses.replace(self.factorize, chosen_ranks=allocation.ranks, progress=None)
         build_pipeline(probe, self.config).run(candidate, ranges=self.ranges)
         calibration = self.calibration
-        error = measure_error(candidate, self.folder, calibration.feeds, calibration.reference)
+        error = measure_error(
+            candidate, self.folder, calibration.feeds, calibration.reference, self.config.metric
+        )
         passed = error <= self.tolerance
         self.steps.append(
             SearchStep(index, allocation.cost_ratio, allocation.predicted_error, error, passed)

@@ -1,0 +1,87 @@
+"""LM-aware gates: KL of the next-token distributions, top-1 changes, 1 - cosine."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import lrcompile
+from lrcompile import cli
+from lrcompile.runtime.metrics import ErrorAccumulator
+from tests.conftest import low_rank_matrix, make_model, run, save
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_kl_and_top1_are_means_over_positions(rng):
+    ref = rng.standard_normal((3, 5, 40)) * 3
+    cand = ref + rng.standard_normal((3, 5, 40)) * 0.5
+    accumulator = ErrorAccumulator()
+    for batch in range(3):  # streamed batch by batch
+        accumulator.add(ref[batch : batch + 1], cand[batch : batch + 1])
+    metrics = accumulator.metrics("logits", 0.0, "kl")
+    p, q = _log_softmax(ref), _log_softmax(cand)
+    kl = np.mean(np.sum(np.exp(p) * (p - q), axis=-1))
+    assert metrics.kl == pytest.approx(kl, rel=1e-9)
+    assert metrics.top1 == pytest.approx(np.mean(ref.argmax(-1) != cand.argmax(-1)))
+    assert metrics.error == metrics.kl
+    assert accumulator.metrics("logits", 0.0, "top1").error == metrics.top1
+    assert accumulator.metrics("logits", 0.0, "cosine").error == pytest.approx(1 - metrics.cosine)
+
+
+def test_outputs_without_a_class_axis_are_gated_on_relative_l2(rng):
+    accumulator = ErrorAccumulator()
+    accumulator.add(np.ones((4, 1)), np.ones((4, 1)) * 1.1)
+    metrics = accumulator.metrics("score", 0.2, "kl")
+    assert metrics.kl is None and metrics.error == pytest.approx(0.1) and metrics.passed
+
+
+@pytest.fixture
+def logits_model(tmp_path, rng):
+    model = make_model(
+        """g (float[N, 32] x) => (float[N, 100] logits) {
+            h = MatMul(x, W1)
+            r = Relu(h)
+            logits = MatMul(r, W2)
+        }""",
+        {"W1": low_rank_matrix(rng, 32, 64, 0.9) * 4, "W2": low_rank_matrix(rng, 64, 100, 0.9) * 4},
+    )
+    path = save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((256, 32)).astype(np.float32))
+    return path
+
+
+def test_the_kl_gate_in_compile_verify_and_auto(logits_model, tmp_path):
+    calib = str(tmp_path / "c.npz")
+    result = lrcompile.compile_model(
+        logits_model, tmp_path / "o.onnx", rank="auto", calib=calib, metric="kl", tolerance=0.02
+    )
+    assert result.verification.metric == "kl" and result.passed
+    assert result.auto.measured_error <= 0.8 * 0.02
+    # The search measured KL: the kept model's KL on the calibration data is what it reported.
+    x = np.load(calib)["x"]
+    (ref,) = run(logits_model, {"x": x})
+    (cand,) = run(tmp_path / "o.onnx", {"x": x})
+    p, q = _log_softmax(ref.astype(np.float64)), _log_softmax(cand.astype(np.float64))
+    kl = np.mean(np.sum(np.exp(p) * (p - q), axis=-1))
+    assert result.auto.measured_error == pytest.approx(kl, rel=1e-3)
+    out = CliRunner().invoke(
+        cli.main,
+        ["verify", str(logits_model), str(tmp_path / "o.onnx"), "--data", calib,
+         "--metric", "kl", "--tolerance", f"{kl * 0.99}", "--json", "-"],
+    )  # fmt: skip
+    assert out.exit_code == 1
+    report = json.loads(out.output)
+    assert report["metric"] == "kl" and report["outputs"][0]["error"] == pytest.approx(kl, rel=1e-6)
+    table = CliRunner().invoke(
+        cli.main, ["verify", str(logits_model), str(tmp_path / "o.onnx"), "--data", calib,
+                   "--metric", "top1", "--tolerance", "1"],
+    )  # fmt: skip
+    assert table.exit_code == 0 and "top-1 changed" in table.output
+    assert "verdict: PASS (worst top-1 change" in table.output
