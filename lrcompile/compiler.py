@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lrcompile import stages
-from lrcompile.check.verify import VerifyResult, verify
+from lrcompile.check.verify import VerifyResult, verify, warn_if_synthetic
 from lrcompile.config import CompileConfig
 from lrcompile.errors import LrcompileError
 from lrcompile.io import data as data_lib
@@ -224,4 +224,6 @@ def _calibration_or_synthetic(source, config: CompileConfig, prepared) -> data_l
         return data_lib.FeedSource(
             source.feeds, f"{source.description} (the calibration data)", source.synthetic
         )
-    return stages.feeds(prepared, config, None)
+    feeds = stages.feeds(prepared, config, None)
+    warn_if_synthetic(feeds, "checking the output")
+    return feeds

@@ -226,7 +226,7 @@ def _check_calibration(statistics: Calibration, prepared: Prepared, source) -> N
             f"{prepared.path}: the calibration activations {tensor!r} (input of {node}, {width}"
             f" wide) have numerical rank {rank} over {rows} rows ({source.description}): too few"
             f" or too alike for --rank auto; pass --calib with at least {width} varied rows of"
-            " real inputs"
+            " real inputs (synthetic data only passes with larger --input-shapes, and is weak)"
         )
 
 

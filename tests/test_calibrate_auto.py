@@ -128,6 +128,11 @@ def test_auto_meets_the_tolerance_on_the_calibration_data(deep, tmp_path, rng, t
     failing = [s for s in auto.steps if not s.passed]
     assert failing and all(s.measured_error > auto.tolerance for s in failing)
     assert all(s.cost_ratio < auto.cost_ratio for s in failing)
+    # Predicted and measured errors are the same quantity (relative L2), on the same scale.
+    for step in auto.steps:
+        assert step.predicted_error == pytest.approx(np.sqrt(auto.path[step.index].predicted_error))
+        assert 1 / 3 < step.predicted_error / step.measured_error < 3
+    assert auto.to_dict()["steps"][0]["predicted_error"] == auto.steps[0].predicted_error
 
 
 def test_auto_spends_rank_where_the_output_needs_it(deep, tmp_path, rng):

@@ -275,3 +275,10 @@ def test_a_bug_exits_3_in_one_line_with_the_traceback_under_verbose(mlp, monkeyp
     )
     verbose = CliRunner().invoke(cli.main, ["-v", str(mlp), "--rank", "16"])
     assert verbose.exit_code == 3 and "Traceback (most recent call last)" in verbose.output
+
+
+def test_a_check_on_synthetic_data_warns_loudly(mlp, caplog):
+    result = CliRunner().invoke(cli.main, [str(mlp), "--rank", "16"])
+    assert result.exit_code in (0, 1)
+    assert "checking the output on SYNTHETIC inputs (synthetic inputs (seed 0))" in caplog.text
+    assert "batches of SYNTHETIC inputs (seed 0)" in result.stdout

@@ -118,18 +118,10 @@ def verify(
     engine = Path(candidate).suffix in (".engine", ".plan") if engine is None else engine
     ref_model = _load_pair(reference, candidate, engine)
     if feeds is None:
-        feeds = data_lib.input_feeds(
-            None if data is None else str(data),
-            None,
-            data_lib.model_inputs(ref_model),
-            shapes=checked_shapes(input_shapes),
-            batch_size=batch_size,
-            iterations=iterations,
-            seed=seed,
-            val_ranges=index_ranges(ref_model.graph) | dict(val_ranges or {}),
-        )
+        synthetic = {"shapes": input_shapes, "ranges": val_ranges, "iterations": iterations}
+        feeds = _feeds(ref_model, data, batch_size=batch_size, seed=seed, **synthetic)
     outputs = [value.name for value in ref_model.graph.outputs]
-    with _quiet_polygraphy(), runtime_errors(f"{reference} vs {candidate}"):
+    with _quiet_polygraphy(), runtime_errors(f"running {reference} and {candidate}"):
         runners = _runners(reference, candidate, providers, engine)
         accumulators, count = _accumulate(_run_pair(runners, feeds.feeds), outputs, candidate)
     _refuse_degenerate(reference, accumulators, feeds)
@@ -142,11 +134,39 @@ def _refuse_degenerate(reference, accumulators, feeds) -> None:
     for name, accumulator in accumulators.items():
         problem = accumulator.reference_problem()
         if problem is not None:
+            hint = ", or --val-range to keep synthetic inputs in range" if feeds.synthetic else ""
             raise DataError(
                 f"{reference}: output {name!r} is {problem} on {feeds.description}: no verdict"
                 " can rest on it; pass --verify-data (or --calib) with inputs the model is meant"
-                " for, or --val-range to keep synthetic inputs in range"
+                f" for{hint}"
             )
+
+
+def warn_if_synthetic(feeds: data_lib.FeedSource, doing: str) -> None:
+    """The loud warning every use of synthetic data gets."""
+    if feeds.synthetic:
+        logger.warning(
+            "%s on SYNTHETIC inputs (%s): random data says little about real inputs; pass"
+            " --verify-data/--data FILE.npz, or at least --input-shapes with real sizes",
+            doing,
+            feeds.description,
+        )
+
+
+def _feeds(ref_model, data, *, shapes, ranges, batch_size, iterations, seed):
+    """The check's feeds: ``data`` (an .npz), else synthetic (with the warning)."""
+    feeds = data_lib.input_feeds(
+        None if data is None else str(data),
+        None,
+        data_lib.model_inputs(ref_model),
+        shapes=checked_shapes(shapes),
+        batch_size=batch_size,
+        iterations=iterations,
+        seed=seed,
+        val_ranges=index_ranges(ref_model.graph) | dict(ranges or {}),
+    )
+    warn_if_synthetic(feeds, "checking")
+    return feeds
 
 
 def _check_gate(tolerance: float, metric: str) -> None:

@@ -106,7 +106,7 @@ def print_compile(result: CompileResult) -> None:
 
 
 def print_verification(result: VerifyResult) -> None:
-    classes = any(o.kl is not None for o in result.outputs)
+    classes = result.metric in ("kl", "top1") and any(o.kl is not None for o in result.outputs)
     header = ("output", "rel L2", "cosine", "max abs err", *(("KL", "top-1 changed") * classes))
     rows = [(*_metric_cells(o, classes), "ok" if o.passed else "FAIL") for o in result.outputs]
     _echo_table((*header, "status"), rows)
@@ -155,7 +155,8 @@ def _print_auto(result: CompileResult) -> None:
             f" ({1 - config.headroom:g} x tolerance)"
         )
     click.echo(
-        f"auto: {len(auto.steps)} candidate models measured on {result.calibration}; {goal};"
+        f"auto: {len(auto.steps)} candidate model{'s' * (len(auto.steps) != 1)} measured on"
+        f" {result.calibration}; {goal};"
         f" {config.objective} x{auto.cost_ratio:.3f} of the searched layers;"
         f" {auto.dense_layers} left dense"
     )

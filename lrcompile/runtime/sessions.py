@@ -161,4 +161,4 @@ def runtime_errors(what: str) -> Iterator[None]:
         yield
     except (*ort_errors, PolygraphyException) as e:
         message = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
-        raise LrcompileError(f"{what}: ONNX Runtime cannot run it: {message}") from None
+        raise LrcompileError(f"{what}: ONNX Runtime failed: {message}") from None

@@ -44,7 +44,7 @@ class SearchStep:
 
     index: int
     cost_ratio: float
-    predicted_error: float
+    predicted_error: float  # the allocation's predicted relative L2 (sqrt of its squared error)
     measured_error: float
     passed: bool
 
@@ -86,7 +86,7 @@ class AutoResult:
                 for step in self.steps
             ],
             "path": [
-                {"cost_ratio": a.cost_ratio, "predicted_error": a.predicted_error}
+                {"cost_ratio": a.cost_ratio, "predicted_error": math.sqrt(a.predicted_error)}
                 for a in self.path
             ],
         }
@@ -176,6 +176,7 @@ class _Prober:
         if self.on_step is not None:
             self.on_step(len(self.steps), self.expected, f"cost x{allocation.cost_ratio:.3f}")
         candidate = self.model.clone()
+        predicted = math.sqrt(allocation.predicted_error)  # relative L2, as measured (rel-l2)
         probe = dataclasses.replace(self.factorize, chosen_ranks=allocation.ranks, progress=None)
         build_pipeline(probe, self.config).run(candidate, ranges=self.ranges)
         calibration = self.calibration
@@ -183,15 +184,13 @@ class _Prober:
             candidate, self.folder, calibration.feeds, calibration.reference, self.config.metric
         )
         passed = error <= self.tolerance
-        self.steps.append(
-            SearchStep(index, allocation.cost_ratio, allocation.predicted_error, error, passed)
-        )
+        self.steps.append(SearchStep(index, allocation.cost_ratio, predicted, error, passed))
         logger.info(
             "auto probe %d/%d: cost x%.3f, predicted %.3g, measured %.4f (%s)",
             index,
             len(self.path) - 1,
             allocation.cost_ratio,
-            allocation.predicted_error,
+            predicted,
             error,
             "within" if passed else "over",
         )
