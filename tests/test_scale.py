@@ -159,3 +159,22 @@ def test_calibrated_memory_is_the_runtime_holding_the_model_not_the_factors(tmp_
     # chunk's calibration run; allocator high-water marks). Factors are spilled, not held: a
     # regression that held them, or every chunk's statistics, would add >= 1x more.
     assert peak - overhead < 3.2 * size_mib
+
+
+@pytest.mark.slow
+def test_verify_holds_one_model_at_a_time(tmp_path):
+    # The reference's outputs wait on disk while the candidate runs: verifying a model against
+    # itself grows by about one model's weights per model size, not two (measured 1.0x; the
+    # Comparator running both sessions at once measured 2.0x).
+    import numpy as np
+
+    sizes, peaks = [], []
+    for layers in (1, 4):
+        folder = tmp_path / f"l{layers}"
+        folder.mkdir()
+        model = transformer_like(folder, layers=layers, hidden=1024, ffn=4096, dtype=np.float32)
+        sizes.append((folder / "model.onnx.data").stat().st_size / 2**20)
+        peaks.append(
+            _peak_rss_mib(["verify", str(model), str(model), "--input-shapes", "x:1x8x1024"])
+        )
+    assert peaks[1] - peaks[0] < 1.4 * (sizes[1] - sizes[0])

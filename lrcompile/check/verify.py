@@ -1,7 +1,7 @@
 """Accuracy check: run a reference and a candidate model on the same inputs and compare outputs.
 
-Polygraphy's ``Comparator`` runs both ONNX Runtime sessions in streaming mode (one batch in memory
-at a time); per output the error is accumulated over all batches:
+Polygraphy's runners run the reference, then the candidate (one model in memory at a time, the
+reference's outputs waiting on disk); per output the error is accumulated over all batches:
 
 - relative L2 error ``||y - y_ref|| / ||y_ref||`` over all data (the gate: ``<= tolerance``);
 - cosine similarity of the flattened outputs;
@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -214,11 +215,30 @@ def _runners(reference, candidate, providers: Sequence[str], engine: bool) -> li
 def _run_pair(
     runners: list, feeds: Iterable[data_lib.Feed]
 ) -> Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
-    from polygraphy.comparator import Comparator
+    """Each batch's reference and candidate outputs, one model in memory at a time.
 
-    for results in Comparator.run(runners, data_loader=feeds, streaming=True):
-        (_, (ref_out,)), (_, (cand_out,)) = results
-        yield ref_out, cand_out
+    Polygraphy's runners run the reference on every feed first; its outputs wait on disk (in
+    ``TMPDIR``, memory-mapped when read back) while the candidate runs, so a check never holds two
+    models, nor more than one batch of outputs.
+    """
+    reference, candidate = runners
+    feeds = list(feeds)
+    with tempfile.TemporaryDirectory(prefix="lrcompile-reference-") as folder:
+        names: list[list[str]] = []
+        with reference as active:
+            for index, feed in enumerate(feeds):
+                outputs = active.infer(feed_dict=feed)
+                names.append(list(outputs))
+                for position, value in enumerate(outputs.values()):
+                    np.save(Path(folder) / f"{index}_{position}.npy", np.asarray(value))
+        with candidate as active:
+            for index, feed in enumerate(feeds):
+                cand_out = dict(active.infer(feed_dict=feed))
+                ref_out = {
+                    name: np.load(Path(folder) / f"{index}_{position}.npy", mmap_mode="r")
+                    for position, name in enumerate(names[index])
+                }
+                yield ref_out, cand_out
 
 
 @contextlib.contextmanager
