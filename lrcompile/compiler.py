@@ -145,8 +145,9 @@ def compile_model(
 
 
 def _verify(input_path: Path, output_path: Path, config: CompileConfig, feeds) -> VerifyResult:
-    gate = {"tolerance": config.tolerance, "metric": config.metric}
-    return verify(input_path, output_path, feeds=feeds, **gate)
+    return verify(
+        input_path, output_path, tolerance=config.tolerance, metric=config.metric, feeds=feeds
+    )
 
 
 def _rewrite_and_save(plan, config, factorize, output_path: Path, timer, progress):

@@ -70,19 +70,20 @@ class Calibrated:
         factored (the caller rewrites the model in place between chunks).
         """
         gather = self.statistics is None and self.source is not None
+        report = _stage(progress, "calibrating") or (lambda done, total, detail: None)
         original = ir.serde.serialize_model(self.prepared.model) if gather else None
         for index, chunk in enumerate(self.chunks):
             keys = frozenset(group.key for group in chunk)
             if not gather:
                 yield keys, None  # the factorize pass's own whitening (search set it), if any
                 continue
-            _report(progress, "calibrating", index, len(self.chunks), f"{len(chunk)} layers")
+            report(index, len(self.chunks), f"{len(chunk)} layers")
             statistics = self._gather(chunk, keep_reference=False, model=original)
             whitening = statistics.whitening(chunk)
             del statistics  # the Gram matrices: only the Cholesky factors are needed now
             yield keys, whitening
         if gather:
-            _report(progress, "calibrating", len(self.chunks), len(self.chunks), "")
+            report(len(self.chunks), len(self.chunks), "")
 
     def _gather(self, groups, *, keep_reference: bool, on_batch=None, model=None) -> Calibration:
         prepared = self.prepared
@@ -145,12 +146,12 @@ def search(
     if plan.statistics is None:
         return factorize, None
     prepared, statistics = plan.prepared, plan.statistics
-    _check_calibration(statistics, prepared, plan.source)
-    _warn_if_synthetic(plan.source)  # after the check: a refusal is the one line the user sees
+    _refuse_degenerate_output(statistics, prepared, plan.source)
+    whitening = statistics.whitening(prepared.groups)
+    _refuse_degenerate_input(statistics, prepared, plan.source, whitening)
+    _warn_if_synthetic(plan.source)  # after the checks: a refusal is the one line the user sees
     # auto compiles many candidates from the same SVDs: cache them (memory grows with the model).
-    factorize = dataclasses.replace(
-        factorize, whitening=statistics.whitening(prepared.groups), cache={}
-    )
+    factorize = dataclasses.replace(factorize, whitening=whitening, cache={})
     auto = search_ranks(
         prepared.model,
         prepared.path.parent,
@@ -210,8 +211,8 @@ def feeds(
     )
 
 
-def _check_calibration(statistics: Calibration, prepared: Prepared, source) -> None:
-    """``--rank auto`` on calibration data that cannot support it stops here, with the fix."""
+def _refuse_degenerate_output(statistics: Calibration, prepared: Prepared, source) -> None:
+    """``--rank auto`` on reference outputs that cannot support it stops here, with the fix."""
     output = statistics.degenerate_output()
     if output is not None:
         raise DataError(
@@ -219,7 +220,11 @@ def _check_calibration(statistics: Calibration, prepared: Prepared, source) -> N
             f" ({source.description}): --rank auto cannot measure errors against it; pass --calib"
             " with inputs the model is meant for"
         )
-    degenerate = statistics.degenerate_input(prepared.groups)
+
+
+def _refuse_degenerate_input(statistics: Calibration, prepared: Prepared, source, whitening):
+    """``--rank auto`` on degenerate activations stops here, with the fix."""
+    degenerate = statistics.degenerate_input(prepared.groups, whitening)
     if degenerate is not None:
         tensor, node, rank, width, rows = degenerate
         raise DataError(
@@ -240,11 +245,12 @@ def calibration_source(prepared: Prepared, config: CompileConfig) -> data_lib.Fe
 
 
 def _warn_if_synthetic(source: data_lib.FeedSource) -> None:
-    if source.synthetic:
-        logger.warning(
-            "calibrating on SYNTHETIC inputs: random data makes a weak calibration and an"
-            " untrustworthy 'auto' search; pass --calib FILE.npz or --calib-script FILE.py"
-        )
+    data_lib.warn_if_synthetic(
+        source,
+        "calibrating",
+        "random data makes a weak calibration and an untrustworthy 'auto' search",
+        "--calib FILE.npz or --calib-script FILE.py",
+    )
 
 
 def memory_chunks(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[tuple, ...]:
@@ -276,8 +282,3 @@ def _stage(progress: ProgressCallback | None, stage: str) -> Callable | None:
     if progress is None:
         return None
     return lambda done, total, detail: progress(stage, done, total, detail)
-
-
-def _report(progress: ProgressCallback | None, stage: str, done: int, total: int, detail: str):
-    if progress is not None:
-        progress(stage, done, total, detail)

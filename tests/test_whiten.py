@@ -106,3 +106,13 @@ def test_whitened_factors_do_not_depend_on_the_number_of_calibration_rows(tmp_pa
         factors.append((inits["W_lr_A"], inits["W_lr_B"]))
     for once, four_times in zip(*factors, strict=True):
         np.testing.assert_allclose(once, four_times, rtol=1e-4, atol=1e-6)
+
+
+def test_numerical_rank_from_the_whitening_equals_the_direct_count(rng):
+    full = _activations(rng, 300, 48).astype(np.float64)
+    low = rng.standard_normal((300, 5)) @ rng.standard_normal((5, 48))
+    for x, expected in ((full, 48), (low, 5)):
+        gram = x.T @ x
+        white = whiten.whitening_from_gram(gram / len(x))
+        assert whiten.numerical_rank(gram) == expected
+        assert whiten.numerical_rank(gram, whitening=white) == expected

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from lrcompile.numerics.whiten import (
     whitening_from_gram,
 )
 from lrcompile.passes.candidates import WeightGroup
+from lrcompile.runtime.metrics import ErrorAccumulator
 from lrcompile.runtime.sessions import create_session, runtime_errors
 
 logger = logging.getLogger(__name__)
@@ -61,10 +62,6 @@ class Calibration:
     source: str
     synthetic: bool = False
 
-    def feeds_source(self) -> FeedSource:
-        """The feeds this calibration ran on, as a source for later steps (FP8, checks)."""
-        return FeedSource(self.feeds, self.source, self.synthetic)
-
     def gram(self, group: WeightGroup) -> np.ndarray | None:
         """``X^T X / rows`` of everything the group's weight multiplies (over all its nodes): a
         mean, so that whitened factors do not depend on how many calibration rows there were."""
@@ -76,28 +73,37 @@ class Calibration:
     def degenerate_output(self) -> tuple[str, str] | None:
         """``(output, problem)`` when a reference output is not finite or identically zero."""
         for name in self.reference[0] if self.reference else ():
-            values = [batch[name] for batch in self.reference]
-            if not all(np.all(np.isfinite(v)) for v in values):
-                return name, "not finite (NaN or Inf)"
-            if not any(np.any(v != 0) for v in values):
-                return name, "identically zero"
+            accumulator = ErrorAccumulator(classes=False)  # what verification refuses, too
+            for batch in self.reference:
+                accumulator.add(batch[name], batch[name])
+            problem = accumulator.reference_problem()
+            if problem is not None:
+                return name, problem
         return None
 
     def degenerate_input(
-        self, groups: Sequence[WeightGroup], fraction: float = MIN_RANK_FRACTION
+        self,
+        groups: Sequence[WeightGroup],
+        whitening: Mapping[str, Whitening] | None = None,
+        fraction: float = MIN_RANK_FRACTION,
     ) -> tuple[str, str, int, int, int] | None:
         """``(tensor, node, numerical rank, width, rows)`` of the first activation feeding
         ``groups`` whose Gram matrix has a numerical rank below ``fraction`` of its width:
-        rows too few or too alike (synthetic 0/1 token ids make every token alike)."""
+        rows too few or too alike (synthetic 0/1 token ids make every token alike).
+        ``whitening`` (``self.whitening(groups)``) lends its Cholesky factors where a group reads
+        one activation, so that they are not computed twice."""
         seen = set()
         for group in groups:
+            keys = {_activation_key(node) for node in group.nodes}
+            white = (whitening or {}).get(group.key) if len(keys) == 1 else None
             for node in group.nodes:
                 key = _activation_key(node)
                 stat = self.stats.get(key)
                 if key in seen or stat is None or stat.gram is None:
                     continue
                 seen.add(key)
-                rank, width = numerical_rank(stat.gram), stat.gram.shape[0]
+                rank = numerical_rank(stat.gram, whitening=white)
+                width = stat.gram.shape[0]
                 if rank < fraction * width:
                     return key[0], node.name or "", rank, width, stat.rows
         return None

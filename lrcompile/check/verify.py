@@ -119,8 +119,7 @@ def verify(
     engine = Path(candidate).suffix in (".engine", ".plan") if engine is None else engine
     ref_model = _load_pair(reference, candidate, engine)
     if feeds is None:
-        synthetic = {"shapes": input_shapes, "ranges": val_ranges, "iterations": iterations}
-        feeds = _feeds(ref_model, data, batch_size=batch_size, seed=seed, **synthetic)
+        feeds = _feeds(ref_model, data, input_shapes, val_ranges, batch_size, iterations, seed)
     outputs = [value.name for value in ref_model.graph.outputs]
     with _quiet_polygraphy(), runtime_errors(f"running {reference} and {candidate}"):
         runners = _runners(reference, candidate, providers, engine)
@@ -144,17 +143,16 @@ def _refuse_degenerate(reference, accumulators, feeds) -> None:
 
 
 def warn_if_synthetic(feeds: data_lib.FeedSource, doing: str) -> None:
-    """The loud warning every use of synthetic data gets."""
-    if feeds.synthetic:
-        logger.warning(
-            "%s on SYNTHETIC inputs (%s): random data says little about real inputs; pass"
-            " --verify-data/--data FILE.npz, or at least --input-shapes with real sizes",
-            doing,
-            feeds.description,
-        )
+    """The synthetic-data warning of a check."""
+    data_lib.warn_if_synthetic(
+        feeds,
+        doing,
+        "random data says little about real inputs",
+        "--verify-data/--data FILE.npz, or at least --input-shapes with real sizes",
+    )
 
 
-def _feeds(ref_model, data, *, shapes, ranges, batch_size, iterations, seed):
+def _feeds(ref_model, data, shapes, ranges, batch_size, iterations, seed):
     """The check's feeds: ``data`` (an .npz), else synthetic (with the warning)."""
     feeds = data_lib.input_feeds(
         None if data is None else str(data),

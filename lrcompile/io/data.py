@@ -13,6 +13,7 @@ leading one is the batch size and the others 1.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,8 @@ import onnx_ir as ir
 
 from lrcompile.errors import DataError
 from lrcompile.io.past import is_past, with_empty_past
+
+logger = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
 _SHAPE = re.compile(r"^([^:]+):(\d+(?:x\d+)*)$")
@@ -291,6 +294,15 @@ class FeedSource:
     feeds: list[Feed]
     description: str
     synthetic: bool
+
+
+def warn_if_synthetic(source: FeedSource, doing: str, why: str, fix: str) -> None:
+    """The loud warning every use of synthetic data gets: what it is used for, why that is weak,
+    and what to pass instead."""
+    if source.synthetic:
+        logger.warning(
+            "%s on SYNTHETIC inputs (%s): %s; pass %s", doing, source.description, why, fix
+        )
 
 
 def input_feeds(

@@ -71,19 +71,24 @@ def balance(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return left * scale, right / scale[:, np.newaxis]
 
 
-def numerical_rank(gram: np.ndarray, tolerance: float = 1e-12) -> int:
+def numerical_rank(
+    gram: np.ndarray, tolerance: float = 1e-12, *, whitening: Whitening | None = None
+) -> int:
     """The number of eigenvalues of the Gram matrix above ``tolerance`` times the largest.
 
     A Cholesky factor without jitter gives it from its pivots (``L_ii^2``, the Schur
-    complements), at a third of an eigendecomposition's cost; a singular matrix, whose Cholesky
-    fails, is counted from its eigenvalues.
+    complements), at a third of an eigendecomposition's cost: ``whitening``'s own, when it is the
+    factor of this Gram matrix (at any scale) and needed no jitter; a singular matrix, whose
+    Cholesky fails, is counted from its eigenvalues.
     """
     gram = np.asarray(gram, dtype=np.float64)
-    top = float(np.max(np.diag(gram))) if gram.size else 0.0
-    if top <= 0.0:
+    if not gram.size or float(np.max(np.diag(gram))) <= 0.0:
         return 0
-    lower = _cholesky((gram + gram.T) / 2)
+    lower = whitening.lower if whitening is not None and not whitening.jitter else None
+    if lower is None:
+        lower = _cholesky((gram + gram.T) / 2)
     if lower is not None:
+        top = float(np.max(np.sum(np.square(lower), axis=1)))  # the largest diagonal of L L^T
         return int(np.sum(np.square(np.diag(lower)) > tolerance * top))
     eigenvalues = np.linalg.eigvalsh((gram + gram.T) / 2)
     return int(np.sum(eigenvalues > tolerance * eigenvalues[-1]))

@@ -208,10 +208,10 @@ def _live_readers(value: ir.Value, ignore: frozenset[ir.Node]) -> list[str]:
     for node, _ in value.uses():
         if node in ignore:
             continue
-        if node.op_type in ALIAS_OPS:
+        if node.op_type in ALIAS_OPS:  # an alias read by nothing live is dead: not a reader
             output = node.outputs[0]
-            if output.is_graph_output() or _live_readers(output, ignore):
-                readers.extend(_live_readers(output, ignore) or [node.op_type])
+            through = _live_readers(output, ignore)
+            readers.extend(through or ([node.op_type] if output.is_graph_output() else []))
             continue
         readers.append(node.op_type)
     return readers
