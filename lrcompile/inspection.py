@@ -20,6 +20,7 @@ from lrcompile import stages
 from lrcompile.config import CompileConfig
 from lrcompile.numerics.allocate import allocation_path
 from lrcompile.numerics.ranks import break_even_rank
+from lrcompile.passes.factor_cache import FactorCache
 from lrcompile.passes.low_rank import effective_weight
 from lrcompile.pipeline import build_pipeline, factorize_pass
 from lrcompile.runtime.metrics import measure_error
@@ -115,7 +116,8 @@ def inspect_model(
         return Inspection(tuple(layers), notes, (), None)
     calibration = stages.plan_calibration(prepared, config, factorize).statistics
     groups = prepared.groups
-    factorize = dataclasses.replace(factorize, whitening=calibration.whitening(groups), cache={})
+    whitening = calibration.whitening(groups)
+    factorize = dataclasses.replace(factorize, whitening=whitening, cache=FactorCache())
     weighted = measure_sensitivities(
         prepared.model, path.parent, layer_spectra(groups, factorize), factorize, calibration
     )

@@ -26,6 +26,7 @@ from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
 from lrcompile.io.spill import Spill
 from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, ops_left_alone
+from lrcompile.passes.factor_cache import FactorCache
 from lrcompile.passes.inputs import index_ranges
 from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback
 from lrcompile.passes.opset import with_fp8_opset
@@ -150,8 +151,9 @@ def search(
     whitening = statistics.whitening(prepared.groups)
     _refuse_degenerate_input(statistics, prepared, plan.source, whitening)
     _warn_if_synthetic(plan.source)  # after the checks: a refusal is the one line the user sees
-    # auto compiles many candidates from the same SVDs: cache them (memory grows with the model).
-    factorize = dataclasses.replace(factorize, whitening=whitening, cache={})
+    statistics.release_grams()  # the whitening holds what is needed
+    # auto compiles many candidates from the same decompositions: cache them (on disk).
+    factorize = dataclasses.replace(factorize, whitening=whitening, cache=FactorCache())
     auto = search_ranks(
         prepared.model,
         prepared.path.parent,
@@ -162,6 +164,7 @@ def search(
         on_step=_stage(progress, "searching"),
         on_sensitivity=_stage(progress, "sensitivity"),
     )
+    factorize = factorize.without_cached_whitening()
     return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
 
 

@@ -3,7 +3,8 @@
 For every distinct activation that feeds a candidate weight (Q, K and V reading one input count
 once), batch by batch: the Gram matrix ``X^T X`` (float64, ``O(K^2)`` memory) and the absolute
 maximum. Activations are never kept beyond their batch. The model's own outputs are kept: they
-are the reference the ``auto`` search measures its error against.
+are the reference the ``auto`` search measures its error against; they wait on disk
+(``OutputStore``), read back a batch at a time.
 
 The activations are exposed by adding them as outputs to an in-memory copy of the model; weights
 stay on disk (ONNX Runtime reads external data from the model's folder).
@@ -20,6 +21,7 @@ import numpy as np
 import onnx
 
 from lrcompile.io.data import Feed, FeedSource
+from lrcompile.io.spill import OutputStore
 from lrcompile.numerics.whiten import (
     Whitening,
     accumulate_gram,
@@ -58,7 +60,7 @@ class Calibration:
 
     stats: dict[tuple[str, bool], ActivationStats]
     feeds: list[Feed]
-    reference: list[dict[str, np.ndarray]]
+    reference: Sequence[dict[str, np.ndarray]]  # an OutputStore: one batch in memory at a time
     source: str
     synthetic: bool = False
 
@@ -72,10 +74,11 @@ class Calibration:
 
     def degenerate_output(self) -> tuple[str, str] | None:
         """``(output, problem)`` when a reference output is not finite or identically zero."""
-        for name in self.reference[0] if self.reference else ():
-            accumulator = ErrorAccumulator(classes=False)  # what verification refuses, too
-            for batch in self.reference:
-                accumulator.add(batch[name], batch[name])
+        accumulators: dict[str, ErrorAccumulator] = {}  # what verification refuses, too
+        for batch in self.reference:
+            for name, value in batch.items():
+                accumulators.setdefault(name, ErrorAccumulator(classes=False)).add(value, value)
+        for name, accumulator in accumulators.items():
             problem = accumulator.reference_problem()
             if problem is not None:
                 return name, problem
@@ -107,6 +110,11 @@ class Calibration:
                 if rank < fraction * width:
                     return key[0], node.name or "", rank, width, stat.rows
         return None
+
+    def release_grams(self) -> None:
+        """Frees the Gram matrices (K x K float64 each) once their whitening exists."""
+        for stat in self.stats.values():
+            stat.gram = None
 
     def whitening(self, groups: Sequence[WeightGroup]) -> dict[str, Whitening]:
         """The Cholesky whitening of each group with statistics, keyed by ``group.key``; groups
@@ -162,9 +170,9 @@ def calibrate(
     return Calibration(stats, feeds, reference, source.description, source.synthetic)
 
 
-def _accumulate(session, names, outputs, feeds, stats, on_batch) -> list[dict[str, np.ndarray]]:
+def _accumulate(session, names, outputs, feeds, stats, on_batch) -> OutputStore:
     """Runs every feed, adding each activation to its statistics; returns the model's outputs."""
-    reference = []
+    reference = OutputStore(prefix="lrcompile-calibration-")
     for index, feed in enumerate(feeds):
         if on_batch is not None:
             on_batch(index, len(feeds), "")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from lrcompile.config import (
 from lrcompile.errors import DataError, LrcompileError, ModelLoadError
 from lrcompile.io import data as data_lib
 from lrcompile.io.model import load_model
+from lrcompile.io.spill import OutputStore
 from lrcompile.passes.inputs import index_ranges
 from lrcompile.runtime.metrics import METRICS, ErrorAccumulator, OutputMetrics
 from lrcompile.runtime.sessions import create_session, runtime_errors
@@ -216,27 +216,21 @@ def _run_pair(
     """Each batch's reference and candidate outputs, one model in memory at a time.
 
     Polygraphy's runners run the reference on every feed first; its outputs wait on disk (in
-    ``TMPDIR``, memory-mapped when read back) while the candidate runs, so a check never holds two
+    ``TMPDIR``, read back one batch at a time) while the candidate runs, so a check never holds two
     models, nor more than one batch of outputs.
     """
     reference, candidate = runners
     feeds = list(feeds)
-    with tempfile.TemporaryDirectory(prefix="lrcompile-reference-") as folder:
-        names: list[list[str]] = []
+    store = OutputStore(prefix="lrcompile-reference-")
+    try:
         with reference as active:
-            for index, feed in enumerate(feeds):
-                outputs = active.infer(feed_dict=feed)
-                names.append(list(outputs))
-                for position, value in enumerate(outputs.values()):
-                    np.save(Path(folder) / f"{index}_{position}.npy", np.asarray(value))
+            for feed in feeds:
+                store.append(active.infer(feed_dict=feed))
         with candidate as active:
-            for index, feed in enumerate(feeds):
-                cand_out = dict(active.infer(feed_dict=feed))
-                ref_out = {
-                    name: np.load(Path(folder) / f"{index}_{position}.npy", mmap_mode="r")
-                    for position, name in enumerate(names[index])
-                }
-                yield ref_out, cand_out
+            for feed, ref_out in zip(feeds, store, strict=True):
+                yield ref_out, dict(active.infer(feed_dict=feed))
+    finally:
+        store.close()
 
 
 @contextlib.contextmanager

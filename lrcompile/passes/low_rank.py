@@ -29,6 +29,7 @@ from lrcompile.io.spill import Spill
 from lrcompile.numerics import decompose, ranks, whiten
 from lrcompile.numerics.whiten import Whitening
 from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, has_live_readers
+from lrcompile.passes.factor_cache import CachedFactors, FactorCache
 from lrcompile.passes.factored_graph import rewrite_group
 from lrcompile.report import LayerReport
 
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 # progress(stage, done, total, detail), e.g. ("factoring", 3, 36, "fc1_weight")
 ProgressCallback = Callable[[str, int, int, str], None]
-SvdCache = dict[str, tuple[np.ndarray, ...]]
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     whitened SVD (best for the outputs on the calibration data). Under the ``auto`` spec the ranks
     come from ``chosen_ranks`` (None: stay dense), which the search (``lrcompile.search.auto``)
     fills.
-    ``cache`` (keyed like the groups) lets repeated runs reuse each weight's SVD.
+    ``cache`` (keyed like the groups) lets repeated runs reuse each ``auto`` layer's factors.
     """
 
     rank: ranks.RankSpec
@@ -65,7 +65,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     allow_no_saving: bool = False
     whitening: Mapping[str, Whitening] = dataclasses.field(default_factory=dict, repr=False)
     chosen_ranks: Mapping[str, int | None] = dataclasses.field(default_factory=dict, repr=False)
-    cache: SvdCache | None = dataclasses.field(default=None, compare=False, repr=False)
+    cache: FactorCache | None = dataclasses.field(default=None, compare=False, repr=False)
     spill: Spill | None = dataclasses.field(default=None, compare=False, repr=False)
     jobs: int = 1
     device: str = "cpu"
@@ -114,17 +114,32 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         return override_files.resolve_spec(self.rank, self.overrides, names)
 
     def svd(self, group: WeightGroup, weight: np.ndarray) -> tuple[np.ndarray, ...]:
-        """The full (whitened when calibrated) SVD of ``group``'s effective weight, cached."""
-        if self.cache is not None and group.key in self.cache:
-            return self.cache[group.key]
+        """The full (whitened when calibrated) SVD of ``group``'s effective weight."""
         white = self.whitening.get(group.key)
-        svd = whiten.whitened_svd(weight, white) if white else decompose.svd_exact(weight)
-        if self.cache is not None:
-            # float32 halves what the cache holds; the spectrum keeps float64 for the rank choice.
-            u, s, vt = svd
-            svd = (u.astype(np.float32), s, vt.astype(np.float32))
-            self.cache[group.key] = svd
-        return svd
+        return whiten.whitened_svd(weight, white) if white else decompose.svd_exact(weight)
+
+    def without_cached_whitening(self) -> FactorizeLowRankPass:
+        """This pass without the Cholesky factors of the layers the cache already holds (they
+        are as large as the layers' Gram matrices, and no longer needed)."""
+        kept = {key: white for key, white in self.whitening.items() if key not in self.cache}
+        return dataclasses.replace(self, whitening=kept)
+
+    def cached(self, group: WeightGroup, weight: np.ndarray | None = None) -> CachedFactors:
+        """``group``'s factors at every rank (``cache`` needed), computed on first use: the
+        whitened ones when the group has a whitening."""
+        entry = self.cache.get(group.key)
+        if entry is not None:
+            return entry
+        weight = effective_weight(group) if weight is None else weight
+        k, n = weight.shape
+        top = min(k, n) if self.allow_no_saving else max(1, min(k, n, (k * n - 1) // (k + n)))
+        svd = self.svd(group, weight)
+        white = self.whitening.get(group.key)
+        if white is not None:
+            factors = whiten.factorize_whitened(weight, top, white, svd=svd)
+        else:
+            factors = decompose.factorize(weight, top, svd=svd)
+        return self.cache.put(group.key, factors, svd[1])
 
     def _compute(self, group: WeightGroup) -> tuple[LayerReport, tuple | None]:
         """The group's report and its factors (None when it stays dense); no graph changes."""
@@ -207,6 +222,10 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
             rank = self.chosen_ranks.get(group.key)
             if rank is None:
                 return None, None
+            if self.cache is not None:
+                if rank == 0 or not (self.allow_no_saving or ranks.saves(rank, k, n)):
+                    return None, rank
+                return self.cached(group, weight).at_rank(rank), rank
         else:
             # Whitened or energy specs need the whole spectrum: one SVD serves rank and factors.
             if white is not None or spec.needs_spectrum:
@@ -221,8 +240,6 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         method = self.decomposition
         if method == "auto":
             method = "exact" if svd is not None else decompose.choose_method((k, n), rank)
-        if method == "exact" and svd is None:
-            svd = self.svd(group, weight) if self.cache is not None else None
         # A per-weight seed keeps each layer's randomized SVD independent of the order of layers.
         seed = zlib.crc32(group.key.encode()) ^ self.seed
         factors = decompose.factorize(

@@ -29,6 +29,9 @@ from lrcompile.runtime.sessions import create_session, runtime_errors
 
 METRICS: tuple[str, ...] = ("rel-l2", "cosine", "kl", "top1")
 
+# Outputs are compared in slices of about this many values (float64 temporaries: 32 MB each).
+SLICE_ELEMENTS = 1 << 22
+
 
 @dataclasses.dataclass(frozen=True)
 class OutputMetrics:
@@ -87,19 +90,31 @@ class ErrorAccumulator:
     positions: int = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        self._add_flat(np.asarray(reference), np.asarray(candidate))
-        if self.classes and self.ref_finite and self.cand_finite:
-            self._add_classes(np.asarray(reference), np.asarray(candidate))
+        """Adds one batch, in slices of whole positions, so that the float64 temporaries stay
+        bounded (an LM's logits for 256 tokens of a 152k vocabulary are 39M values)."""
+        reference, candidate = np.asarray(reference), np.asarray(candidate)
+        if reference.shape != candidate.shape:
+            raise ValueError(f"shapes differ: {reference.shape} and {candidate.shape}")
+        width = reference.shape[-1] if reference.ndim and reference.shape[-1] else 1
+        ref_rows, cand_rows = reference.reshape(-1, width), candidate.reshape(-1, width)
+        step = max(1, SLICE_ELEMENTS // max(width, 1))
+        slices = [slice(start, start + step) for start in range(0, len(ref_rows), step)]
+        for part in slices:
+            self._add_flat(ref_rows[part], cand_rows[part])
+        if self.classes and self.ref_finite and self.cand_finite and reference.ndim:
+            for part in slices:
+                self._add_classes(ref_rows[part], cand_rows[part])
 
     def _add_classes(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        """KL and argmax changes over the last axis, when it is a class axis."""
-        if reference.ndim == 0 or reference.shape[-1] < 2 or reference.dtype.kind != "f":
+        """KL and argmax changes over the last axis of ``[positions, classes]``, when it is a
+        class axis."""
+        if reference.shape[-1] < 2 or reference.dtype.kind != "f":
             return
         ref = _log_softmax(reference.astype(np.float64))
         cand = _log_softmax(candidate.astype(np.float64))
         self.kl_sum += float(np.sum(np.exp(ref) * (ref - cand)))
         self.top1_changed += int(np.sum(np.argmax(ref, -1) != np.argmax(cand, -1)))
-        self.positions += int(np.prod(reference.shape[:-1]))
+        self.positions += reference.shape[0]
 
     def _add_flat(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         ref = np.asarray(reference, dtype=np.float64).ravel()

@@ -120,6 +120,7 @@ def search_ranks(
     """
     clock = _Clock()
     spectra = layer_spectra(groups, factorize)
+    factorize = factorize.without_cached_whitening()
     clock.lap("spectra")
     spectra = measure_sensitivities(
         model, model_folder, spectra, factorize, calibration, on_step=on_sensitivity

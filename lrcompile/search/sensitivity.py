@@ -38,7 +38,8 @@ StepCallback = Callable[[int, int, str], None]
 def layer_spectra(
     groups: Sequence[WeightGroup], factorize: FactorizeLowRankPass
 ) -> list[LayerSpectrum]:
-    """The (whitened) squared singular values of every group whose spec is ``auto``."""
+    """The (whitened) squared singular values of every group whose spec is ``auto``; their
+    factors land in ``factorize``'s cache."""
     spectra = []
     for group in groups:
         if factorize.spec_for(group).kind != "auto":
@@ -46,9 +47,8 @@ def layer_spectra(
         weight = effective_weight(group)
         if not np.all(np.isfinite(weight)):
             continue
-        _, s, _ = factorize.svd(group, weight)
         k, n = group.shape
-        energies = np.square(np.asarray(s, dtype=np.float64))
+        energies = np.square(factorize.cached(group, weight).spectrum)
         spectra.append(LayerSpectrum(group.key, k, n, energies, len(group.nodes)))
     return spectra
 
