@@ -146,7 +146,12 @@ def compile_model(
 
 def _verify(input_path: Path, output_path: Path, config: CompileConfig, feeds) -> VerifyResult:
     return verify(
-        input_path, output_path, tolerance=config.tolerance, metric=config.metric, feeds=feeds
+        input_path,
+        output_path,
+        tolerance=config.tolerance,
+        metric=config.metric,
+        feeds=feeds,
+        labels=config.labels,
     )
 
 

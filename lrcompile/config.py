@@ -56,8 +56,11 @@ class CompileConfig:
         tolerance: Largest error of any output under ``metric``: the verification gate, and
             the target of ``auto`` on the calibration data.
         metric: The gated error: ``rel-l2`` (relative L2), ``cosine`` (1 - cosine), ``kl`` (mean
-            KL of the softmax over the last axis, nats) or ``top1`` (fraction of positions whose
-            argmax changed); see ``lrcompile.runtime.metrics``.
+            KL of the softmax over the last axis, nats), ``top1`` (fraction of positions whose
+            argmax changed) or ``ppl`` (perplexity ratio - 1, needs ``labels``); see
+            ``lrcompile.runtime.metrics``.
+        labels: ``(input, output)``, e.g. ``("input_ids", "logits")``: the output's logits at
+            each position predict the input's next entry; checks report both perplexities.
         verify_data: ``.npz`` of inputs for verification (synthetic inputs when None).
         input_shapes: Shapes of synthetic inputs with dynamic dimensions, by input name.
         val_ranges: Value ranges ``(low, high)`` of synthetic inputs, by input name (default:
@@ -95,6 +98,7 @@ class CompileConfig:
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     metric: str = "rel-l2"
+    labels: tuple[str, str] | None = None
     verify_data: Path | None = None
     input_shapes: InputShapes = dataclasses.field(default_factory=dict)
     val_ranges: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
@@ -123,6 +127,10 @@ class CompileConfig:
         object.__setattr__(self, "val_ranges", ranges)
         self._check_ranges()
         parse_range_method(self.fp8_calib)
+        if self.labels is not None:
+            object.__setattr__(self, "labels", parse_labels(self.labels))
+        if self.metric == "ppl" and self.labels is None:
+            raise LrcompileError("--metric ppl needs --labels INPUT:OUTPUT (e.g. input_ids:logits)")
         if self.fp8 and self.calib is None and self.calib_script is None:
             raise LrcompileError(
                 "--fp8 needs calibration data for its scales: pass --calib FILE.npz or"
@@ -156,7 +164,20 @@ class CompileConfig:
         data = dataclasses.asdict(self)
         data["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
         data["val_ranges"] = {k: list(v) for k, v in self.val_ranges.items()}
+        data["labels"] = ":".join(self.labels) if self.labels else None
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+
+
+def parse_labels(labels: str | Sequence[str]) -> tuple[str, str]:
+    """``"input_ids:logits"`` (or a pair) as ``("input_ids", "logits")``.
+
+    Raises:
+        LrcompileError: Not ``INPUT:OUTPUT``.
+    """
+    parts = labels.rsplit(":", 1) if isinstance(labels, str) else list(labels)
+    if len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+        raise LrcompileError(f"labels {labels!r}: expected INPUT:OUTPUT, e.g. input_ids:logits")
+    return parts[0], parts[1]
 
 
 def checked_shapes(shapes: InputShapes | None) -> dict[str, tuple[int, ...]]:

@@ -119,7 +119,7 @@ def inspect_model(
     whitening = calibration.whitening(groups)
     factorize = dataclasses.replace(factorize, whitening=whitening, cache=FactorCache())
     weighted = measure_sensitivities(
-        prepared.model, path.parent, layer_spectra(groups, factorize), factorize, calibration
+        prepared.model, layer_spectra(groups, factorize), groups, factorize, calibration
     )
     by_key = {spectrum.name: spectrum for spectrum in weighted}
     for index, group in enumerate(groups):
@@ -162,9 +162,7 @@ def _curve(prepared, spectra: Sequence, factorize, calibration, points: int, con
         candidate = prepared.model.clone()
         probe = dataclasses.replace(factorize, chosen_ranks=path[index].ranks)
         build_pipeline(probe).run(candidate)
-        measured = measure_error(
-            candidate, prepared.path.parent, calibration.feeds, calibration.reference
-        )
+        measured = measure_error(candidate, calibration.feeds, calibration.reference)
         predicted = float(np.sqrt(path[index].predicted_error))
         curve.append(CurvePoint(path[index].cost_ratio, predicted, measured))
     return tuple(curve)

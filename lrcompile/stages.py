@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
@@ -28,7 +29,7 @@ from lrcompile.io.spill import Spill
 from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, ops_left_alone
 from lrcompile.passes.factor_cache import FactorCache
 from lrcompile.passes.inputs import index_ranges
-from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback
+from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback, effective_weight
 from lrcompile.passes.opset import with_fp8_opset
 from lrcompile.pipeline import Chunk, PipelineResult, build_pipeline
 from lrcompile.search.auto import AutoResult, search_ranks
@@ -148,15 +149,11 @@ def search(
         return factorize, None
     prepared, statistics = plan.prepared, plan.statistics
     _refuse_degenerate_output(statistics, prepared, plan.source)
-    whitening = statistics.whitening(prepared.groups)
-    _refuse_degenerate_input(statistics, prepared, plan.source, whitening)
-    _warn_if_synthetic(plan.source)  # after the checks: a refusal is the one line the user sees
-    statistics.release_grams()  # the whitening holds what is needed
     # auto compiles many candidates from the same decompositions: cache them (on disk).
-    factorize = dataclasses.replace(factorize, whitening=whitening, cache=FactorCache())
+    factorize = _cache_factors(plan, dataclasses.replace(factorize, cache=FactorCache()))
+    _warn_if_synthetic(plan.source)  # after the checks: a refusal is the one line the user sees
     auto = search_ranks(
         prepared.model,
-        prepared.path.parent,
         prepared.groups,
         factorize,
         statistics,
@@ -164,7 +161,6 @@ def search(
         on_step=_stage(progress, "searching"),
         on_sensitivity=_stage(progress, "sensitivity"),
     )
-    factorize = factorize.without_cached_whitening()
     return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
 
 
@@ -225,9 +221,28 @@ def _refuse_degenerate_output(statistics: Calibration, prepared: Prepared, sourc
         )
 
 
-def _refuse_degenerate_input(statistics: Calibration, prepared: Prepared, source, whitening):
+def _cache_factors(plan: Calibrated, factorize: FactorizeLowRankPass) -> FactorizeLowRankPass:
+    """Whitens the layers one activation at a time, refuses degenerate activations, and caches
+    each ``auto`` layer's factors; returns the pass with the whitening of the other layers (their
+    override's spec needs it when the model is rewritten)."""
+    kept = {}
+    for members, white in plan.statistics.whitenings(plan.prepared.groups):
+        whitening = {group.key: white for group in members}
+        _refuse_degenerate_input(plan.statistics, plan.prepared, plan.source, members, whitening)
+        whitened = dataclasses.replace(factorize, whitening=whitening)
+        for group in members:
+            searched = factorize.spec_for(group).kind == "auto" and not factorize.refusal(group)
+            weight = effective_weight(group) if searched else None
+            if searched and np.all(np.isfinite(weight)):
+                whitened.cached(group, weight)
+            else:
+                kept[group.key] = white
+    return dataclasses.replace(factorize, whitening=kept)
+
+
+def _refuse_degenerate_input(statistics: Calibration, prepared: Prepared, source, groups, white):
     """``--rank auto`` on degenerate activations stops here, with the fix."""
-    degenerate = statistics.degenerate_input(prepared.groups, whitening)
+    degenerate = statistics.degenerate_input(groups, white)
     if degenerate is not None:
         tensor, node, rank, width, rows = degenerate
         raise DataError(

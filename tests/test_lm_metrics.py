@@ -85,3 +85,85 @@ def test_the_kl_gate_in_compile_verify_and_auto(logits_model, tmp_path):
     )  # fmt: skip
     assert table.exit_code == 0 and "top-1 changed" in table.output
     assert "verdict: PASS (worst top-1 change" in table.output
+
+
+def test_perplexity_is_that_of_the_next_token_labels(rng):
+    ref = rng.standard_normal((2, 6, 30)) * 2
+    cand = ref + rng.standard_normal(ref.shape) * 0.3
+    ids = rng.integers(0, 30, (2, 6))
+    accumulator = ErrorAccumulator()
+    for row in range(2):
+        accumulator.add(ref[row : row + 1], cand[row : row + 1])
+        accumulator.add_labels(ref[row : row + 1], cand[row : row + 1], ids[row : row + 1])
+    metrics = accumulator.metrics("logits", 0.0, "ppl")
+
+    def perplexity(logits):
+        logp = _log_softmax(logits)[:, :-1]
+        picked = np.take_along_axis(logp, ids[:, 1:, np.newaxis], -1)
+        return float(np.exp(-picked.mean()))
+
+    assert metrics.reference_perplexity == pytest.approx(perplexity(ref), rel=1e-9)
+    assert metrics.perplexity == pytest.approx(perplexity(cand), rel=1e-9)
+    assert metrics.error == pytest.approx(perplexity(cand) / perplexity(ref) - 1, rel=1e-9)
+    with pytest.raises(ValueError, match="integers in"):
+        accumulator.add_labels(ref[:1], cand[:1], ids[:1] + 30)
+    with pytest.raises(ValueError, match="do not match"):
+        accumulator.add_labels(ref[:1], cand[:1], ids[:1, :5])
+
+
+@pytest.fixture(scope="module")
+def small_lm(tmp_path_factory):
+    from lrcompile.tools.synthetic import lm_like
+
+    folder = tmp_path_factory.mktemp("lm")
+    path = lm_like(folder, layers=1, hidden=64, ffn=128, vocab=500)
+    ids = np.random.default_rng(1).integers(0, 500, (16, 16))
+    np.savez(folder / "c.npz", input_ids=ids)
+    return path, folder / "c.npz"
+
+
+def test_the_perplexity_gate_in_compile_verify_and_auto(small_lm, tmp_path):
+    model, calib = small_lm
+    out = tmp_path / "o.onnx"
+    result = lrcompile.compile_model(
+        model, out, rank="auto", calib=str(calib), metric="ppl", labels="input_ids:logits",
+        tolerance=0.05,
+    )  # fmt: skip
+    logits = result.verification.outputs[0]
+    assert result.verification.metric == "ppl" and logits.perplexity is not None
+    # One-sided: a lower perplexity than the reference passes (random labels here).
+    assert logits.error == pytest.approx(max(logits.perplexity_ratio - 1, 0.0))
+    assert result.auto.measured_error <= 0.8 * 0.05
+    assert result.auto.measured_error == pytest.approx(logits.error, rel=1e-3, abs=1e-7)
+    ids = np.load(calib)["input_ids"]
+    (ref,) = run(model, {"input_ids": ids})
+    (cand,) = run(out, {"input_ids": ids})
+    picked = [
+        np.take_along_axis(_log_softmax(z.astype(np.float64))[:, :-1], ids[:, 1:, None], -1)
+        for z in (ref, cand)
+    ]
+    assert logits.reference_perplexity == pytest.approx(np.exp(-picked[0].mean()), rel=1e-6)
+    assert logits.perplexity == pytest.approx(np.exp(-picked[1].mean()), rel=1e-6)
+    same = CliRunner().invoke(
+        cli.main, ["verify", str(model), str(model), "--data", str(calib), "--labels",
+                   "input_ids:logits", "--metric", "ppl", "--tolerance", "0"],
+    )  # fmt: skip
+    assert same.exit_code == 0 and "ppl ratio" in same.output and "1.0000" in same.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--labels", "tokens:logits"], "--labels names no input 'tokens'"),
+        (["--labels", "input_ids:scores"], "--labels names no output 'scores'"),
+        (["--labels", "input_ids"], "expected INPUT:OUTPUT"),
+        (["--metric", "ppl"], "--metric ppl needs --labels"),
+    ],
+)
+def test_bad_labels_are_one_line_and_exit_2(small_lm, extra, message):
+    model, calib = small_lm
+    out = CliRunner().invoke(
+        cli.main, ["verify", str(model), str(model), "--data", str(calib), *extra]
+    )
+    assert out.exit_code == 2, out.output
+    assert message in out.output and len(out.output.strip().splitlines()) == 1

@@ -178,3 +178,28 @@ def test_verify_holds_one_model_at_a_time(tmp_path):
             _peak_rss_mib(["verify", str(model), str(model), "--input-shapes", "x:1x8x1024"])
         )
     assert peaks[1] - peaks[0] < 1.4 * (sizes[1] - sizes[0])
+
+
+@pytest.mark.slow
+def test_auto_memory_does_not_grow_with_the_calibration_outputs(tmp_path):
+    # An LM-shaped model whose logits dominate: 32 calibration sequences' logits are 197 MiB more
+    # than 8 sequences'. They wait on disk (read back one batch at a time), so the peak of
+    # `--rank auto` grows by far less than that; it stays within 2 x weights + 1 GiB.
+    import numpy as np
+
+    from lrcompile.tools.synthetic import lm_like
+
+    model = lm_like(tmp_path, layers=2, hidden=128, ffn=512, vocab=32000)
+    weights_mib = (tmp_path / "lm.onnx.data").stat().st_size / 2**20
+    rng = np.random.default_rng(0)
+    peaks = []
+    for sequences in (8, 32):
+        calib = tmp_path / f"c{sequences}.npz"
+        np.savez(calib, input_ids=rng.integers(0, 32000, (sequences, 64)))
+        out = tmp_path / f"o{sequences}.onnx"
+        args = [str(model), "-o", str(out), "--rank", "auto", "--calib", str(calib)]
+        peaks.append(_peak_rss_mib([*args, "--batch-size", "8"]))
+    extra_outputs_mib = 24 * 64 * 32000 * 4 / 2**20
+    print(f"weights {weights_mib:.0f} MiB, peaks {peaks[0]:.0f} / {peaks[1]:.0f} MiB")
+    assert peaks[1] - peaks[0] < 0.25 * extra_outputs_mib
+    assert peaks[1] < 2 * weights_mib + 1024

@@ -12,9 +12,10 @@ stay on disk (ONNX Runtime reads external data from the model's folder).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -108,30 +109,43 @@ class Calibration:
                 rank = numerical_rank(stat.gram, whitening=white)
                 width = stat.gram.shape[0]
                 if rank < fraction * width:
-                    return key[0], node.name or "", rank, width, stat.rows
+                    where = node.name or f"the {node.op_type} producing {node.outputs[0].name!r}"
+                    return key[0], where, rank, width, stat.rows
         return None
 
-    def release_grams(self) -> None:
-        """Frees the Gram matrices (K x K float64 each) once their whitening exists."""
-        for stat in self.stats.values():
-            stat.gram = None
+    def whitenings(
+        self, groups: Sequence[WeightGroup]
+    ) -> Iterator[tuple[tuple[WeightGroup, ...], Whitening]]:
+        """The groups by the activations they read (Q, K and V share one), each batch of them
+        with its Cholesky whitening, one at a time; groups without statistics are left out.
+
+        A Gram matrix is freed as soon as every group reading it has had its whitening, so that
+        whoever uses each whitening and drops it (``--rank auto`` caches the factors) holds one
+        Cholesky factor, not all of them: for a 0.5B LM they are 4.5 GB.
+        """
+        readers: dict[tuple, list[WeightGroup]] = {}
+        for group in groups:
+            inputs = tuple(sorted({_activation_key(node) for node in group.nodes}))
+            readers.setdefault(inputs, []).append(group)
+        pending = collections.Counter(key for inputs in readers for key in inputs)
+        for inputs, members in readers.items():
+            gram = self.gram(members[0])
+            if gram is not None:
+                white = whitening_from_gram(gram)
+                del gram
+                if white.jitter:
+                    logger.info("%s: Gram needed jitter %.3g", members[0].name, white.jitter)
+                yield tuple(members), white
+            for key in inputs:
+                pending[key] -= 1
+                if pending[key] == 0 and key in self.stats:
+                    self.stats[key].gram = None
 
     def whitening(self, groups: Sequence[WeightGroup]) -> dict[str, Whitening]:
         """The Cholesky whitening of each group with statistics, keyed by ``group.key``; groups
-        reading the same activations (Q, K, V) share one factorization."""
-        result: dict[str, Whitening] = {}
-        shared: dict[tuple, Whitening] = {}
-        for group in groups:
-            inputs = tuple(sorted(_activation_key(node) for node in group.nodes))
-            if inputs not in shared:
-                gram = self.gram(group)
-                if gram is None:
-                    continue
-                shared[inputs] = whitening_from_gram(gram)
-                if shared[inputs].jitter:
-                    logger.info("%s: Gram needed jitter %.3g", group.name, shared[inputs].jitter)
-            result[group.key] = shared[inputs]
-        return result
+        reading the same activations (Q, K, V) share one factorization. The Gram matrices are
+        freed (see ``whitenings``)."""
+        return {group.key: white for members, white in self.whitenings(groups) for group in members}
 
 
 def calibrate(

@@ -34,7 +34,7 @@ from lrcompile.io import data as data_lib
 from lrcompile.io.model import load_model
 from lrcompile.io.spill import OutputStore
 from lrcompile.passes.inputs import index_ranges
-from lrcompile.runtime.metrics import METRICS, ErrorAccumulator, OutputMetrics
+from lrcompile.runtime.metrics import METRICS, ErrorAccumulator, Labels, OutputMetrics, add_batch
 from lrcompile.runtime.sessions import create_session, runtime_errors
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def verify(
     feeds: data_lib.FeedSource | None = None,
     providers: Sequence[str] = ("cpu",),
     engine: bool | None = None,
+    labels: Labels | None = None,
 ) -> VerifyResult:
     """Compares ``candidate`` against ``reference`` with Polygraphy and ONNX Runtime.
 
@@ -111,19 +112,24 @@ def verify(
             (``cpu``, ``cuda``, ``tensorrt``).
         engine: The candidate is a TensorRT engine (run with Polygraphy's ``TrtRunner``);
             by default, when its suffix is ``.engine`` or ``.plan``.
+        labels: ``(input, output)``: the output's logits predict the input's next entry (a
+            causal LM's ``("input_ids", "logits")``); adds both perplexities (``ppl`` gates on
+            their ratio).
 
     Raises:
         LrcompileError: A model or the data is invalid, or the models' inputs/outputs differ.
     """
-    _check_gate(tolerance, metric)
+    _check_gate(tolerance, metric, labels)
     engine = Path(candidate).suffix in (".engine", ".plan") if engine is None else engine
     ref_model = _load_pair(reference, candidate, engine)
     if feeds is None:
         feeds = _feeds(ref_model, data, input_shapes, val_ranges, batch_size, iterations, seed)
     outputs = [value.name for value in ref_model.graph.outputs]
+    _check_labels(reference, ref_model, labels)
     with _quiet_polygraphy(), runtime_errors(f"running {reference} and {candidate}"):
         runners = _runners(reference, candidate, providers, engine)
-        accumulators, count = _accumulate(_run_pair(runners, feeds.feeds), outputs, candidate)
+        batches = _run_pair(runners, feeds.feeds)
+        accumulators, count = _accumulate(batches, outputs, candidate, labels)
     _refuse_degenerate(reference, accumulators, feeds)
     metrics = tuple(accumulators[name].metrics(name, tolerance, metric) for name in outputs)
     return VerifyResult(metrics, tolerance, count, feeds.description, feeds.synthetic, metric)
@@ -168,11 +174,35 @@ def _feeds(ref_model, data, shapes, ranges, batch_size, iterations, seed):
     return feeds
 
 
-def _check_gate(tolerance: float, metric: str) -> None:
+def _check_gate(tolerance: float, metric: str, labels: Labels | None) -> None:
     if not tolerance >= 0:
         raise LrcompileError(f"tolerance must be >= 0, got {tolerance}")
     if metric not in METRICS:
         raise LrcompileError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+    if metric == "ppl" and labels is None:
+        raise LrcompileError("--metric ppl needs --labels INPUT:OUTPUT (e.g. input_ids:logits)")
+
+
+def _check_labels(path, model, labels: Labels | None) -> None:
+    """The labels name an integer input and an output of the model."""
+    if labels is None:
+        return
+    inputs = {value.name: value for value in model.graph.inputs}
+    label_input, output = labels
+    if label_input not in inputs:
+        raise DataError(
+            f"{path}: --labels names no input {label_input!r} (inputs: {', '.join(inputs)})"
+        )
+    dtype = inputs[label_input].dtype
+    if dtype is None or not dtype.is_integer():
+        raise DataError(
+            f"{path}: --labels input {label_input!r} is {dtype}, expected integer token ids"
+        )
+    names = [value.name for value in model.graph.outputs]
+    if output not in names:
+        raise DataError(
+            f"{path}: --labels names no output {output!r} (outputs: {', '.join(names)})"
+        )
 
 
 def _load_pair(reference, candidate, engine: bool):
@@ -185,15 +215,15 @@ def _load_pair(reference, candidate, engine: bool):
     return ref_model
 
 
-def _accumulate(pairs, outputs, candidate) -> tuple[dict[str, ErrorAccumulator], int]:
-    """Each output's error over every (reference, candidate) batch, and the batch count."""
+def _accumulate(batches, outputs, candidate, labels) -> tuple[dict[str, ErrorAccumulator], int]:
+    """Each output's error over every (feed, reference, candidate) batch, and the batch count."""
     accumulators = {name: ErrorAccumulator() for name in outputs}
     count = 0
-    for ref_out, cand_out in pairs:
-        for name in outputs:
-            if name not in cand_out:
-                raise LrcompileError(f"{candidate}: has no output {name!r}")
-            accumulators[name].add(ref_out[name], cand_out[name])
+    for feed, ref_out, cand_out in batches:
+        missing = [name for name in outputs if name not in cand_out]
+        if missing:
+            raise LrcompileError(f"{candidate}: has no output {missing[0]!r}")
+        add_batch(accumulators, {name: ref_out[name] for name in outputs}, cand_out, feed, labels)
         count += 1
     return accumulators, count
 
@@ -212,8 +242,8 @@ def _runners(reference, candidate, providers: Sequence[str], engine: bool) -> li
 
 def _run_pair(
     runners: list, feeds: Iterable[data_lib.Feed]
-) -> Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
-    """Each batch's reference and candidate outputs, one model in memory at a time.
+) -> Iterable[tuple[data_lib.Feed, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
+    """Each batch's feed, reference and candidate outputs, one model in memory at a time.
 
     Polygraphy's runners run the reference on every feed first; its outputs wait on disk (in
     ``TMPDIR``, read back one batch at a time) while the candidate runs, so a check never holds two
@@ -228,7 +258,7 @@ def _run_pair(
                 store.append(active.infer(feed_dict=feed))
         with candidate as active:
             for feed, ref_out in zip(feeds, store, strict=True):
-                yield ref_out, dict(active.infer(feed_dict=feed))
+                yield feed, ref_out, dict(active.infer(feed_dict=feed))
     finally:
         store.close()
 

@@ -35,7 +35,7 @@ from lrcompile.cli.terminal import (
     on_sigterm,
     user_errors,
 )
-from lrcompile.config import CHOICES, DEFAULT_ITERATIONS, CompileConfig
+from lrcompile.config import CHOICES, DEFAULT_ITERATIONS, CompileConfig, parse_labels
 from lrcompile.io.data import parse_input_shapes, parse_val_ranges
 
 _VERBOSITY = [0]  # -v count of the running command, for the internal-error handler
@@ -159,6 +159,7 @@ def verify_command(
     with user_errors():
         options["input_shapes"] = parse_input_shapes(options["input_shapes"])
         options["val_ranges"] = parse_val_ranges(options["val_ranges"])
+        options["labels"] = parse_labels(options["labels"]) if options["labels"] else None
         names = [p.strip() for p in providers.split(",") if p.strip()]
         result = lrcompile.verify(reference, candidate, providers=names, **options)
     if json_path is not None and str(json_path) == "-":

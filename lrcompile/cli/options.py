@@ -48,7 +48,15 @@ CHECK_OPTIONS = [
     config_option(
         "--metric",
         field="metric",
-        help="rel-l2 ||y - y_ref||/||y_ref||, cosine (1 - cos), kl (nats, logits), top1 (changed).",
+        help="rel-l2 ||y - y_ref||/||y_ref||, cosine (1 - cos), kl (nats, logits), top1 (changed),"
+        " ppl (perplexity ratio - 1, needs --labels).",
+    ),
+    config_option(
+        "--labels",
+        field="labels",
+        metavar="INPUT:OUTPUT",
+        help="Next-token labels: OUTPUT's logits predict INPUT's next entry (input_ids:logits);"
+        " checks report perplexities.",
     ),
     config_option(
         "--input-shapes",

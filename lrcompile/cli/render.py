@@ -107,8 +107,13 @@ def print_compile(result: CompileResult) -> None:
 
 def print_verification(result: VerifyResult) -> None:
     classes = result.metric in ("kl", "top1") and any(o.kl is not None for o in result.outputs)
+    labelled = any(o.perplexity is not None for o in result.outputs)
     header = ("output", "rel L2", "cosine", "max abs err", *(("KL", "top-1 changed") * classes))
-    rows = [(*_metric_cells(o, classes), "ok" if o.passed else "FAIL") for o in result.outputs]
+    header += ("ppl ref", "ppl", "ppl ratio") * labelled
+    rows = [
+        (*_metric_cells(o, classes), *_perplexity_cells(o) * labelled, "ok" if o.passed else "FAIL")
+        for o in result.outputs
+    ]
     _echo_table((*header, "status"), rows)
     verdict = "PASS" if result.passed else "FAIL"
     worst = result.worst_error
@@ -132,7 +137,14 @@ _METRIC_NAMES = {
     "cosine": "1 - cosine",
     "kl": "KL",
     "top1": "top-1 change",
+    "ppl": "perplexity ratio - 1",
 }
+
+
+def _perplexity_cells(o) -> tuple[str, str, str]:
+    if o.perplexity is None or not o.finite:
+        return ("-", "-", "-")
+    return (f"{o.reference_perplexity:.4g}", f"{o.perplexity:.4g}", f"{o.perplexity_ratio:.4f}")
 
 
 def _metric_cells(o, classes: bool) -> tuple[str, ...]:

@@ -16,6 +16,10 @@ METHODS: tuple[str, ...] = ("auto", "exact", "randomized")
 
 # Randomized SVD pays off once the rank is well below the dimension; below this size an exact
 # SVD takes milliseconds anyway.
+# A matrix at least this much wider than tall (or taller than wide) with at least WIDE_MIN_SIZE
+# entries gets its SVD through the Gram matrix of its smaller side (``svd_wide``).
+WIDE_RATIO = 16
+WIDE_MIN_SIZE = 1 << 24
 RANDOMIZED_MIN_DIM = 512
 RANDOMIZED_MAX_RANK_FRACTION = 0.25
 DEFAULT_OVERSAMPLE = 16
@@ -60,8 +64,49 @@ def choose_method(shape: tuple[int, int], rank: int) -> Method:
 
 def svd_exact(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thin SVD ``w = u @ diag(s) @ vt`` in the compute dtype, with deterministic signs."""
+    if is_wide(w.shape):
+        return svd_wide(w, dtype=compute_dtype(w.dtype))
     u, s, vt = np.linalg.svd(np.asarray(w, dtype=compute_dtype(w.dtype)), full_matrices=False)
     return fix_signs(u, s, vt)
+
+
+def is_wide(shape: tuple[int, ...]) -> bool:
+    """Whether ``svd_wide`` serves a matrix of ``shape`` better than LAPACK's SVD."""
+    small, large = sorted(shape)
+    return large >= WIDE_RATIO * small and small * large >= WIDE_MIN_SIZE
+
+
+def svd_wide(
+    w: np.ndarray, lower: np.ndarray | None = None, *, dtype=np.float64, block: int = 8192
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD of ``A = L^T W`` (``L`` = ``lower``, identity when None) with one working copy.
+
+    For a ``[640, 262144]`` lm_head LAPACK's SVD holds several K x N float64 copies (its input,
+    ``vt``, its workspace). Here ``A`` is formed column block by column block into one K x N array,
+    ``A A^T = U S^2 U^T`` (K x K) gives ``U`` and ``S``, and ``V^T = S^-1 U^T A`` overwrites ``A``
+    block by block. Singular values below ``sqrt(eps)`` of the largest lose relative accuracy
+    (squared in the Gram matrix); they carry no energy worth keeping. A tall ``W`` (K >> N, no
+    ``lower``) is done through its transpose.
+    """
+    if lower is None and w.shape[0] > w.shape[1]:
+        vt, s, u = svd_wide(w.T, dtype=dtype, block=block)
+        return fix_signs(np.ascontiguousarray(u.T), s, np.ascontiguousarray(vt.T))
+    k, n = w.shape
+    a = np.empty((k, n), dtype=dtype)
+    gram = np.zeros((k, k))  # float64 whatever ``dtype``: small singular values need it
+    for start in range(0, n, block):
+        columns = np.asarray(w[:, start : start + block], dtype=np.float64)
+        columns = columns if lower is None else lower.T @ columns
+        gram += columns @ columns.T
+        a[:, start : start + block] = columns
+    eigenvalues, u = np.linalg.eigh(gram)
+    eigenvalues, u = eigenvalues[::-1], np.ascontiguousarray(u[:, ::-1])
+    s = np.sqrt(np.maximum(eigenvalues, 0.0))
+    inverse = np.divide(1.0, s, out=np.zeros_like(s), where=s > s[0] * np.finfo(dtype).eps)
+    u = u.astype(dtype)
+    for start in range(0, n, block):
+        a[:, start : start + block] = (u.T @ a[:, start : start + block]) * inverse[:, np.newaxis]
+    return fix_signs(u, s.astype(dtype), a)
 
 
 def svd_randomized(
@@ -100,6 +145,7 @@ def factorize(
     seed: int = 0,
     svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     device: str = "cpu",
+    overwrite: bool = False,
 ) -> Factorization:
     """Best rank-``rank`` approximation of ``w`` as balanced factors in ``w``'s compute dtype.
 
@@ -110,6 +156,7 @@ def factorize(
         seed: Seed of the randomized method.
         svd: ``svd_exact(w)``, when already computed, for the exact method to reuse.
         device: ``cpu`` (NumPy/LAPACK) or ``cuda`` (torch on the GPU; needs torch with CUDA).
+        overwrite: ``svd``'s ``vt`` may be overwritten (it becomes the right factor).
 
     Returns:
         The factorization; ``left`` is ``[K, rank]`` and ``right`` is ``[rank, N]``.
@@ -129,8 +176,12 @@ def factorize(
         u, s, vt = u[:, :rank], s[:rank], vt[:rank]
     root = np.sqrt(s)
     left = np.ascontiguousarray(u * root[np.newaxis, :])
-    right = np.ascontiguousarray(root[:, np.newaxis] * vt)
-    return Factorization(left, right, s, total, method)
+    if overwrite and vt.dtype == work.dtype:
+        right = vt  # scaled in place: for an lm_head ``vt`` is as large as the weight
+        right *= root[:, np.newaxis]
+    else:
+        right = root[:, np.newaxis] * vt
+    return Factorization(left, np.ascontiguousarray(right), s, total, method)
 
 
 def relative_error(w: np.ndarray, left: np.ndarray, right: np.ndarray, *, rows: int = 512) -> float:
@@ -160,7 +211,9 @@ def fix_signs(
     # makes the factors independent of LAPACK's internal choices.
     pivot = u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])]
     signs = np.where(pivot < 0, -1.0, 1.0).astype(u.dtype)
-    return u * signs, s, vt * signs[:, np.newaxis]
+    vt = vt if vt.flags.writeable else vt.copy()
+    vt[signs < 0] *= -1.0  # in place: ``vt`` can be as large as the weight
+    return u * signs, s, vt
 
 
 def _svd_cuda(

@@ -20,7 +20,7 @@ import dataclasses
 
 import numpy as np
 
-from lrcompile.numerics.decompose import Factorization, compute_dtype, fix_signs
+from lrcompile.numerics.decompose import Factorization, compute_dtype, fix_signs, is_wide, svd_wide
 
 _JITTER_START = 1e-8
 _JITTER_TRIES = 12
@@ -35,10 +35,14 @@ class Whitening:
 
 
 def accumulate_gram(gram: np.ndarray | None, x: np.ndarray) -> np.ndarray:
-    """Adds ``X^T X`` of one batch (``x`` reshaped to ``[-1, K]``) to ``gram`` in float64."""
+    """Adds ``X^T X`` of one batch (``x`` reshaped to ``[-1, K]``) to ``gram`` (float64, updated
+    in place) and returns it."""
     rows = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
     update = rows.T @ rows
-    return update if gram is None else gram + update
+    if gram is None:
+        return update
+    gram += update  # in place: a new K x K array per batch costs as much as the product
+    return gram
 
 
 def whitening_from_gram(gram: np.ndarray) -> Whitening:
@@ -64,11 +68,17 @@ def whitening_from_gram(gram: np.ndarray) -> Whitening:
 
 def balance(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``left @ right`` unchanged, each column of ``left`` with the norm of its row of ``right``."""
+    scale = balance_scale(left, right)
+    return left * scale, right / scale[:, np.newaxis]
+
+
+def balance_scale(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """The per-component scale of ``balance``: multiply ``left``'s columns, divide ``right``'s
+    rows."""
     left_norms = np.linalg.norm(left, axis=0)
     right_norms = np.linalg.norm(right, axis=1)
     scale = np.sqrt(np.where(left_norms > 0, right_norms / np.maximum(left_norms, 1e-300), 1.0))
-    scale = np.where(scale > 0, scale, 1.0)
-    return left * scale, right / scale[:, np.newaxis]
+    return np.where(scale > 0, scale, 1.0)
 
 
 def numerical_rank(
@@ -103,6 +113,8 @@ def _cholesky(matrix: np.ndarray) -> np.ndarray | None:
 
 def whitened_svd(w: np.ndarray, whitening: Whitening) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The thin SVD of ``L^T W`` (float64), with deterministic signs."""
+    if is_wide(w.shape) and w.shape[0] < w.shape[1]:
+        return svd_wide(w, whitening.lower)
     u, s, vt = np.linalg.svd(
         whitening.lower.T @ np.asarray(w, dtype=np.float64), full_matrices=False
     )
@@ -115,6 +127,7 @@ def factorize_whitened(
     whitening: Whitening,
     *,
     svd: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    overwrite: bool = False,
 ) -> Factorization:
     """Rank-``rank`` factors minimizing the output error on the calibration activations.
 
@@ -129,6 +142,7 @@ def factorize_whitened(
         rank: Rank to keep, ``1 <= rank <= min(K, N)``.
         whitening: From ``whitening_from_gram`` of the activations feeding ``w``.
         svd: ``whitened_svd(w, whitening)`` when already computed.
+        overwrite: ``svd``'s ``vt`` may be overwritten (it becomes the right factor).
     """
     if not 1 <= rank <= min(w.shape):
         raise ValueError(f"rank {rank} is outside [1, {min(w.shape)}] for shape {w.shape}")
@@ -136,8 +150,14 @@ def factorize_whitened(
     total = float(np.sum(np.square(s)))
     root = np.sqrt(s[:rank])
     left = np.linalg.solve(whitening.lower.T, u[:, :rank] * root)
-    right = root[:, np.newaxis] * vt[:rank]
-    left, right = balance(left, right)
+    if overwrite:
+        right = vt[:rank]  # scaled in place: for an lm_head ``vt`` is as large as the weight
+        right *= root[:, np.newaxis]
+    else:
+        right = root[:, np.newaxis] * vt[:rank]
+    scale = balance_scale(left, right)
+    left *= scale
+    right /= scale[:, np.newaxis]
     dtype = compute_dtype(w.dtype)
     return Factorization(
         np.ascontiguousarray(left, dtype=dtype),

@@ -24,18 +24,9 @@ def rewrite_group(graph: ir.Graph, group: WeightGroup, left, right) -> tuple[str
     Factors are stored in the weight's dtype; when the nodes read it through a Cast, the factors
     are read through one Cast each, to the same dtype.
     """
-    a = _initializer(graph, f"{group.name}_lr_A", left)
-    b = _initializer(graph, f"{group.name}_lr_B", right)
-    names = (a.name, b.name)
-    if group.cast is not None:
-        casts = [ir.node("Cast", [v], {"to": group.cast}, name=f"{v.name}_Cast") for v in (a, b)]
-        for cast, v in zip(casts, (a, b), strict=True):
-            cast.outputs[0].name = f"{v.name}_cast"
-            cast.outputs[0].dtype, cast.outputs[0].shape = group.cast, v.shape
-        graph.insert_before(group.nodes[0], casts)
-        a, b = casts[0].outputs[0], casts[1].outputs[0]
+    a, b, names = factor_values(graph, group, left, right)
     for node in group.nodes:
-        first, second = _factored_nodes(node, a, b)
+        first, second = factored_nodes(node, a, b)
         # Saved with the model, so later passes (FP8, plugin) find the pairs in any model.
         first.metadata_props[FACTOR_KEY] = "A"
         second.metadata_props[FACTOR_KEY] = "B"
@@ -50,7 +41,24 @@ def rewrite_group(graph: ir.Graph, group: WeightGroup, left, right) -> tuple[str
     return names
 
 
-def _factored_nodes(node: ir.Node, a: ir.Value, b: ir.Value) -> tuple[ir.Node, ir.Node]:
+def factor_values(graph: ir.Graph, group: WeightGroup, left, right):
+    """The factors as initializers of ``graph`` (through a Cast each when the group reads its
+    weight through one): ``(A, B, initializer names)``."""
+    a = _initializer(graph, f"{group.name}_lr_A", left)
+    b = _initializer(graph, f"{group.name}_lr_B", right)
+    names = (a.name, b.name)
+    if group.cast is not None:
+        casts = [ir.node("Cast", [v], {"to": group.cast}, name=f"{v.name}_Cast") for v in (a, b)]
+        for cast, v in zip(casts, (a, b), strict=True):
+            cast.outputs[0].name = f"{v.name}_cast"
+            cast.outputs[0].dtype, cast.outputs[0].shape = group.cast, v.shape
+        graph.insert_before(group.nodes[0], casts)
+        a, b = casts[0].outputs[0], casts[1].outputs[0]
+    return a, b, names
+
+
+def factored_nodes(node: ir.Node, a: ir.Value, b: ir.Value) -> tuple[ir.Node, ir.Node]:
+    """The factored pair that replaces ``node`` (``x @ A``, then ``@ B``), not yet in a graph."""
     x = node.inputs[0]
     name = node.name or node.outputs[0].name
     if node.op_type == "MatMul":

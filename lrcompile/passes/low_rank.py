@@ -96,7 +96,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         # the GIL -- and the graph is rewritten here, in group order: the output does not depend
         # on the number of jobs. ``map`` keeps at most the running jobs' weights in memory.
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            computed = pool.map(self._compute, groups)
+            computed = pool.map(self.compute, groups)
             for index, (group, (report, factors)) in enumerate(zip(groups, computed, strict=True)):
                 if self.progress is not None:
                     self.progress("factoring", index, len(groups), group.name)
@@ -118,12 +118,6 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         white = self.whitening.get(group.key)
         return whiten.whitened_svd(weight, white) if white else decompose.svd_exact(weight)
 
-    def without_cached_whitening(self) -> FactorizeLowRankPass:
-        """This pass without the Cholesky factors of the layers the cache already holds (they
-        are as large as the layers' Gram matrices, and no longer needed)."""
-        kept = {key: white for key, white in self.whitening.items() if key not in self.cache}
-        return dataclasses.replace(self, whitening=kept)
-
     def cached(self, group: WeightGroup, weight: np.ndarray | None = None) -> CachedFactors:
         """``group``'s factors at every rank (``cache`` needed), computed on first use: the
         whitened ones when the group has a whitening."""
@@ -136,12 +130,14 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         svd = self.svd(group, weight)
         white = self.whitening.get(group.key)
         if white is not None:
-            factors = whiten.factorize_whitened(weight, top, white, svd=svd)
+            factors = whiten.factorize_whitened(weight, top, white, svd=svd, overwrite=True)
         else:
-            factors = decompose.factorize(weight, top, svd=svd)
-        return self.cache.put(group.key, factors, svd[1])
+            factors = decompose.factorize(weight, top, svd=svd, overwrite=True)
+        spectrum = svd[1]
+        del svd
+        return self.cache.put(group.key, factors, spectrum)
 
-    def _compute(self, group: WeightGroup) -> tuple[LayerReport, tuple | None]:
+    def compute(self, group: WeightGroup) -> tuple[LayerReport, tuple | None]:
         """The group's report and its factors (None when it stays dense); no graph changes."""
         start = time.perf_counter()
         k, n = group.shape

@@ -10,9 +10,12 @@ in nats and the fraction of positions whose argmax differs. The gate is one of t
 - ``kl``: the mean KL in nats (for logits; 0.05 means the candidate's next-token distribution is
   close: perplexity changes by about ``exp(0.05) - 1 = 5%`` at most on the reference's own
   samples);
-- ``top1``: the fraction of positions whose top prediction changed (0.02 = 2%).
+- ``top1``: the fraction of positions whose top prediction changed (0.02 = 2%);
+- ``ppl``: with labels (``Labels``: an integer input whose next entry each position of a logits
+  output predicts, as a causal LM's ``input_ids:logits``), the candidate's perplexity over the
+  reference's, minus one (0.02 = perplexity up 2%).
 
-Outputs without a class axis are gated on ``rel-l2`` under ``kl`` and ``top1``.
+Outputs without a class axis (or, under ``ppl``, without labels) are gated on ``rel-l2``.
 """
 
 from __future__ import annotations
@@ -20,14 +23,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
+from lrcompile.errors import DataError
+from lrcompile.io.model import runnable_proto
 from lrcompile.runtime.sessions import create_session, runtime_errors
 
-METRICS: tuple[str, ...] = ("rel-l2", "cosine", "kl", "top1")
+METRICS: tuple[str, ...] = ("rel-l2", "cosine", "kl", "top1", "ppl")
+
+# (input, output): the output's logits at position t predict the input's entry at t + 1.
+Labels = tuple[str, str]
 
 # Outputs are compared in slices of about this many values (float64 temporaries: 32 MB each).
 SLICE_ELEMENTS = 1 << 22
@@ -45,6 +52,14 @@ class OutputMetrics:
     kl: float | None = None  # outputs with a class axis only
     top1: float | None = None
     metric: str = "rel-l2"
+    perplexity: float | None = None  # the candidate's, on labelled outputs only
+    reference_perplexity: float | None = None
+
+    @property
+    def perplexity_ratio(self) -> float | None:
+        if self.perplexity is None or not self.reference_perplexity:
+            return None
+        return self.perplexity / self.reference_perplexity
 
     @property
     def finite(self) -> bool:
@@ -61,6 +76,8 @@ class OutputMetrics:
             return self.kl
         if self.metric == "top1" and self.top1 is not None:
             return self.top1
+        if self.metric == "ppl" and self.perplexity_ratio is not None:
+            return max(self.perplexity_ratio - 1.0, 0.0)
         return self.relative_l2
 
     def to_dict(self) -> dict:
@@ -68,6 +85,7 @@ class OutputMetrics:
         data = dataclasses.asdict(self)
         if not self.finite:
             data.update(relative_l2=None, cosine=None, max_abs_error=None, kl=None, top1=None)
+            data.update(perplexity=None)
         return data | {"non_finite": not self.finite, "error": self.error if self.finite else None}
 
 
@@ -88,6 +106,9 @@ class ErrorAccumulator:
     kl_sum: float = 0.0
     top1_changed: int = 0
     positions: int = 0
+    nll_reference: float = 0.0  # summed over labelled positions (add_labels)
+    nll_candidate: float = 0.0
+    labelled: int = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         """Adds one batch, in slices of whole positions, so that the float64 temporaries stay
@@ -104,6 +125,39 @@ class ErrorAccumulator:
         if self.classes and self.ref_finite and self.cand_finite and reference.ndim:
             for part in slices:
                 self._add_classes(ref_rows[part], cand_rows[part])
+
+    def add_labels(self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> None:
+        """Adds the next-token log-likelihoods of one batch: ``reference`` and ``candidate`` are
+        ``[B, S, classes]`` logits, ``labels`` the ``[B, S]`` integer input; position ``t``
+        predicts ``labels[:, t + 1]``.
+
+        Raises:
+            ValueError: The shapes do not match, or a label is not a class index.
+        """
+        reference, candidate, labels = map(np.asarray, (reference, candidate, labels))
+        if reference.ndim != 3 or labels.shape != reference.shape[:2]:
+            raise ValueError(
+                f"labels of shape {labels.shape} do not match logits of shape {reference.shape}"
+                " (expected [batch, sequence] labels and [batch, sequence, classes] logits)"
+            )
+        classes = reference.shape[-1]
+        if labels.dtype.kind not in "iu" or (
+            labels.size and not 0 <= labels.min() <= labels.max() < classes
+        ):
+            raise ValueError(f"labels must be integers in [0, {classes - 1}]")
+        step = max(1, SLICE_ELEMENTS // max(classes, 1))
+        for row in range(reference.shape[0]):
+            targets = labels[row, 1:]
+            for start in range(0, len(targets), step):
+                part = slice(start, start + step)
+                picked = np.arange(len(targets[part])), targets[part]
+                self.nll_reference -= float(
+                    _log_softmax(reference[row, part].astype(np.float64))[picked].sum()
+                )
+                self.nll_candidate -= float(
+                    _log_softmax(candidate[row, part].astype(np.float64))[picked].sum()
+                )
+            self.labelled += len(targets)
 
     def _add_classes(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         """KL and argmax changes over the last axis of ``[positions, classes]``, when it is a
@@ -151,28 +205,87 @@ class ErrorAccumulator:
         cosine = self.dot / norms if norms > 0 else float(self.diff_sq == 0)
         kl = max(self.kl_sum, 0.0) / self.positions if self.positions else None
         top1 = self.top1_changed / self.positions if self.positions else None
-        result = OutputMetrics(name, rel, cosine, self.max_abs, False, kl, top1, metric)
+        ppl = ref_ppl = None
+        if self.labelled:
+            ppl = math.exp(self.nll_candidate / self.labelled)
+            ref_ppl = math.exp(self.nll_reference / self.labelled)
+        result = OutputMetrics(
+            name, rel, cosine, self.max_abs, False, kl, top1, metric, ppl, ref_ppl
+        )
         return dataclasses.replace(result, passed=math.isfinite(rel) and result.error <= tolerance)
 
 
 def measure_error(
     model: ir.Model,
-    model_folder: str | Path,
     feeds: Sequence[Mapping[str, np.ndarray]],
     reference: Sequence[Mapping[str, np.ndarray]],
     metric: str = "rel-l2",
+    extra: Mapping[str, np.ndarray] | None = None,
+    labels: Labels | None = None,
 ) -> float:
-    """Largest error under ``metric`` of any output of ``model`` (external data in
-    ``model_folder``) on ``feeds`` against the ``reference`` outputs, one per feed."""
-    session = create_session(ir.serde.serialize_model(model), data_folder=model_folder)
-    names = list(reference[0])
-    # Only the gated error is returned: the class statistics only when it is one of them.
-    sums = {name: ErrorAccumulator(classes=metric in ("kl", "top1")) for name in names}
-    with runtime_errors("a candidate model"):
-        for feed, expected in zip(feeds, reference, strict=True):
-            for name, value in zip(names, session.run(names, feed), strict=True):
-                sums[name].add(expected[name], value)
-    return max(sums[name].metrics(name, 0.0, metric).error for name in names)
+    """Largest error under ``metric`` of any output of ``model`` on ``feeds`` (plus ``extra``)
+    against the ``reference`` outputs, one per feed."""
+    return ErrorMeter(model)(feeds, reference, metric, extra, labels)
+
+
+def add_batch(
+    sums: dict[str, ErrorAccumulator],
+    reference: Mapping[str, np.ndarray],
+    candidate: Mapping[str, np.ndarray],
+    feed: Mapping[str, np.ndarray],
+    labels: Labels | None = None,
+    classes: bool = True,
+) -> None:
+    """Adds one batch of every reference output to ``sums`` (by output name), and the labelled
+    output's log-likelihoods.
+
+    Raises:
+        DataError: The labels do not fit the labelled output.
+    """
+    for name, expected in reference.items():
+        accumulator = sums.setdefault(name, ErrorAccumulator(classes))
+        accumulator.add(expected, candidate[name])
+        if labels is not None and name == labels[1]:
+            try:
+                accumulator.add_labels(expected, candidate[name], feed[labels[0]])
+            except ValueError as e:
+                raise DataError(f"--labels {labels[0]}:{labels[1]}: {e}") from None
+
+
+class ErrorMeter:
+    """One ONNX Runtime session of a candidate model, measured as often as needed.
+
+    The model's tensors may lie in several folders (the input's external data, spilled factors);
+    the session is made without pre-packed weight copies or a memory arena, so that a probe costs
+    about one copy of the model.
+    """
+
+    def __init__(self, model: ir.Model) -> None:
+        proto, folder = runnable_proto(model)
+        self.session = create_session(proto, data_folder=folder, low_memory=True)
+        del proto
+
+    def __call__(
+        self,
+        feeds: Sequence[Mapping[str, np.ndarray]],
+        reference: Sequence[Mapping[str, np.ndarray]],
+        metric: str = "rel-l2",
+        extra: Mapping[str, np.ndarray] | None = None,
+        labels: Labels | None = None,
+    ) -> float:
+        """The largest error under ``metric`` of any output (see ``measure_error``)."""
+        sums: dict[str, ErrorAccumulator] = {}
+        # Only the gated error is returned: the class statistics only when it is one of them.
+        classes = metric in ("kl", "top1")
+        with runtime_errors("a candidate model"):
+            for feed, expected in zip(feeds, reference, strict=True):
+                names = list(expected)
+                values = self.session.run(names, {**feed, **(extra or {})})
+                candidate = dict(zip(names, values, strict=True))
+                add_batch(
+                    sums, expected, candidate, feed, labels if metric == "ppl" else None, classes
+                )
+        return max(sums[name].metrics(name, 0.0, metric).error for name in sums)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,7 @@ import onnx_ir as ir
 from lrcompile.calibration.ranges import RangeCalibration
 from lrcompile.calibration.statistics import Calibration
 from lrcompile.config import CompileConfig
+from lrcompile.io.spill import Spill
 from lrcompile.numerics.allocate import Allocation, allocation_path, most_accurate_within
 from lrcompile.passes.candidates import WeightGroup
 from lrcompile.passes.low_rank import FactorizeLowRankPass
@@ -94,7 +95,6 @@ class AutoResult:
 
 def search_ranks(
     model: ir.Model,
-    model_folder: str | Path,
     groups: Sequence[WeightGroup],
     factorize: FactorizeLowRankPass,
     calibration: Calibration,
@@ -107,7 +107,6 @@ def search_ranks(
 
     Args:
         model: The prepared model; it is not modified (probes run on clones).
-        model_folder: Where the model's external data lies.
         groups: Its candidate groups.
         factorize: The configured pass (spec ``auto``, whitening, cache); probes replace its ranks.
         calibration: Feeds and the original model's outputs on them.
@@ -120,14 +119,13 @@ def search_ranks(
     """
     clock = _Clock()
     spectra = layer_spectra(groups, factorize)
-    factorize = factorize.without_cached_whitening()
     clock.lap("spectra")
     spectra = measure_sensitivities(
-        model, model_folder, spectra, factorize, calibration, on_step=on_sensitivity
+        model, spectra, groups, factorize, calibration, on_step=on_sensitivity
     )
     clock.lap("sensitivity")
     path = allocation_path(spectra, multiple=factorize.rank_multiple, objective=config.objective)
-    prober = _Prober(model, model_folder, factorize, calibration, config, path, on_step)
+    prober = _Prober(model, factorize, calibration, config, path, on_step)
     if config.budget is not None:
         best = most_accurate_within(path, config.budget)
         prober(best)
@@ -164,8 +162,8 @@ class _Clock:
 class _Prober:
     """Compiles the allocation at a path index like the output, measures it, records the step."""
 
-    def __init__(self, model, folder, factorize, calibration, config, path, on_step) -> None:
-        self.model, self.folder, self.factorize = model, folder, factorize
+    def __init__(self, model, factorize, calibration, config, path, on_step) -> None:
+        self.model, self.factorize = model, factorize
         self.calibration, self.config, self.path, self.on_step = calibration, config, path, on_step
         self.tolerance = config.tolerance * (1.0 - config.headroom)
         self.ranges = RangeCalibration(calibration.feeds, config.fp8_calib)
@@ -176,14 +174,20 @@ class _Prober:
         allocation = self.path[index]
         if self.on_step is not None:
             self.on_step(len(self.steps), self.expected, f"cost x{allocation.cost_ratio:.3f}")
-        candidate = self.model.clone()
         predicted = math.sqrt(allocation.predicted_error)  # relative L2, as measured (rel-l2)
-        probe = dataclasses.replace(self.factorize, chosen_ranks=allocation.ranks, progress=None)
-        build_pipeline(probe, self.config).run(candidate, ranges=self.ranges)
         calibration = self.calibration
-        error = measure_error(
-            candidate, self.folder, calibration.feeds, calibration.reference, self.config.metric
-        )
+        # The probe's factors wait on disk, and its unchanged weights stay where they are (the
+        # clone shares them): the session holds about one copy of the model.
+        with tempfile.TemporaryDirectory(prefix="lrcompile-probe-") as folder:
+            candidate = self.model.clone()
+            probe = dataclasses.replace(
+                self.factorize, chosen_ranks=allocation.ranks, progress=None, spill=Spill(folder)
+            )
+            build_pipeline(probe, self.config).run(candidate, ranges=self.ranges)
+            feeds, reference = calibration.feeds, calibration.reference
+            config = self.config
+            error = measure_error(candidate, feeds, reference, config.metric, labels=config.labels)
+            del candidate
         passed = error <= self.tolerance
         self.steps.append(SearchStep(index, allocation.cost_ratio, predicted, error, passed))
         logger.info(

@@ -2,6 +2,7 @@
 
     (whitened) SVD of each ``auto`` layer -> squared singular values
       -> that layer alone factored at half its break-even rank, measured end to end
+         (one model and one ONNX Runtime session for all layers: ``passes.probe_graph``)
 
 A layer's sensitivity is the squared relative error of the model's outputs when that layer alone
 is factored at half its break-even rank, divided by the layer's own predicted relative squared
@@ -14,18 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from lrcompile.calibration.statistics import Calibration
+from lrcompile.io.spill import Spill
 from lrcompile.numerics.allocate import LayerSpectrum
 from lrcompile.passes.candidates import WeightGroup
 from lrcompile.passes.low_rank import FactorizeLowRankPass, effective_weight
-from lrcompile.pipeline import build_pipeline
-from lrcompile.runtime.metrics import measure_error
+from lrcompile.passes.probe_graph import PROBE_INPUT, probe_model
+from lrcompile.runtime.metrics import ErrorMeter
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +57,8 @@ def layer_spectra(
 
 def measure_sensitivities(
     model: ir.Model,
-    model_folder: str | Path,
     spectra: Sequence[LayerSpectrum],
+    groups: Sequence[WeightGroup],
     factorize: FactorizeLowRankPass,
     calibration: Calibration,
     *,
@@ -65,25 +67,38 @@ def measure_sensitivities(
     """``spectra`` with each layer's measured sensitivity (see the module docstring)."""
     feeds = calibration.feeds[:SENSITIVITY_BATCHES]
     reference = calibration.reference[:SENSITIVITY_BATCHES]
-    result = []
-    for index, layer in enumerate(spectra):
-        if on_step is not None:
-            on_step(index, len(spectra), layer.name)
-        rank = probe_rank(layer, factorize.rank_multiple)
-        predicted = float(layer.energies[rank:].sum() / max(layer.energies.sum(), 1e-300))
-        if rank is None or predicted <= 0.0:
-            result.append(layer)  # nothing to learn: keep the neutral sensitivity
-            continue
-        candidate = model.clone()
-        probe = dataclasses.replace(factorize, chosen_ranks={layer.name: rank}, progress=None)
-        build_pipeline(probe).run(candidate)
-        error = measure_error(candidate, model_folder, feeds, reference)
-        sensitivity = error**2 / predicted
-        logger.debug("%s: sensitivity %.3g (rank %d)", layer.name, sensitivity, rank)
-        result.append(dataclasses.replace(layer, sensitivity=max(sensitivity, 1e-12)))
+    by_key = {group.key: group for group in groups}
+    predicted: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="lrcompile-probes-") as folder:
+        probe = dataclasses.replace(factorize, spill=Spill(folder), progress=None)
+        factors = {}
+        for layer in spectra:
+            rank = probe_rank(layer, factorize.rank_multiple)
+            share = float(layer.energies[rank:].sum() / max(layer.energies.sum(), 1e-300))
+            if rank is None or share <= 0.0:
+                continue  # nothing to learn: the layer keeps the neutral sensitivity
+            one = dataclasses.replace(probe, chosen_ranks={layer.name: rank})
+            _, pair = one.compute(by_key[layer.name])
+            if pair is not None:
+                factors[layer.name], predicted[layer.name] = pair, share
+        order = list(factors)
+        meter = ErrorMeter(probe_model(model, factors, order))
+        measured = {}
+        for index, key in enumerate(order):
+            if on_step is not None:
+                on_step(index, len(order), key)
+            error = meter(feeds, reference, extra={PROBE_INPUT: np.array(index, np.int64)})
+            measured[key] = max(error**2 / predicted[key], 1e-12)
+            logger.debug("%s: sensitivity %.3g", key, measured[key])
+        del meter
     if on_step is not None:
-        on_step(len(spectra), len(spectra), "")
-    return result
+        on_step(len(order), len(order), "")
+    return [
+        dataclasses.replace(layer, sensitivity=measured[layer.name])
+        if layer.name in measured
+        else layer
+        for layer in spectra
+    ]
 
 
 def probe_rank(layer: LayerSpectrum, multiple: int) -> int | None:
