@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import time
 from pathlib import Path
 
@@ -31,10 +32,32 @@ def _evaluate_module():
     return module
 
 
+def _peak_mib() -> tuple[int, int]:
+    """(resident now, peak so far) of this process, MiB."""
+    status = Path("/proc/self/status").read_text()
+    return tuple(
+        int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) // 1024 for key in ("VmRSS", "VmHWM")
+    )
+
+
+class StageMemory:
+    """The peak resident memory when each stage of the compile began (a progress callback)."""
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, float, int, int]] = []  # (stage, seconds, rss, peak)
+        self.start = time.perf_counter()
+
+    def __call__(self, stage: str, done: int, total: int, detail: str) -> None:
+        if not self.stages or self.stages[-1][0] != stage:
+            self.stages.append((stage, time.perf_counter() - self.start, *_peak_mib()))
+
+
 def compile_one(workdir: Path, name: str, **options) -> tuple[Path, float, float]:
-    """Compiles ``lm.onnx`` with ``options``: (output, kept parameter ratio, seconds)."""
+    """Compiles ``lm.onnx`` with ``options``: (output, kept parameter ratio, seconds); prints the
+    stages' times and peak memory."""
     out = workdir / f"lm.{name}.onnx"
     start = time.perf_counter()
+    memory = StageMemory()
     result = lrcompile.compile_model(
         workdir / "lm.onnx",
         out,
@@ -43,8 +66,21 @@ def compile_one(workdir: Path, name: str, **options) -> tuple[Path, float, float
         verify_data=str(workdir / "heldout.npz"),
         metric="kl",
         batch_size=1,
+        progress=memory,
         **options,
     )
+    for stage, seconds, rss, peak in memory.stages:
+        print(
+            f"  {name}: {stage:12s} from {seconds / 60:5.1f} min,"
+            f" rss {rss} MiB, peak so far {peak} MiB"
+        )
+    print(f"  {name}: end, peak {_peak_mib()[1]} MiB; seconds {result.seconds}")
+    print(f"  {name}: auto seconds {result.auto.seconds if result.auto else None}")
+    if result.verification is not None:
+        logits = result.verification.outputs[0]
+        print(
+            f"  {name}: held-out check KL {logits.kl}, top-1 {logits.top1}, passed {logits.passed}"
+        )
     return out, result.totals.params_ratio, time.perf_counter() - start
 
 

@@ -36,9 +36,13 @@ from lrcompile.search.auto import AutoResult, search_ranks
 
 logger = logging.getLogger(__name__)
 
-# Calibrating without auto holds the Gram matrices of at most this fraction of the model's weight
-# bytes at a time (but at least one layer's).
+# Calibrating without auto holds the Gram matrices (and their Cholesky factors) of at most this
+# fraction of the model's weight bytes at a time (but at least one layer's).
 CALIBRATION_MEMORY_FRACTION = 0.25
+# Under auto only the Gram matrices of a chunk are held at once (each is whitened, its layers'
+# factors cached and freed in turn), up to this fraction; each further chunk is one more pass of
+# the original model over the calibration data.
+AUTO_CALIBRATION_MEMORY_FRACTION = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +60,10 @@ class Prepared:
 @dataclasses.dataclass(frozen=True)
 class Calibrated:
     """The calibration plan: the feeds, and the chunks of layers whose statistics are gathered
-    in one run of the original model. Under ``auto`` there is one chunk, gathered up front with
-    the model's reference outputs (``statistics``); otherwise each chunk is gathered when the
-    rewrite reaches it, so that only one chunk's Gram matrices are ever in memory."""
+    in one run of the original model, so that only one chunk's Gram matrices are ever in memory.
+    Under ``auto`` the first chunk is gathered up front with the model's reference outputs
+    (``statistics``) and the others by the search (``chunk_statistics``); otherwise each chunk is
+    gathered when the rewrite reaches it."""
 
     prepared: Prepared
     source: data_lib.FeedSource | None
@@ -71,7 +76,10 @@ class Calibrated:
         Every chunk is calibrated on the ORIGINAL model, serialized before the first chunk is
         factored (the caller rewrites the model in place between chunks).
         """
-        gather = self.statistics is None and self.source is not None
+        if self.statistics is not None:  # auto: the search set the factors and ranks
+            yield frozenset(group.key for group in self.prepared.groups), None
+            return
+        gather = self.source is not None
         report = _stage(progress, "calibrating") or (lambda done, total, detail: None)
         original = ir.serde.serialize_model(self.prepared.model) if gather else None
         for index, chunk in enumerate(self.chunks):
@@ -86,6 +94,19 @@ class Calibrated:
             yield keys, whitening
         if gather:
             report(len(self.chunks), len(self.chunks), "")
+
+    def chunk_statistics(self, progress: ProgressCallback | None = None) -> Iterator[Calibration]:
+        """Under ``auto``: each chunk's statistics in turn (the first is ``statistics``), every
+        chunk after the first gathered by one more run of the original model."""
+        report = _stage(progress, "calibrating")
+        original = ir.serde.serialize_model(self.prepared.model) if len(self.chunks) > 1 else None
+        for index, chunk in enumerate(self.chunks):
+            if index == 0:
+                yield self.statistics
+                continue
+            if report is not None:
+                report(index, len(self.chunks), f"chunk {index + 1} of {len(self.chunks)}")
+            yield self._gather(chunk, keep_reference=False, model=original)
 
     def _gather(self, groups, *, keep_reference: bool, on_batch=None, model=None) -> Calibration:
         prepared = self.prepared
@@ -132,9 +153,12 @@ def plan_calibration(
     if not auto:
         _warn_if_synthetic(source)
         return Calibrated(prepared, source, memory_chunks(prepared.model, prepared.groups))
-    plan = Calibrated(prepared, source, (tuple(prepared.groups),))
+    chunks = memory_chunks(
+        prepared.model, prepared.groups, AUTO_CALIBRATION_MEMORY_FRACTION, cholesky=False
+    )
+    plan = Calibrated(prepared, source, chunks)
     on_batch = _stage(progress, "calibrating")
-    statistics = plan._gather(prepared.groups, keep_reference=True, on_batch=on_batch)
+    statistics = plan._gather(chunks[0], keep_reference=True, on_batch=on_batch)
     return dataclasses.replace(plan, statistics=statistics)
 
 
@@ -150,7 +174,8 @@ def search(
     prepared, statistics = plan.prepared, plan.statistics
     _refuse_degenerate_output(statistics, prepared, plan.source)
     # auto compiles many candidates from the same decompositions: cache them (on disk).
-    factorize = _cache_factors(plan, dataclasses.replace(factorize, cache=FactorCache()))
+    factorize = dataclasses.replace(factorize, cache=FactorCache())
+    factorize = _cache_factors(plan, factorize, progress)
     _warn_if_synthetic(plan.source)  # after the checks: a refusal is the one line the user sees
     auto = search_ranks(
         prepared.model,
@@ -221,14 +246,23 @@ def _refuse_degenerate_output(statistics: Calibration, prepared: Prepared, sourc
         )
 
 
-def _cache_factors(plan: Calibrated, factorize: FactorizeLowRankPass) -> FactorizeLowRankPass:
-    """Whitens the layers one activation at a time, refuses degenerate activations, and caches
-    each ``auto`` layer's factors; returns the pass with the whitening of the other layers (their
-    override's spec needs it when the model is rewritten)."""
+def _cache_factors(
+    plan: Calibrated, factorize: FactorizeLowRankPass, progress
+) -> FactorizeLowRankPass:
+    """Chunk by chunk, whitens the layers one activation at a time, refuses degenerate
+    activations, and caches each ``auto`` layer's factors; returns the pass with the whitening of
+    the other layers (their override's spec needs it when the model is rewritten)."""
     kept = {}
-    for members, white in plan.statistics.whitenings(plan.prepared.groups):
+    for chunk, statistics in zip(plan.chunks, plan.chunk_statistics(progress), strict=True):
+        kept |= _cache_chunk(plan, statistics, chunk, factorize)
+    return dataclasses.replace(factorize, whitening=kept)
+
+
+def _cache_chunk(plan, statistics: Calibration, chunk, factorize) -> dict:
+    kept = {}
+    for members, white in statistics.whitenings(chunk):
         whitening = {group.key: white for group in members}
-        _refuse_degenerate_input(plan.statistics, plan.prepared, plan.source, members, whitening)
+        _refuse_degenerate_input(statistics, plan.prepared, plan.source, members, whitening)
         whitened = dataclasses.replace(factorize, whitening=whitening)
         for group in members:
             searched = factorize.spec_for(group).kind == "auto" and not factorize.refusal(group)
@@ -237,7 +271,7 @@ def _cache_factors(plan: Calibrated, factorize: FactorizeLowRankPass) -> Factori
                 whitened.cached(group, weight)
             else:
                 kept[group.key] = white
-    return dataclasses.replace(factorize, whitening=kept)
+    return kept
 
 
 def _refuse_degenerate_input(statistics: Calibration, prepared: Prepared, source, groups, white):
@@ -271,21 +305,33 @@ def _warn_if_synthetic(source: data_lib.FeedSource) -> None:
     )
 
 
-def memory_chunks(model: ir.Model, groups: Sequence[WeightGroup]) -> tuple[tuple, ...]:
-    """Groups of layers whose Gram matrices together fit a quarter of the model's weight bytes
-    (at least one layer each).
+def memory_chunks(
+    model: ir.Model,
+    groups: Sequence[WeightGroup],
+    fraction: float | None = None,
+    *,
+    cholesky: bool = True,
+) -> tuple[tuple, ...]:
+    """Groups of layers whose Gram matrices (with their Cholesky factors) together fit
+    ``fraction`` (default ``CALIBRATION_MEMORY_FRACTION``) of the model's weight bytes (at least
+    one layer each); layers reading one activation (Q, K, V) count it once.
 
     A Gram matrix is K x K float64: for a 4096 x 11008 down projection 970 MB, ten times its fp16
     weight, so holding every layer's at once would cost far more than the model.
     """
-    budget = max(int(model_io.tensor_bytes(model) * CALIBRATION_MEMORY_FRACTION), 1)
+    fraction = CALIBRATION_MEMORY_FRACTION if fraction is None else fraction
+    budget = max(int(model_io.tensor_bytes(model) * fraction), 1)
     chunks: list[list] = [[]]
     used = 0
+    counted: set[str] = set()
     for group in groups:
-        cost = 8 * group.shape[0] ** 2 * 2  # its Gram and its Cholesky factor, float64
-        if chunks[-1] and used + cost > budget:
+        read = group.nodes[0].inputs[0].name
+        cost = 0 if read in counted else 8 * group.shape[0] ** 2 * (2 if cholesky else 1)
+        counted.add(read)
+        if cost and chunks[-1] and used + cost > budget:
             chunks.append([])
             used = 0
+            counted = {read}
         chunks[-1].append(group)
         used += cost
     return tuple(tuple(chunk) for chunk in chunks)

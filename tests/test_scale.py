@@ -84,7 +84,9 @@ def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
         tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((8, 4, 128), np.float32)
     )
     digests = []
-    for fraction, expected_chunks in ((10.0, 1), (1e-9, 12)):
+    # One layer per chunk at the smallest budget, except that q, k and v read one activation
+    # (one Gram matrix): 4 chunks per layer.
+    for fraction, expected_chunks in ((10.0, 1), (1e-9, 8)):
         monkeypatch.setattr(stages, "CALIBRATION_MEMORY_FRACTION", fraction)
         calls: list[int] = []
 
@@ -103,6 +105,40 @@ def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
         assert {layer.method for layer in result.layers} == {"whitened"}
         digests.append(_digests(out, out.with_name("o.onnx.data")))
     assert digests[0] == digests[1]
+
+
+def test_auto_calibrates_in_chunks_with_the_output_of_one_pass(tmp_path, monkeypatch):
+    # Under auto only the Gram matrices of one chunk are held; each further chunk is one more run
+    # of the original model, and the output is the one of a single pass.
+    import numpy as np
+
+    from lrcompile import stages
+    from lrcompile.calibration import statistics
+    from lrcompile.tools.synthetic import lm_like
+
+    model = lm_like(tmp_path, layers=2, hidden=64, ffn=128, vocab=500)
+    np.savez(tmp_path / "c.npz", input_ids=np.random.default_rng(0).integers(0, 500, (16, 16)))
+    digests, errors = [], []
+    # Smallest budget: a chunk per activation (q, k, v share one, gate and up one) and lm_head.
+    for fraction, expected_runs in ((10.0, 1), (1e-9, 9)):
+        monkeypatch.setattr(stages, "AUTO_CALIBRATION_MEMORY_FRACTION", fraction)
+        calls: list[bool] = []
+
+        def counting(*args, calls=calls, **kwargs):
+            calls.append(kwargs["keep_reference"])
+            return statistics.calibrate(*args, **kwargs)
+
+        monkeypatch.setattr(stages, "calibrate", counting)
+        out = tmp_path / f"a{expected_runs}" / "o.onnx"
+        out.parent.mkdir()
+        result = lrcompile.compile_model(
+            model, out, rank="auto", calib=str(tmp_path / "c.npz"), tolerance=0.1, verify=False
+        )
+        assert calls == [True] + [False] * (expected_runs - 1)  # outputs kept once
+        assert result.totals.factored > 0
+        digests.append(_digests(out))
+        errors.append(result.auto.measured_error)
+    assert digests[0] == digests[1] and errors[0] == errors[1]
 
 
 def test_calibrated_chunks_spill_their_factors_and_use_jobs(tmp_path, monkeypatch):
@@ -136,7 +172,8 @@ def test_calibrated_chunks_spill_their_factors_and_use_jobs(tmp_path, monkeypatc
     )
     assert result.totals.factored == 6
     chunks = [entry for entry in seen if entry[2]]
-    assert len(chunks) == 6 and all(jobs == 2 and spilled for jobs, spilled, _ in chunks)
+    # One chunk per activation: q, k and v share one.
+    assert len(chunks) == 4 and all(jobs == 2 and spilled for jobs, spilled, _ in chunks)
     assert len(stored) == 12  # two factors per layer, all through the scratch file
 
 
