@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
+from lrcompile.calibration import chunks as calibration_chunks
 from lrcompile.calibration.ranges import RangeCalibration
 from lrcompile.calibration.statistics import Calibration, calibrate
 from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
@@ -35,14 +37,6 @@ from lrcompile.pipeline import Chunk, PipelineResult, build_pipeline
 from lrcompile.search.auto import AutoResult, search_ranks
 
 logger = logging.getLogger(__name__)
-
-# Calibrating without auto holds the Gram matrices (and their Cholesky factors) of at most this
-# fraction of the model's weight bytes at a time (but at least one layer's).
-CALIBRATION_MEMORY_FRACTION = 0.25
-# Under auto only the Gram matrices of a chunk are held at once (each is whitened, its layers'
-# factors cached and freed in turn), up to this fraction; each further chunk is one more pass of
-# the original model over the calibration data.
-AUTO_CALIBRATION_MEMORY_FRACTION = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +146,10 @@ def plan_calibration(
     source = calibration_source(prepared, config)
     if not auto:
         _warn_if_synthetic(source)
-        return Calibrated(prepared, source, memory_chunks(prepared.model, prepared.groups))
-    chunks = memory_chunks(
-        prepared.model, prepared.groups, AUTO_CALIBRATION_MEMORY_FRACTION, cholesky=False
-    )
+        return Calibrated(
+            prepared, source, calibration_chunks.memory_chunks(prepared.model, prepared.groups)
+        )
+    chunks = calibration_chunks.memory_chunks(prepared.model, prepared.groups, auto=True)
     plan = Calibrated(prepared, source, chunks)
     on_batch = _stage(progress, "calibrating")
     statistics = plan._gather(chunks[0], keep_reference=True, on_batch=on_batch)
@@ -175,7 +169,9 @@ def search(
     _refuse_degenerate_output(statistics, prepared, plan.source)
     # auto compiles many candidates from the same decompositions: cache them (on disk).
     factorize = dataclasses.replace(factorize, cache=FactorCache())
+    start = time.perf_counter()
     factorize = _cache_factors(plan, factorize, progress)
+    seconds = {"factors": time.perf_counter() - start}  # further calibration chunks, SVDs
     _warn_if_synthetic(plan.source)  # after the checks: a refusal is the one line the user sees
     auto = search_ranks(
         prepared.model,
@@ -186,6 +182,7 @@ def search(
         on_step=_stage(progress, "searching"),
         on_sensitivity=_stage(progress, "sensitivity"),
     )
+    auto = dataclasses.replace(auto, seconds=seconds | auto.seconds)
     return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
 
 
@@ -303,38 +300,6 @@ def _warn_if_synthetic(source: data_lib.FeedSource) -> None:
         "random data makes a weak calibration and an untrustworthy 'auto' search",
         "--calib FILE.npz or --calib-script FILE.py",
     )
-
-
-def memory_chunks(
-    model: ir.Model,
-    groups: Sequence[WeightGroup],
-    fraction: float | None = None,
-    *,
-    cholesky: bool = True,
-) -> tuple[tuple, ...]:
-    """Groups of layers whose Gram matrices (with their Cholesky factors) together fit
-    ``fraction`` (default ``CALIBRATION_MEMORY_FRACTION``) of the model's weight bytes (at least
-    one layer each); layers reading one activation (Q, K, V) count it once.
-
-    A Gram matrix is K x K float64: for a 4096 x 11008 down projection 970 MB, ten times its fp16
-    weight, so holding every layer's at once would cost far more than the model.
-    """
-    fraction = CALIBRATION_MEMORY_FRACTION if fraction is None else fraction
-    budget = max(int(model_io.tensor_bytes(model) * fraction), 1)
-    chunks: list[list] = [[]]
-    used = 0
-    counted: set[str] = set()
-    for group in groups:
-        read = group.nodes[0].inputs[0].name
-        cost = 0 if read in counted else 8 * group.shape[0] ** 2 * (2 if cholesky else 1)
-        counted.add(read)
-        if cost and chunks[-1] and used + cost > budget:
-            chunks.append([])
-            used = 0
-            counted = {read}
-        chunks[-1].append(group)
-        used += cost
-    return tuple(tuple(chunk) for chunk in chunks)
 
 
 def uses_auto(factorize: FactorizeLowRankPass, groups: Sequence[WeightGroup]) -> bool:

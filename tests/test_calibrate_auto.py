@@ -264,3 +264,20 @@ def test_auto_with_a_parameter_budget_beats_the_uniform_ratio(deep, tmp_path, rn
 
     assert error(result.output_path) == pytest.approx(result.auto.measured_error, rel=1e-4)
     assert error(result.output_path) < error(uniform.output_path)
+
+
+def test_bisection_stops_at_its_cost_resolution():
+    from lrcompile.search import auto
+
+    costs = list(np.linspace(1.0, 0.1, 4000))
+    calls: list[int] = []
+
+    def passes(index: int) -> bool:
+        calls.append(index)
+        return index <= 2637
+
+    best = auto._bisect(costs, passes)
+    assert best <= 2637 and best in calls  # measured, and within the tolerance
+    assert costs[best] - costs[2638] <= auto.RESOLUTION
+    # 0.9 of the cost in steps of 0.005: 8 halvings (plus the cheapest end), not log2(4000) = 12.
+    assert len(calls) == 1 + int(np.ceil(np.log2(0.9 / auto.RESOLUTION)))

@@ -77,7 +77,7 @@ def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
     import numpy as np
 
     from lrcompile import stages
-    from lrcompile.calibration import statistics
+    from lrcompile.calibration import chunks, statistics
 
     model = transformer_like(tmp_path, layers=2, hidden=128, ffn=256, dtype=np.float32)
     np.savez(
@@ -87,7 +87,7 @@ def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
     # One layer per chunk at the smallest budget, except that q, k and v read one activation
     # (one Gram matrix): 4 chunks per layer.
     for fraction, expected_chunks in ((10.0, 1), (1e-9, 8)):
-        monkeypatch.setattr(stages, "CALIBRATION_MEMORY_FRACTION", fraction)
+        monkeypatch.setattr(chunks, "CALIBRATION_MEMORY_FRACTION", fraction)
         calls: list[int] = []
 
         def counting(*args, calls=calls, **kwargs):
@@ -113,7 +113,7 @@ def test_auto_calibrates_in_chunks_with_the_output_of_one_pass(tmp_path, monkeyp
     import numpy as np
 
     from lrcompile import stages
-    from lrcompile.calibration import statistics
+    from lrcompile.calibration import chunks, statistics
     from lrcompile.tools.synthetic import lm_like
 
     model = lm_like(tmp_path, layers=2, hidden=64, ffn=128, vocab=500)
@@ -121,7 +121,7 @@ def test_auto_calibrates_in_chunks_with_the_output_of_one_pass(tmp_path, monkeyp
     digests, errors = [], []
     # Smallest budget: a chunk per activation (q, k, v share one, gate and up one) and lm_head.
     for fraction, expected_runs in ((10.0, 1), (1e-9, 9)):
-        monkeypatch.setattr(stages, "AUTO_CALIBRATION_MEMORY_FRACTION", fraction)
+        monkeypatch.setattr(chunks, "AUTO_CALIBRATION_MEMORY_FRACTION", fraction)
         calls: list[bool] = []
 
         def counting(*args, calls=calls, **kwargs):
@@ -146,11 +146,11 @@ def test_calibrated_chunks_spill_their_factors_and_use_jobs(tmp_path, monkeypatc
     # compile: factors spilled to the scratch file (external data), --jobs and --device honoured.
     import numpy as np
 
-    from lrcompile import stages
+    from lrcompile.calibration import chunks
     from lrcompile.io.spill import Spill
     from lrcompile.passes.low_rank import FactorizeLowRankPass
 
-    monkeypatch.setattr(stages, "CALIBRATION_MEMORY_FRACTION", 1e-9)  # one layer per chunk
+    monkeypatch.setattr(chunks, "CALIBRATION_MEMORY_FRACTION", 1e-9)  # one layer per chunk
     seen, stored = [], []
     original_call, original_store = FactorizeLowRankPass.call, Spill.store
 

@@ -38,6 +38,12 @@ from lrcompile.search.sensitivity import StepCallback, layer_spectra, measure_se
 
 logger = logging.getLogger(__name__)
 
+# The bisection stops when the cheapest allocation measured within the tolerance and the most
+# expensive one measured over it differ by at most this fraction of the dense cost: the last
+# halvings of a 4,000-point path (a 0.5B LM) would each cost a full run over the calibration data
+# to gain less than this.
+RESOLUTION = 0.005
+
 
 @dataclasses.dataclass(frozen=True)
 class SearchStep:
@@ -130,7 +136,7 @@ def search_ranks(
         best = most_accurate_within(path, config.budget)
         prober(best)
     else:
-        best = _bisect(len(path), prober)
+        best = _bisect([allocation.cost_ratio for allocation in path], prober)
     clock.lap("bisection")
     prober.done()
     measured = next((s.measured_error for s in prober.steps if s.index == best), 0.0)
@@ -167,7 +173,8 @@ class _Prober:
         self.calibration, self.config, self.path, self.on_step = calibration, config, path, on_step
         self.tolerance = config.tolerance * (1.0 - config.headroom)
         self.ranges = RangeCalibration(calibration.feeds, config.fp8_calib)
-        self.expected = int(np.ceil(np.log2(max(len(path), 2)))) + 1
+        span = path[0].cost_ratio - path[-1].cost_ratio if path else 0.0
+        self.expected = int(np.ceil(np.log2(max(min(len(path), span / RESOLUTION), 2)))) + 1
         self.steps: list[SearchStep] = []
 
     def __call__(self, index: int) -> bool:
@@ -206,12 +213,14 @@ class _Prober:
             self.on_step(self.expected, self.expected, "done")
 
 
-def _bisect(length: int, passes: Callable[[int], bool]) -> int:
-    """The largest index in [0, length) with ``passes(index)``, index 0 assumed to pass."""
-    low, high = 0, length - 1
+def _bisect(costs: Sequence[float], passes: Callable[[int], bool]) -> int:
+    """The largest index in [0, len(costs)) with ``passes(index)``, index 0 assumed to pass,
+    to within ``RESOLUTION`` of the cost: it stops once the passing and failing ends of the
+    bracket differ by at most that (``costs`` falls along the path)."""
+    low, high = 0, len(costs) - 1
     if high == 0 or passes(high):
         return high
-    while high - low > 1:
+    while high - low > 1 and costs[low] - costs[high] > RESOLUTION:
         middle = (low + high) // 2
         if passes(middle):
             low = middle

@@ -1,0 +1,51 @@
+"""Which layers' calibration statistics are gathered together: chunks whose Gram matrices fit a
+memory budget, each gathered by one run of the original model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx_ir as ir
+
+from lrcompile.io import model as model_io
+from lrcompile.passes.candidates import WeightGroup
+
+# Calibrating without auto holds the Gram matrices (and their Cholesky factors) of at most this
+# fraction of the model's weight bytes at a time (but at least one layer's).
+CALIBRATION_MEMORY_FRACTION = 0.25
+# Under auto only the Gram matrices of a chunk are held at once (each is whitened, its layers'
+# factors cached and freed in turn), up to this fraction; each further chunk is one more pass of
+# the original model over the calibration data.
+AUTO_CALIBRATION_MEMORY_FRACTION = 1.0
+
+
+def memory_chunks(
+    model: ir.Model,
+    groups: Sequence[WeightGroup],
+    *,
+    auto: bool = False,
+) -> tuple[tuple, ...]:
+    """Groups of layers whose Gram matrices together fit a fraction of the model's weight
+    bytes (at least one layer each): ``CALIBRATION_MEMORY_FRACTION`` counting their Cholesky
+    factors too, or under ``auto`` ``AUTO_CALIBRATION_MEMORY_FRACTION``, the Gram matrices alone.
+    Layers reading one activation (Q, K, V) count it once.
+
+    A Gram matrix is K x K float64: for a 4096 x 11008 down projection 970 MB, ten times its fp16
+    weight, so holding every layer's at once would cost far more than the model.
+    """
+    fraction = AUTO_CALIBRATION_MEMORY_FRACTION if auto else CALIBRATION_MEMORY_FRACTION
+    budget = max(int(model_io.tensor_bytes(model) * fraction), 1)
+    chunks: list[list] = [[]]
+    used = 0
+    counted: set[str] = set()
+    for group in groups:
+        read = group.nodes[0].inputs[0].name
+        cost = 0 if read in counted else 8 * group.shape[0] ** 2 * (1 if auto else 2)
+        counted.add(read)
+        if cost and chunks[-1] and used + cost > budget:
+            chunks.append([])
+            used = 0
+            counted = {read}
+        chunks[-1].append(group)
+        used += cost
+    return tuple(tuple(chunk) for chunk in chunks)
