@@ -151,12 +151,10 @@ class ErrorAccumulator:
             for start in range(0, len(targets), step):
                 part = slice(start, start + step)
                 picked = np.arange(len(targets[part])), targets[part]
-                self.nll_reference -= float(
-                    _log_softmax(reference[row, part].astype(np.float64))[picked].sum()
-                )
-                self.nll_candidate -= float(
-                    _log_softmax(candidate[row, part].astype(np.float64))[picked].sum()
-                )
+                ref = _log_softmax(_working(reference[row, part]))
+                cand = _log_softmax(_working(candidate[row, part]))
+                self.nll_reference -= float(np.sum(ref[picked], dtype=np.float64))
+                self.nll_candidate -= float(np.sum(cand[picked], dtype=np.float64))
             self.labelled += len(targets)
 
     def _add_classes(self, reference: np.ndarray, candidate: np.ndarray) -> None:
@@ -164,25 +162,25 @@ class ErrorAccumulator:
         class axis."""
         if reference.shape[-1] < 2 or reference.dtype.kind != "f":
             return
-        ref = _log_softmax(reference.astype(np.float64))
-        cand = _log_softmax(candidate.astype(np.float64))
-        self.kl_sum += float(np.sum(np.exp(ref) * (ref - cand)))
+        ref = _log_softmax(_working(reference))
+        cand = _log_softmax(_working(candidate))
+        self.kl_sum += float(np.sum(np.exp(ref) * (ref - cand), dtype=np.float64))
         self.top1_changed += int(np.sum(np.argmax(ref, -1) != np.argmax(cand, -1)))
         self.positions += reference.shape[0]
 
     def _add_flat(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        ref = np.asarray(reference, dtype=np.float64).ravel()
-        cand = np.asarray(candidate, dtype=np.float64).ravel()
+        ref = _working(reference).ravel()
+        cand = _working(candidate).ravel()
         self.ref_finite = self.ref_finite and bool(np.all(np.isfinite(ref)))
         self.cand_finite = self.cand_finite and bool(np.all(np.isfinite(cand)))
         if self.ref_finite:
-            self.ref_sq += float(ref @ ref)  # judged on its own: is the reference usable
+            self.ref_sq += _dot(ref, ref)  # judged on its own: is the reference usable
         if not (self.ref_finite and self.cand_finite):
             return
         diff = cand - ref
-        self.diff_sq += float(diff @ diff)
-        self.cand_sq += float(cand @ cand)
-        self.dot += float(ref @ cand)
+        self.diff_sq += _dot(diff, diff)
+        self.cand_sq += _dot(cand, cand)
+        self.dot += _dot(ref, cand)
         if diff.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
 
@@ -288,6 +286,22 @@ class ErrorMeter:
         return max(sums[name].metrics(name, 0.0, metric).error for name in sums)
 
 
+def _working(values: np.ndarray) -> np.ndarray:
+    """``values`` in the dtype the statistics are computed in: float16/bfloat16/float32 as
+    float32, anything else (float64, integers, booleans) as float64; sums are always accumulated
+    in float64. Elementwise float32 work is 4x faster than float64 on an LM's logits, and a
+    model's float32 outputs hold no more."""
+    narrow = values.dtype.kind == "f" and values.dtype.itemsize <= 4
+    dtype = np.float32 if narrow or values.dtype.name == "bfloat16" else np.float64
+    return np.asarray(values, dtype=dtype)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sum(a * b, dtype=np.float64))
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Over the last axis, in the logits' dtype, the normalizer summed in float64."""
     shifted = logits - np.max(logits, axis=-1, keepdims=True)
-    return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+    total = np.sum(np.exp(shifted), axis=-1, keepdims=True, dtype=np.float64)
+    return shifted - np.log(total).astype(logits.dtype)
