@@ -39,15 +39,7 @@ def transformer_like(
         ]  # fmt: skip
         x = f"h{i}"
     signature = f"({onnx_type}[B, S, {hidden}] x) => ({onnx_type}[B, S, {hidden}] {x})"
-    graph = onnx.parser.parse_graph(f"g {signature} {{ {' '.join(lines)} }}")
-    graph.initializer.extend(inits)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 19)])
-    model.ir_version = 10
-    path = folder / name
-    (folder / f"{name}.data").unlink(missing_ok=True)  # onnx.save appends to an existing file
-    onnx.save(model, str(path), save_as_external_data=True, location=f"{name}.data",
-              size_threshold=0)  # fmt: skip
-    return path
+    return _save(signature, lines, inits, folder / name)
 
 
 def lm_like(
@@ -92,13 +84,18 @@ def lm_like(
         f"n = Div({x}, rms)", "logits = MatMul(n, lm_head)",
     ]  # fmt: skip
     signature = f"(int64[B, S] input_ids) => (float[B, S, {vocab}] logits)"
+    return _save(signature, lines, inits, folder / name)
+
+
+def _save(signature: str, lines: list[str], inits: list, path: Path) -> Path:
+    """The graph of ``lines`` saved at ``path``, every weight in ``path.data``."""
     graph = onnx.parser.parse_graph(f"g {signature} {{ {' '.join(lines)} }}")
     graph.initializer.extend(inits)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 19)])
     model.ir_version = 10
-    path = folder / name
-    (folder / f"{name}.data").unlink(missing_ok=True)  # onnx.save appends to an existing file
-    onnx.save(model, str(path), save_as_external_data=True, location=f"{name}.data")
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)  # onnx.save appends to an existing file
+    onnx.save(model, str(path), save_as_external_data=True, location=data.name, size_threshold=0)
     return path
 
 
