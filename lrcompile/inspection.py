@@ -114,9 +114,11 @@ def inspect_model(
     notes = tuple((s.node.name or "", s.reason) for s in prepared.skipped)
     if not config.calibrated:
         return Inspection(tuple(layers), notes, (), None)
-    calibration = stages.plan_calibration(prepared, config, factorize).statistics
-    groups = prepared.groups
-    whitening = calibration.whitening(groups)
+    plan = stages.plan_calibration(prepared, config, factorize)
+    calibration, groups = plan.statistics, prepared.groups
+    whitening = {}
+    for chunk, statistics in zip(plan.chunks, plan.chunk_statistics(), strict=True):
+        whitening |= statistics.whitening(chunk)
     factorize = dataclasses.replace(factorize, whitening=whitening, cache=FactorCache())
     weighted = measure_sensitivities(
         prepared.model, layer_spectra(groups, factorize), groups, factorize, calibration

@@ -27,7 +27,7 @@ from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
 from lrcompile.errors import DataError
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
-from lrcompile.io.spill import Spill
+from lrcompile.io.spill import OutputStore, Spill
 from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, ops_left_alone
 from lrcompile.passes.factor_cache import FactorCache
 from lrcompile.passes.inputs import index_ranges
@@ -89,6 +89,12 @@ class Calibrated:
         if gather:
             report(len(self.chunks), len(self.chunks), "")
 
+    def close(self) -> None:
+        """Removes the reference outputs' files now (else when collected, or at exit)."""
+        reference = self.statistics.reference if self.statistics is not None else None
+        if isinstance(reference, OutputStore):
+            reference.close()
+
     def chunk_statistics(self, progress: ProgressCallback | None = None) -> Iterator[Calibration]:
         """Under ``auto``: each chunk's statistics in turn (the first is ``statistics``), every
         chunk after the first gathered by one more run of the original model."""
@@ -139,7 +145,7 @@ def plan_calibration(
     factorize: FactorizeLowRankPass,
     progress: ProgressCallback | None = None,
 ) -> Calibrated:
-    """The calibration plan; under ``auto``, its one chunk gathered with the reference outputs."""
+    """The calibration plan; under ``auto``, its first chunk gathered with the reference outputs."""
     auto = uses_auto(factorize, prepared.groups)
     if not (config.calibrated or auto):
         return Calibrated(prepared, None, (tuple(prepared.groups),))

@@ -71,8 +71,10 @@ def test_calibration_gram_equals_direct_computation(deep, tmp_path, rng):
     assert calibration.stats[("a2", False)].amax == pytest.approx(np.abs(a2).max(), rel=1e-5)
     assert len(calibration.feeds) == 8  # 7 + 7 + ... + 1 rows
     (y,) = run(deep, {"x": x})
+    # Calibration runs without pre-packed weights, like every auto probe (the same kernels for
+    # the reference and the candidates); the default session's pre-packed GEMM rounds ~1e-6 apart.
     np.testing.assert_allclose(
-        np.concatenate([r["y"] for r in calibration.reference]), y, rtol=1e-6
+        np.concatenate([r["y"] for r in calibration.reference]), y, rtol=1e-5, atol=1e-7
     )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
+from lrcompile.calibration.statistics import activation_key
 from lrcompile.io import model as model_io
 from lrcompile.passes.candidates import WeightGroup
 
@@ -37,15 +38,15 @@ def memory_chunks(
     budget = max(int(model_io.tensor_bytes(model) * fraction), 1)
     chunks: list[list] = [[]]
     used = 0
-    counted: set[str] = set()
+    counted: set[tuple[str, bool]] = set()
     for group in groups:
-        read = group.nodes[0].inputs[0].name
-        cost = 0 if read in counted else 8 * group.shape[0] ** 2 * (1 if auto else 2)
-        counted.add(read)
+        reads = {activation_key(node) for node in group.nodes}
+        cost = 8 * group.shape[0] ** 2 * (1 if auto else 2) * len(reads - counted)
+        counted |= reads
         if cost and chunks[-1] and used + cost > budget:
             chunks.append([])
             used = 0
-            counted = {read}
+            counted = set(reads)
         chunks[-1].append(group)
         used += cost
     return tuple(tuple(chunk) for chunk in chunks)

@@ -61,14 +61,14 @@ class Calibration:
 
     stats: dict[tuple[str, bool], ActivationStats]
     feeds: list[Feed]
-    reference: Sequence[dict[str, np.ndarray]]  # an OutputStore: one batch in memory at a time
+    reference: Sequence[dict[str, np.ndarray]]  # an OutputStore: batches read back on demand
     source: str
     synthetic: bool = False
 
     def gram(self, group: WeightGroup) -> np.ndarray | None:
         """``X^T X / rows`` of everything the group's weight multiplies (over all its nodes): a
         mean, so that whitened factors do not depend on how many calibration rows there were."""
-        stats = [self.stats.get(_activation_key(node), ActivationStats()) for node in group.nodes]
+        stats = [self.stats.get(activation_key(node), ActivationStats()) for node in group.nodes]
         if any(stat.gram is None for stat in stats):
             return None
         return np.sum([stat.gram for stat in stats], axis=0) / max(sum(s.rows for s in stats), 1)
@@ -94,14 +94,15 @@ class Calibration:
         """``(tensor, node, numerical rank, width, rows)`` of the first activation feeding
         ``groups`` whose Gram matrix has a numerical rank below ``fraction`` of its width:
         rows too few or too alike (synthetic 0/1 token ids make every token alike).
-        ``whitening`` (``self.whitening(groups)``) lends its Cholesky factors where a group reads
-        one activation, so that they are not computed twice."""
+        ``whitening`` (by group key, from ``whitenings``, before the Gram matrices are freed)
+        lends its Cholesky factors where a group reads one activation, so that they are not
+        computed twice."""
         seen = set()
         for group in groups:
-            keys = {_activation_key(node) for node in group.nodes}
+            keys = {activation_key(node) for node in group.nodes}
             white = (whitening or {}).get(group.key) if len(keys) == 1 else None
             for node in group.nodes:
-                key = _activation_key(node)
+                key = activation_key(node)
                 stat = self.stats.get(key)
                 if key in seen or stat is None or stat.gram is None:
                     continue
@@ -125,7 +126,7 @@ class Calibration:
         """
         readers: dict[tuple, list[WeightGroup]] = {}
         for group in groups:
-            inputs = tuple(sorted({_activation_key(node) for node in group.nodes}))
+            inputs = tuple(sorted({activation_key(node) for node in group.nodes}))
             readers.setdefault(inputs, []).append(group)
         pending = collections.Counter(key for inputs in readers for key in inputs)
         for inputs, members in readers.items():
@@ -162,7 +163,7 @@ def calibrate(
     progress. The model's outputs are kept (for ``auto``) unless ``keep_reference`` is off."""
     proto = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
     constants = {t.name for t in proto.graph.initializer}
-    activations = {_activation_key(n) for g in groups for n in g.nodes} - {
+    activations = {activation_key(n) for g in groups for n in g.nodes} - {
         (name, t) for name in constants for t in (False, True)
     }
     feeds = source.feeds
@@ -175,12 +176,14 @@ def calibrate(
     exposed = sorted(needed - set(outputs))
     # Appended outputs need no type: ONNX Runtime infers it.
     proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in exposed)
-    # Without reference outputs nothing is compared with other sessions' rounding: save memory.
-    session = create_session(proto, data_folder=data_folder, low_memory=not keep_reference)
+    # The session options of every probe (``runtime.metrics.ErrorMeter``): no pre-packed weight
+    # copies, no arena, so that the reference and the probes run the same kernels.
+    session = create_session(proto, data_folder=data_folder, low_memory=True)
     names = outputs + exposed
     stats = {key: ActivationStats() for key in activations}
+    kept = outputs if keep_reference else []
     with runtime_errors("calibration"):
-        reference = _accumulate(session, names, outputs, feeds, stats, on_batch)
+        reference = _accumulate(session, names, kept, feeds, stats, on_batch)
     return Calibration(stats, feeds, reference, source.description, source.synthetic)
 
 
@@ -200,6 +203,7 @@ def _accumulate(session, names, outputs, feeds, stats, on_batch) -> OutputStore:
     return reference
 
 
-def _activation_key(node) -> tuple[str, bool]:
+def activation_key(node) -> tuple[str, bool]:
+    """The activation a MatMul/Gemm multiplies its weight with: ``(name, transposed)``."""
     transposed = node.op_type == "Gemm" and bool(node.attributes.get_int("transA", 0))
     return node.inputs[0].name, transposed

@@ -125,7 +125,7 @@ def verify(
     if feeds is None:
         feeds = _feeds(ref_model, data, input_shapes, val_ranges, batch_size, iterations, seed)
     outputs = [value.name for value in ref_model.graph.outputs]
-    _check_labels(reference, ref_model, labels)
+    check_labels(reference, ref_model, labels)
     with _quiet_polygraphy(), runtime_errors(f"running {reference} and {candidate}"):
         runners = _runners(reference, candidate, providers, engine)
         batches = _run_pair(runners, feeds.feeds)
@@ -183,8 +183,12 @@ def _check_gate(tolerance: float, metric: str, labels: Labels | None) -> None:
         raise LrcompileError("--metric ppl needs --labels INPUT:OUTPUT (e.g. input_ids:logits)")
 
 
-def _check_labels(path, model, labels: Labels | None) -> None:
-    """The labels name an integer input and an output of the model."""
+def check_labels(path, model, labels: Labels | None) -> None:
+    """The labels name an integer input and an output of the model.
+
+    Raises:
+        DataError: They do not.
+    """
     if labels is None:
         return
     inputs = {value.name: value for value in model.graph.inputs}

@@ -85,8 +85,9 @@ def svd_wide(
     ``vt``, its workspace). Here ``A`` is formed column block by column block into one K x N array,
     ``A A^T = U S^2 U^T`` (K x K) gives ``U`` and ``S``, and ``V^T = S^-1 U^T A`` overwrites ``A``
     block by block. Singular values below ``sqrt(eps)`` of the largest lose relative accuracy
-    (squared in the Gram matrix); they carry no energy worth keeping. A tall ``W`` (K >> N, no
-    ``lower``) is done through its transpose.
+    (squared in the Gram matrix; those below ``eps`` of it get zero singular vectors): they carry
+    no energy worth keeping. A tall ``W`` (K >> N, no ``lower``) is done through its transpose,
+    with a second copy to make ``u`` contiguous.
     """
     if lower is None and w.shape[0] > w.shape[1]:
         vt, s, u = svd_wide(w.T, dtype=dtype, block=block)
@@ -212,7 +213,7 @@ def fix_signs(
     pivot = u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])]
     signs = np.where(pivot < 0, -1.0, 1.0).astype(u.dtype)
     vt = vt if vt.flags.writeable else vt.copy()
-    vt[signs < 0] *= -1.0  # in place: ``vt`` can be as large as the weight
+    np.multiply(vt, signs[:, np.newaxis], out=vt)  # in place: ``vt`` can be as large as the weight
     return u * signs, s, vt
 
 

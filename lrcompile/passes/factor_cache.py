@@ -51,6 +51,10 @@ class FactorCache:
         self._index: dict[str, tuple[int, str]] = {}
         self._lock = threading.Lock()  # the pass factors layers in threads
 
+    def close(self) -> None:
+        """Removes the files now (else when the cache is collected, or at exit)."""
+        self._store.close()
+
     def __contains__(self, key: str) -> bool:
         return key in self._index
 

@@ -169,18 +169,18 @@ class ErrorAccumulator:
         self.positions += reference.shape[0]
 
     def _add_flat(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        ref = _working(reference).ravel()
-        cand = _working(candidate).ravel()
+        ref = np.asarray(reference, dtype=np.float64).ravel()
+        cand = np.asarray(candidate, dtype=np.float64).ravel()
         self.ref_finite = self.ref_finite and bool(np.all(np.isfinite(ref)))
         self.cand_finite = self.cand_finite and bool(np.all(np.isfinite(cand)))
         if self.ref_finite:
-            self.ref_sq += _dot(ref, ref)  # judged on its own: is the reference usable
+            self.ref_sq += float(ref @ ref)  # judged on its own: is the reference usable
         if not (self.ref_finite and self.cand_finite):
             return
         diff = cand - ref
-        self.diff_sq += _dot(diff, diff)
-        self.cand_sq += _dot(cand, cand)
-        self.dot += _dot(ref, cand)
+        self.diff_sq += float(diff @ diff)
+        self.cand_sq += float(cand @ cand)
+        self.dot += float(ref @ cand)
         if diff.size:
             self.max_abs = max(self.max_abs, float(np.max(np.abs(diff))))
 
@@ -205,8 +205,8 @@ class ErrorAccumulator:
         top1 = self.top1_changed / self.positions if self.positions else None
         ppl = ref_ppl = None
         if self.labelled:
-            ppl = math.exp(self.nll_candidate / self.labelled)
-            ref_ppl = math.exp(self.nll_reference / self.labelled)
+            ppl = _exp(self.nll_candidate / self.labelled)
+            ref_ppl = _exp(self.nll_reference / self.labelled)
         result = OutputMetrics(
             name, rel, cosine, self.max_abs, False, kl, top1, metric, ppl, ref_ppl
         )
@@ -240,9 +240,14 @@ def add_batch(
     Raises:
         DataError: The labels do not fit the labelled output.
     """
+    if labels is not None and labels[1] not in reference:
+        raise DataError(f"--labels {labels[0]}:{labels[1]}: the model has no output {labels[1]!r}")
     for name, expected in reference.items():
         accumulator = sums.setdefault(name, ErrorAccumulator(classes))
-        accumulator.add(expected, candidate[name])
+        try:
+            accumulator.add(expected, candidate[name])
+        except ValueError as e:
+            raise DataError(f"output {name!r}: {e}") from None
         if labels is not None and name == labels[1]:
             try:
                 accumulator.add_labels(expected, candidate[name], feed[labels[0]])
@@ -287,17 +292,21 @@ class ErrorMeter:
 
 
 def _working(values: np.ndarray) -> np.ndarray:
-    """``values`` in the dtype the statistics are computed in: float16/bfloat16/float32 as
-    float32, anything else (float64, integers, booleans) as float64; sums are always accumulated
-    in float64. Elementwise float32 work is 4x faster than float64 on an LM's logits, and a
-    model's float32 outputs hold no more."""
+    """Logits in the dtype the softmax statistics are computed in: float16/bfloat16/float32 as
+    float32, float64 as float64; sums are always accumulated in float64. Elementwise float32
+    work is 4x faster than float64 on an LM's logits (softmax shifts them by their maximum, so
+    nothing overflows), and a model's float32 outputs hold no more."""
     narrow = values.dtype.kind == "f" and values.dtype.itemsize <= 4
     dtype = np.float32 if narrow or values.dtype.name == "bfloat16" else np.float64
     return np.asarray(values, dtype=dtype)
 
 
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.sum(a * b, dtype=np.float64))
+def _exp(value: float) -> float:
+    """``exp``, ``inf`` where it overflows (a broken candidate's perplexity)."""
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -82,7 +82,7 @@ def measure_sensitivities(
             if pair is not None:
                 factors[layer.name], predicted[layer.name] = pair, share
         order = list(factors)
-        meter = ErrorMeter(probe_model(model, factors, order))
+        meter = ErrorMeter(probe_model(model, factors, order)) if order else None
         measured = {}
         for index, key in enumerate(order):
             if on_step is not None:
