@@ -188,7 +188,11 @@ class _Prober:
         with tempfile.TemporaryDirectory(prefix="lrcompile-probe-") as folder:
             candidate = self.model.clone()
             probe = dataclasses.replace(
-                self.factorize, chosen_ranks=allocation.ranks, progress=None, spill=Spill(folder)
+                self.factorize,
+                chosen_ranks=allocation.ranks,
+                progress=None,
+                spill=Spill(folder),
+                weight_errors=False,
             )
             build_pipeline(probe, self.config).run(candidate, ranges=self.ranges)
             feeds, reference = calibration.feeds, calibration.reference

@@ -70,7 +70,9 @@ def measure_sensitivities(
     by_key = {group.key: group for group in groups}
     predicted: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lrcompile-probes-") as folder:
-        probe = dataclasses.replace(factorize, spill=Spill(folder), progress=None)
+        probe = dataclasses.replace(
+            factorize, spill=Spill(folder), progress=None, weight_errors=False
+        )
         factors = {}
         for layer in spectra:
             rank = probe_rank(layer, factorize.rank_multiple)
