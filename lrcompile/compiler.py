@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lrcompile import stages
-from lrcompile.check.verify import VerifyResult, check_labels, verify, warn_if_synthetic
+from lrcompile.check.verify import VerifyResult, verify, warn_if_synthetic
 from lrcompile.config import CompileConfig
 from lrcompile.errors import LrcompileError
 from lrcompile.io import data as data_lib
@@ -122,7 +122,6 @@ def compile_model(
         factorize = factorize_pass(config)  # validates the spec and overrides first
         _check_device(config.device)
         prepared = stages.load(input_path, config, output_path)
-        check_labels(input_path, prepared.model, config.labels)
         check_feeds = _verification_feeds(config, prepared)  # bad data fails early
     with contextlib.ExitStack() as scratch:  # temporary files: reference outputs, factor cache
         with timer("calibrate"):
@@ -130,8 +129,6 @@ def compile_model(
             scratch.callback(plan.close)
         with timer("auto search"):
             factorize, auto = stages.search(plan, config, factorize, progress)
-            if factorize.cache is not None:
-                scratch.callback(factorize.cache.close)
         result = _rewrite_and_save(plan, config, factorize, output_path, timer, progress)
     source = plan.source.description if plan.source is not None else None
     compiled = CompileResult(

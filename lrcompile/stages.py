@@ -23,6 +23,7 @@ from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 from lrcompile.calibration import chunks as calibration_chunks
 from lrcompile.calibration.ranges import RangeCalibration
 from lrcompile.calibration.statistics import Calibration, calibrate
+from lrcompile.check.verify import check_labels
 from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
 from lrcompile.errors import DataError
 from lrcompile.io import data as data_lib
@@ -63,6 +64,8 @@ class Calibrated:
     source: data_lib.FeedSource | None
     chunks: tuple[tuple[WeightGroup, ...], ...]
     statistics: Calibration | None = None
+    # Temporary files to remove with the plan (``close``): the auto search's factor cache.
+    scratch: list = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def whitened_chunks(self, progress: ProgressCallback | None = None) -> Iterator[Chunk]:
         """Each chunk's group keys and, where this plan gathers it, its whitening.
@@ -90,10 +93,12 @@ class Calibrated:
             report(len(self.chunks), len(self.chunks), "")
 
     def close(self) -> None:
-        """Removes the reference outputs' files now (else when collected, or at exit)."""
+        """Removes the reference outputs' and the factor cache's files now (else when
+        collected, or at exit)."""
         reference = self.statistics.reference if self.statistics is not None else None
-        if isinstance(reference, OutputStore):
-            reference.close()
+        for closable in [reference, *self.scratch]:
+            if isinstance(closable, OutputStore | FactorCache):
+                closable.close()
 
     def chunk_statistics(self, progress: ProgressCallback | None = None) -> Iterator[Calibration]:
         """Under ``auto``: each chunk's statistics in turn (the first is ``statistics``), every
@@ -131,6 +136,7 @@ def load(path: Path, config: CompileConfig, output_path: Path | None = None) -> 
     model = model_io.load_model(path)
     if output_path is not None:
         model_io.check_output_path(path, output_path)
+    check_labels(path, model, config.labels)
     inputs = data_lib.model_inputs(model)
     RemoveInitializersFromInputsPass()(model)
     if config.fp8:
@@ -175,6 +181,7 @@ def search(
     _refuse_degenerate_output(statistics, prepared, plan.source)
     # auto compiles many candidates from the same decompositions: cache them (on disk).
     factorize = dataclasses.replace(factorize, cache=FactorCache())
+    plan.scratch.append(factorize.cache)
     start = time.perf_counter()
     factorize = _cache_factors(plan, factorize, progress)
     seconds = {"factors": time.perf_counter() - start}  # further calibration chunks, SVDs

@@ -79,8 +79,8 @@ class OutputStore(Sequence[dict[str, np.ndarray]]):
         return len(self._names)
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
+        if isinstance(index, slice):  # a lazy view: its batches are read when indexed too
+            return _Batches(self, range(len(self))[index])
         index = range(len(self))[index]
         return {
             name: np.load(self.folder / f"{index}_{position}.npy", mmap_mode=self._mmap)
@@ -93,3 +93,18 @@ class OutputStore(Sequence[dict[str, np.ndarray]]):
     def close(self) -> None:
         """Removes the files now."""
         self._cleanup()
+
+
+class _Batches(Sequence[dict[str, np.ndarray]]):
+    """Some of an ``OutputStore``'s batches, read back when indexed."""
+
+    def __init__(self, store: OutputStore, indices: range) -> None:
+        self._store, self._indices = store, indices
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return _Batches(self._store, self._indices[index])
+        return self._store[self._indices[index]]
