@@ -116,9 +116,17 @@ def small_lm(tmp_path_factory):
     from lrcompile.tools.synthetic import lm_like
 
     folder = tmp_path_factory.mktemp("lm")
-    path = lm_like(folder, layers=1, hidden=64, ffn=128, vocab=500)
-    ids = np.random.default_rng(1).integers(0, 500, (16, 16))
+    path = lm_like(folder, layers=1, hidden=64, ffn=128, vocab=500, logit_scale=8.0)
+    # Text the model predicts: each next token is its top prediction for the current one (its
+    # positions do not interact), from random first tokens.
+    (logits,) = run(path, {"input_ids": np.arange(500)[np.newaxis]})
+    following = logits[0].argmax(-1)
+    ids = np.empty((16, 16), dtype=np.int64)
+    ids[:, 0] = np.random.default_rng(1).integers(0, 500, 16)
+    for t in range(1, 16):
+        ids[:, t] = following[ids[:, t - 1]]
     np.savez(folder / "c.npz", input_ids=ids)
+    np.savez(folder / "random.npz", input_ids=np.random.default_rng(2).integers(0, 500, (16, 16)))
     return path, folder / "c.npz"
 
 
@@ -131,7 +139,7 @@ def test_the_perplexity_gate_in_compile_verify_and_auto(small_lm, tmp_path):
     )  # fmt: skip
     logits = result.verification.outputs[0]
     assert result.verification.metric == "ppl" and logits.perplexity is not None
-    # One-sided: a lower perplexity than the reference passes (random labels here).
+    # One-sided: a lower perplexity than the reference would pass.
     assert logits.error == pytest.approx(max(logits.perplexity_ratio - 1, 0.0))
     assert result.auto.measured_error <= 0.8 * 0.05
     assert result.auto.measured_error == pytest.approx(logits.error, rel=1e-3, abs=1e-7)
@@ -167,3 +175,16 @@ def test_bad_labels_are_one_line_and_exit_2(small_lm, extra, message):
     )
     assert out.exit_code == 2, out.output
     assert message in out.output and len(out.output.strip().splitlines()) == 1
+
+
+def test_no_perplexity_verdict_on_labels_the_model_does_not_predict(small_lm, tmp_path):
+    # Random token ids: the untrained model's perplexity is about its vocabulary, and a compressed
+    # (flatter) model would "improve" it. No verdict rests on such labels.
+    model, calib = small_lm
+    out = CliRunner().invoke(
+        cli.main, ["verify", str(model), str(model), "--data", str(calib.with_name("random.npz")),
+                   "--labels", "input_ids:logits", "--metric", "ppl"],
+    )  # fmt: skip
+    assert out.exit_code == 2, out.output
+    assert "no better than chance on its labels" in out.output
+    assert len(out.output.strip().splitlines()) == 1

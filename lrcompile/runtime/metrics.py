@@ -109,6 +109,7 @@ class ErrorAccumulator:
     nll_reference: float = 0.0  # summed over labelled positions (add_labels)
     nll_candidate: float = 0.0
     labelled: int = 0
+    label_classes: int = 0  # of the labelled output
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         """Adds one batch, in slices of whole positions, so that the float64 temporaries stay
@@ -156,6 +157,7 @@ class ErrorAccumulator:
                 self.nll_reference -= float(np.sum(ref[picked], dtype=np.float64))
                 self.nll_candidate -= float(np.sum(cand[picked], dtype=np.float64))
             self.labelled += len(targets)
+        self.label_classes = classes
 
     def _add_classes(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         """KL and argmax changes over the last axis of ``[positions, classes]``, when it is a
@@ -190,6 +192,14 @@ class ErrorAccumulator:
             return "not finite (NaN or Inf)"
         if self.ref_sq == 0:
             return "identically zero"
+        if self.labelled and self.nll_reference / self.labelled >= math.log(self.label_classes / 2):
+            # A perplexity gate on labels the model does not predict would pass any candidate
+            # whose distribution merely flattens (its perplexity falls towards the class count).
+            perplexity = _exp(self.nll_reference / self.labelled)
+            return (
+                f"no better than chance on its labels (perplexity {perplexity:.4g} over"
+                f" {self.label_classes} classes)"
+            )
         return None
 
     def metrics(self, name: str, tolerance: float, metric: str = "rel-l2") -> OutputMetrics:

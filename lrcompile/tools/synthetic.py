@@ -51,6 +51,7 @@ def lm_like(
     *,
     seed: int = 0,
     name: str = "lm.onnx",
+    logit_scale: float = 1.0,
 ) -> Path:
     """Writes a causal-LM-shaped float32 model, ``folder/name`` (+ ``.data``):
     ``input_ids[B, S]`` (int64) -> ``logits[B, S, vocab]``, through a token embedding, per layer
@@ -77,7 +78,8 @@ def lm_like(
             f"d{i} = MatMul(r{i}, l{i}_down)", f"x{i} = Add(a{i}, d{i})",
         ]  # fmt: skip
         x = f"x{i}"
-    inits.append(_decaying(rng, (hidden, vocab), "lm_head"))
+    head = _decaying(rng, (hidden, vocab), "lm_head")
+    inits.append(numpy_helper.from_array(numpy_helper.to_array(head) * logit_scale, "lm_head"))
     lines += [
         f"sq = Mul({x}, {x})", "axes = Constant <value = int64[1] {-1}> ()",
         "ms = ReduceMean(sq, axes)", "rms = Sqrt(ms)",
