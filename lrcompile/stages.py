@@ -73,24 +73,14 @@ class Calibrated:
         Every chunk is calibrated on the ORIGINAL model, serialized before the first chunk is
         factored (the caller rewrites the model in place between chunks).
         """
-        if self.statistics is not None:  # auto: the search set the factors and ranks
+        if self.statistics is not None or self.source is None:
+            # auto (the search set the factors and ranks) or uncalibrated: one chunk, the
+            # factorize pass's own whitening, if any.
             yield frozenset(group.key for group in self.prepared.groups), None
             return
-        gather = self.source is not None
-        report = _stage(progress, "calibrating") or (lambda done, total, detail: None)
-        original = ir.serde.serialize_model(self.prepared.model) if gather else None
-        for index, chunk in enumerate(self.chunks):
-            keys = frozenset(group.key for group in chunk)
-            if not gather:
-                yield keys, None  # the factorize pass's own whitening (search set it), if any
-                continue
-            report(index, len(self.chunks), f"{len(chunk)} layers")
-            statistics = self._gather(chunk, keep_reference=False, model=original)
-            whitening = statistics.whitening(chunk)
-            del statistics  # the Gram matrices: only the Cholesky factors are needed now
-            yield keys, whitening
-        if gather:
-            report(len(self.chunks), len(self.chunks), "")
+        for chunk, statistics in zip(self.chunks, self.chunk_statistics(progress), strict=True):
+            # whitening() frees the Gram matrices: only the Cholesky factors are kept.
+            yield frozenset(group.key for group in chunk), statistics.whitening(chunk)
 
     def close(self) -> None:
         """Removes the reference outputs' and the factor cache's files now (else when
@@ -101,17 +91,19 @@ class Calibrated:
                 closable.close()
 
     def chunk_statistics(self, progress: ProgressCallback | None = None) -> Iterator[Calibration]:
-        """Under ``auto``: each chunk's statistics in turn (the first is ``statistics``), every
-        chunk after the first gathered by one more run of the original model."""
-        report = _stage(progress, "calibrating")
-        original = ir.serde.serialize_model(self.prepared.model) if len(self.chunks) > 1 else None
+        """Each chunk's statistics in turn, each gathered by one run of the ORIGINAL model
+        (serialized once, before the caller changes it); under ``auto`` the first chunk's are
+        ``statistics``, gathered with the reference outputs."""
+        report = _stage(progress, "calibrating") or (lambda done, total, detail: None)
+        gathered = self.chunks[1:] if self.statistics is not None else self.chunks
+        original = ir.serde.serialize_model(self.prepared.model) if gathered else None
         for index, chunk in enumerate(self.chunks):
-            if index == 0:
+            if index == 0 and self.statistics is not None:
                 yield self.statistics
                 continue
-            if report is not None:
-                report(index, len(self.chunks), f"chunk {index + 1} of {len(self.chunks)}")
+            report(index, len(self.chunks), f"{len(chunk)} layers")
             yield self._gather(chunk, keep_reference=False, model=original)
+        report(len(self.chunks), len(self.chunks), "")
 
     def _gather(self, groups, *, keep_reference: bool, on_batch=None, model=None) -> Calibration:
         prepared = self.prepared

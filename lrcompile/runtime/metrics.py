@@ -228,12 +228,11 @@ def measure_error(
     feeds: Sequence[Mapping[str, np.ndarray]],
     reference: Sequence[Mapping[str, np.ndarray]],
     metric: str = "rel-l2",
-    extra: Mapping[str, np.ndarray] | None = None,
     labels: Labels | None = None,
 ) -> float:
-    """Largest error under ``metric`` of any output of ``model`` on ``feeds`` (plus ``extra``)
-    against the ``reference`` outputs, one per feed."""
-    return ErrorMeter(model)(feeds, reference, metric, extra, labels)
+    """Largest error under ``metric`` of any output of ``model`` on ``feeds`` against the
+    ``reference`` outputs, one per feed (one ``ErrorMeter`` use)."""
+    return ErrorMeter(model)(feeds, reference, metric, labels=labels)
 
 
 def add_batch(
