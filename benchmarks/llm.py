@@ -93,24 +93,22 @@ def main() -> None:
     evaluate = _evaluate_module()
     settings = [(f"kl{t:g}", {"tolerance": t}) for t in args.tolerances]
     settings += [(f"budget{b:g}", {"budget": b, "tolerance": 1.0}) for b in args.budgets]
+    header = f"{'setting':10s} {'params':>6s} {'min':>5s} {'ppl dense':>9s} {'ppl lr':>8s}"
+    header += f" {'ratio':>6s} {'KL':>7s} {'top-1 chg':>9s} {'ms dense':>8s} {'ms lr':>7s}"
     rows = []
     for name, options in settings:
         out, kept, seconds = compile_one(args.workdir, name, **options)
         dense, compiled = evaluate.evaluate(
             args.workdir / "lm.onnx", out, args.workdir / "heldout.npz"
         )
-        rows.append((name, kept, seconds, dense, compiled))
-        print(f"{name}: done in {seconds / 60:.1f} min", flush=True)
-    header = f"{'setting':10s} {'params':>6s} {'min':>5s} {'ppl dense':>9s} {'ppl lr':>8s}"
-    print(header + f" {'ratio':>6s} {'KL':>7s} {'top-1 chg':>9s} {'ms dense':>8s} {'ms lr':>7s}")
-    for name, kept, seconds, dense, compiled in rows:
         ratio = compiled["perplexity"] / dense["perplexity"]
-        print(
+        rows.append(
             f"{name:10s} {kept:6.3f} {seconds / 60:5.1f} {dense['perplexity']:9.3f}"
             f" {compiled['perplexity']:8.3f} {ratio:6.3f} {compiled['kl']:7.4f}"
             f" {compiled['top1_changed']:9.3f} {dense['latency_ms']:8.0f}"
             f" {compiled['latency_ms']:7.0f}"
         )
+        print("\n".join([header, *rows]), flush=True)  # the table so far
 
 
 if __name__ == "__main__":

@@ -86,6 +86,10 @@ class CompileConfig:
         headroom: Fraction of the tolerance ``auto`` keeps in reserve for data it was not
             calibrated on: it targets ``(1 - headroom) * tolerance`` on the calibration data
             (on MiniLM the held-out error ran 10-13% above the calibration error).
+        validation: Fraction of the calibration batches ``auto`` holds back (rounded up, at
+            least one of two or more): its factors are fitted to the other batches, and every
+            candidate is measured on these, data the factors never saw. 0: fitted and measured
+            on the same batches (on a 0.5B LM that search met KL 0.04 and held-out text got 0.30).
     """
 
     rank: str
@@ -107,6 +111,7 @@ class CompileConfig:
     calib_script: str | None = None
     objective: str = "flops"
     headroom: float = 0.2
+    validation: float = 0.25
     budget: float | None = None
     fp8: bool = False
     fp8_weights: str = "per-tensor"
@@ -147,6 +152,7 @@ class CompileConfig:
                 self.budget,
             ),
             (0.0 <= self.headroom < 1.0, "headroom must be in [0, 1)", self.headroom),
+            (0.0 <= self.validation < 1.0, "validation must be in [0, 1)", self.validation),
             (self.jobs >= 1, "jobs must be >= 1", self.jobs),
             (self.batch_size >= 1, "batch size must be >= 1", self.batch_size),
         ]

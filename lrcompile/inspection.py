@@ -164,7 +164,7 @@ def _curve(prepared, spectra: Sequence, factorize, calibration, points: int, con
         candidate = prepared.model.clone()
         probe = dataclasses.replace(factorize, chosen_ranks=path[index].ranks)
         build_pipeline(probe).run(candidate)
-        measured = measure_error(candidate, calibration.feeds, calibration.reference)
+        measured = measure_error(candidate, *calibration.measured())
         predicted = float(np.sqrt(path[index].predicted_error))
         curve.append(CurvePoint(path[index].cost_ratio, predicted, measured))
     return tuple(curve)

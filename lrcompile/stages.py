@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -64,6 +65,7 @@ class Calibrated:
     source: data_lib.FeedSource | None
     chunks: tuple[tuple[WeightGroup, ...], ...]
     statistics: Calibration | None = None
+    fitted: int | None = None  # auto: the statistics are of the first ``fitted`` batches
     # Temporary files to remove with the plan (``close``): the auto search's factor cache.
     scratch: list = dataclasses.field(default_factory=list, compare=False, repr=False)
 
@@ -114,6 +116,7 @@ class Calibrated:
             data_folder=prepared.path.parent,
             keep_reference=keep_reference,
             on_batch=on_batch,
+            fitted=self.fitted,
         )
 
 
@@ -154,10 +157,28 @@ def plan_calibration(
             prepared, source, calibration_chunks.memory_chunks(prepared.model, prepared.groups)
         )
     chunks = calibration_chunks.memory_chunks(prepared.model, prepared.groups, auto=True)
-    plan = Calibrated(prepared, source, chunks)
+    plan = Calibrated(prepared, source, chunks, fitted=fitted_batches(source, config.validation))
     on_batch = _stage(progress, "calibrating")
     statistics = plan._gather(chunks[0], keep_reference=True, on_batch=on_batch)
     return dataclasses.replace(plan, statistics=statistics)
+
+
+def fitted_batches(source: data_lib.FeedSource, validation: float) -> int | None:
+    """How many leading calibration batches ``auto`` fits its factors to: all but
+    ``ceil(validation * batches)``, at least one. None (fitted and measured on every batch) when
+    ``validation`` is 0, or with one batch (warned: its measurements flatter the factors)."""
+    batches = len(source.feeds)
+    if not validation:
+        return None
+    if batches < 2:
+        logger.warning(
+            "auto: one calibration batch (%s), nothing to hold back: candidates are measured on"
+            " the data their factors were fitted to, which flatters them; give more rows or a"
+            " smaller --batch-size",
+            source.description,
+        )
+        return None
+    return batches - min(math.ceil(validation * batches), batches - 1)
 
 
 def search(
@@ -281,11 +302,15 @@ def _refuse_degenerate_input(statistics: Calibration, prepared: Prepared, source
     degenerate = statistics.degenerate_input(groups, white)
     if degenerate is not None:
         tensor, node, rank, width, rows = degenerate
+        held = statistics.held_back
+        fitted = f", the {statistics.fitted} of {len(statistics.feeds)} batches fitted" * bool(held)
         raise DataError(
             f"{prepared.path}: the calibration activations {tensor!r} (input of {node}, {width}"
-            f" wide) have numerical rank {rank} over {rows} rows ({source.description}): too few"
-            f" or too alike for --rank auto; pass --calib with at least {width} varied rows of"
-            " real inputs (synthetic data only passes with larger --input-shapes, and is weak)"
+            f" wide) have numerical rank {rank} over {rows} rows{fitted} ({source.description}):"
+            f" too few or too alike for --rank auto; pass --calib with at least {width} varied"
+            " rows of real inputs"
+            + " beyond the held-back --validation batches" * bool(held)
+            + " (synthetic data only passes with larger --input-shapes, and is weak)"
         )
 
 

@@ -35,6 +35,11 @@ def run(path: Path, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return session.run(None, dict(feeds))
 
 
+def held_back(rows: np.ndarray, auto, batch_size: int = 8) -> np.ndarray:
+    """The calibration rows ``auto`` measured its candidates on: its last held-back batches."""
+    return rows[(auto.batches - auto.held_back) * batch_size :]
+
+
 def low_rank_matrix(rng: np.random.Generator, k: int, n: int, decay: float = 0.7) -> np.ndarray:
     """A K x N float32 matrix with a known, geometrically decaying spectrum."""
     u, _ = np.linalg.qr(rng.standard_normal((k, min(k, n))))

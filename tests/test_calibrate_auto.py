@@ -15,7 +15,7 @@ from lrcompile.calibration.statistics import calibrate
 from lrcompile.io import data as data_lib
 from lrcompile.io.model import load_model
 from lrcompile.passes.candidates import find_candidates
-from tests.conftest import low_rank_matrix, make_model, run, save
+from tests.conftest import held_back, low_rank_matrix, make_model, run, save
 
 
 @pytest.fixture
@@ -78,6 +78,33 @@ def test_calibration_gram_equals_direct_computation(deep, tmp_path, rng):
     )
 
 
+def test_held_back_batches_stay_out_of_the_statistics(deep, tmp_path, rng):
+    path, x = _calib(tmp_path, rng, rows=50)
+    model = load_model(deep)
+    groups, _ = find_candidates(model.graph)
+    source = data_lib.input_feeds(
+        str(path), None, data_lib.model_inputs(model), shapes={}, batch_size=7, iterations=1, seed=0
+    )
+    calibration = calibrate(onnx.load(str(deep)), groups, source, fitted=6)  # of 8 batches
+    by_name = {g.name: g for g in groups}
+    fitted = x[:42].astype(np.float64)
+    np.testing.assert_allclose(calibration.gram(by_name["W1"]), fitted.T @ fitted / 42, rtol=1e-9)
+    assert calibration.stats[("x", False)].rows == 42 and calibration.held_back == 2
+    feeds, reference = calibration.measured()
+    assert [len(feed["x"]) for feed in feeds] == [7, 1]
+    (y,) = run(deep, {"x": x[42:]})
+    np.testing.assert_allclose(np.concatenate([r["y"] for r in reference]), y, rtol=1e-5, atol=1e-7)
+    # Without the reference (auto's further chunks), the held-back batches are not even run.
+    calls = []
+    statistics = calibrate(
+        onnx.load(str(deep)), groups, source, fitted=6, keep_reference=False,
+        on_batch=lambda done, total, detail: calls.append(total),
+    )  # fmt: skip
+    assert set(calls) == {6} and statistics.stats[("x", False)].rows == 42
+    everything = calibrate(onnx.load(str(deep)), groups, source)
+    assert everything.held_back == 0 and len(everything.measured()[0]) == 8
+
+
 def test_shared_activation_is_collected_once(tmp_path, rng):
     model = make_model(
         """g (float[N, 32] x) => (float[N, 32] q, float[N, 32] k, float[N, 32] v) {
@@ -119,9 +146,11 @@ def test_auto_meets_the_tolerance_on_the_calibration_data(deep, tmp_path, rng, t
     auto = result.auto
     assert auto.tolerance == pytest.approx(0.8 * tolerance)  # the default headroom of 0.2
     assert auto.measured_error <= auto.tolerance
-    # Independently: run both models on the calibration rows.
-    (ref,) = run(deep, {"x": x})
-    (got,) = run(result.output_path, {"x": x})
+    # 32 batches of 8 rows, the last quarter held back from the factors and measured on.
+    assert (auto.batches, auto.held_back) == (32, 8)
+    # Independently: run both models on the held-back calibration rows.
+    (ref,) = run(deep, {"x": held_back(x, auto)})
+    (got,) = run(result.output_path, {"x": held_back(x, auto)})
     error = np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref)
     assert error == pytest.approx(auto.measured_error, rel=1e-4)
     assert error <= tolerance
@@ -135,6 +164,38 @@ def test_auto_meets_the_tolerance_on_the_calibration_data(deep, tmp_path, rng, t
         assert step.predicted_error == pytest.approx(np.sqrt(auto.path[step.index].predicted_error))
         assert 1 / 3 < step.predicted_error / step.measured_error < 3
     assert auto.to_dict()["steps"][0]["predicted_error"] == auto.steps[0].predicted_error
+
+
+def test_auto_measures_on_batches_its_factors_were_not_fitted_to(deep, tmp_path, rng):
+    # 96 calibration rows for 64-wide layers: factors fitted to them flatter themselves there.
+    _, x = _calib(tmp_path, rng, rows=96 + 1024)
+    np.savez(tmp_path / "c.npz", x=x[:96])
+    np.savez(tmp_path / "h.npz", x=x[96:])
+
+    def compile_with(validation):
+        return lrcompile.compile_model(
+            deep, tmp_path / f"o{validation}.onnx", rank="auto", calib=str(tmp_path / "c.npz"),
+            verify_data=tmp_path / "h.npz", tolerance=0.05, rank_multiple=4, validation=validation,
+        )  # fmt: skip
+
+    fitted_on_all, held = compile_with(0.0), compile_with(0.25)
+    assert fitted_on_all.auto.held_back == 0 and (held.auto.batches, held.auto.held_back) == (12, 3)
+    heldout = [r.verification.outputs[0].relative_l2 for r in (fitted_on_all, held)]
+    # Measured on its own rows, the search promised far less error than new rows saw (0.038 vs
+    # 0.050, over the tolerance); measured on rows held back, it promised what new rows saw.
+    assert heldout[0] > 1.25 * fitted_on_all.auto.measured_error
+    assert heldout[1] == pytest.approx(held.auto.measured_error, rel=0.1)
+    assert held.passed and held.auto.measured_error <= held.auto.tolerance
+
+
+def test_auto_on_one_calibration_batch_says_it_measures_on_fitted_data(deep, tmp_path, rng, caplog):
+    calib, _ = _calib(tmp_path, rng, rows=128)
+    with caplog.at_level(logging.WARNING):
+        result = lrcompile.compile_model(
+            deep, tmp_path / "o.onnx", rank="auto", calib=str(calib), batch_size=128, verify=False
+        )
+    assert (result.auto.batches, result.auto.held_back) == (1, 0)
+    assert "one calibration batch" in caplog.text and "flatters them" in caplog.text
 
 
 def test_auto_spends_rank_where_the_output_needs_it(deep, tmp_path, rng):
@@ -258,6 +319,7 @@ def test_auto_with_a_parameter_budget_beats_the_uniform_ratio(deep, tmp_path, rn
     )
     assert len(result.auto.steps) == 1  # one measurement, no search
     assert result.totals.params_after <= uniform.totals.params_after
+    x = held_back(x, result.auto)
     (ref,) = run(deep, {"x": x})
 
     def error(path):

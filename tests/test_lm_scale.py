@@ -136,14 +136,17 @@ def test_outputs_compared_in_slices_give_the_unsliced_statistics(rng, monkeypatc
 def test_auto_on_an_lm_shaped_model_with_the_kl_gate(lm, tmp_path):
     path, _ = lm
     out = tmp_path / "o.onnx"
+    ids = np.load(path.parent / "calib.npz")["input_ids"]
+    np.savez(tmp_path / "held.npz", input_ids=ids[8:])  # the held-back batch of two
     result = lrcompile.compile_model(
         path, out, rank="auto", calib=str(path.parent / "calib.npz"), metric="kl",
-        tolerance=0.05, batch_size=8,
+        tolerance=0.05, batch_size=8, verify_data=tmp_path / "held.npz",
     )  # fmt: skip
+    assert (result.auto.batches, result.auto.held_back) == (2, 1)
     assert result.auto is not None and result.verification is not None
     steps = {step.index: step for step in result.auto.steps}
     chosen = min(steps.values(), key=lambda s: s.cost_ratio if s.passed else np.inf)
     assert chosen.measured_error <= 0.05 * 0.8
-    # What the search measured is what the check measures on the same data.
+    # What the search measured is what the check measures on the same (held-back) data.
     kl = result.verification.outputs[0].kl
     assert kl == pytest.approx(result.auto.measured_error, rel=1e-3, abs=1e-6)

@@ -12,6 +12,7 @@ no held-out token was seen while calibrating. Needs torch, transformers and gguf
 from __future__ import annotations
 
 import argparse
+import itertools
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -46,16 +47,22 @@ def load(gguf: Path):
 
 
 def tokens(tokenizer, modules, count: int, length: int) -> np.ndarray:
-    """``count`` windows of ``length`` tokens, taken in order from the modules' sources."""
+    """``count`` windows of ``length`` tokens, spread over the modules: the first window of each
+    module in turn, then the second, ... A calibration set cut from one file (the first 8k tokens
+    of ``argparse``) fits its factors to that file: on layers of the 0.5B LM, whitened factors
+    fitted to it had 1.4-1.8x the output error on other modules than on it; fitted to windows of
+    every module, 1.1-1.2x, and lower on the other modules too."""
     folder = Path(sysconfig.get_paths()["stdlib"])
-    ids: list[int] = []
+    windows = []
     for module in modules:
-        ids += tokenizer((folder / f"{module}.py").read_text(encoding="utf-8"))["input_ids"]
-        if len(ids) >= count * length:
-            break
-    if len(ids) < count * length:
-        raise SystemExit(f"only {len(ids)} tokens in {modules}, wanted {count * length}")
-    return np.asarray(ids[: count * length], dtype=np.int64).reshape(count, length)
+        ids = tokenizer((folder / f"{module}.py").read_text(encoding="utf-8"))["input_ids"]
+        windows.append([ids[i : i + length] for i in range(0, len(ids) - length + 1, length)])
+    spread = [w for round_ in itertools.zip_longest(*windows) for w in round_ if w is not None]
+    if len(spread) < count:
+        raise SystemExit(
+            f"only {len(spread)} windows of {length} tokens in {modules}, wanted {count}"
+        )
+    return np.asarray(spread[:count], dtype=np.int64)
 
 
 def export(model, path: Path, length: int) -> None:
@@ -97,6 +104,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--calib", type=int, default=32, help="calibration sequences")
     parser.add_argument("--heldout", type=int, default=16, help="held-out sequences")
+    parser.add_argument("--tokens-only", action="store_true", help="write the .npz files only")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load(args.gguf)
@@ -107,8 +115,9 @@ def main() -> None:
         np.savez(
             args.workdir / f"{name}.npz", input_ids=tokens(tokenizer, modules, count, args.length)
         )
-    export(model, args.workdir / "lm.onnx", args.length)
-    print(f"wrote {args.workdir / 'lm.onnx'}, calib.npz, heldout.npz")
+    if not args.tokens_only:
+        export(model, args.workdir / "lm.onnx", args.length)
+    print(f"wrote {args.workdir}: calib.npz, heldout.npz" + " and lm.onnx" * (not args.tokens_only))
 
 
 if __name__ == "__main__":

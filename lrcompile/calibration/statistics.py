@@ -64,6 +64,21 @@ class Calibration:
     reference: Sequence[dict[str, np.ndarray]]  # an OutputStore: batches read back on demand
     source: str
     synthetic: bool = False
+    # The statistics are of the first ``fitted`` feeds (None: all); the others are held back, so
+    # that ``auto`` measures its candidates on batches its factors were not fitted to.
+    fitted: int | None = None
+
+    @property
+    def held_back(self) -> int:
+        """How many feeds the statistics left out."""
+        return 0 if self.fitted is None else len(self.feeds) - self.fitted
+
+    def measured(self) -> tuple[Sequence[Feed], Sequence[dict[str, np.ndarray]]]:
+        """The feeds ``auto`` measures candidates on, with their reference outputs: those held
+        back from the statistics, or all of them when none were."""
+        if not self.held_back:
+            return self.feeds, self.reference
+        return self.feeds[self.fitted :], self.reference[self.fitted :]
 
     def gram(self, group: WeightGroup) -> np.ndarray | None:
         """``X^T X / rows`` of everything the group's weight multiplies (over all its nodes): a
@@ -157,10 +172,13 @@ def calibrate(
     data_folder: str | Path | None = None,
     on_batch: Callable[[int, int, str], None] | None = None,
     keep_reference: bool = True,
+    fitted: int | None = None,
 ) -> Calibration:
     """Runs the original ``model`` (external data in ``data_folder``) on ``source``'s feeds,
     accumulating the statistics of ``groups``' inputs; ``on_batch(done, total, "")`` reports
-    progress. The model's outputs are kept (for ``auto``) unless ``keep_reference`` is off."""
+    progress. The model's outputs are kept (for ``auto``) unless ``keep_reference`` is off.
+    With ``fitted``, only the first ``fitted`` feeds enter the statistics (without the reference
+    the others are not run)."""
     proto = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
     constants = {t.name for t in proto.graph.initializer}
     activations = {activation_key(n) for g in groups for n in g.nodes} - {
@@ -168,6 +186,7 @@ def calibrate(
     }
     feeds = source.feeds
     fed = set(feeds[0]) if feeds else set()
+    run = feeds if keep_reference or fitted is None else feeds[:fitted]
     needed = {name for name, _ in activations} - fed
     outputs = [o.name for o in proto.graph.output]
     if not keep_reference and needed:
@@ -183,20 +202,23 @@ def calibrate(
     stats = {key: ActivationStats() for key in activations}
     kept = outputs if keep_reference else []
     with runtime_errors("calibration"):
-        reference = _accumulate(session, names, kept, feeds, stats, on_batch)
-    return Calibration(stats, feeds, reference, source.description, source.synthetic)
+        reference = _accumulate(session, names, kept, run, stats, on_batch, fitted)
+    return Calibration(stats, feeds, reference, source.description, source.synthetic, fitted)
 
 
-def _accumulate(session, names, outputs, feeds, stats, on_batch) -> OutputStore:
-    """Runs every feed, adding each activation to its statistics; returns the model's outputs."""
+def _accumulate(session, names, outputs, feeds, stats, on_batch, fitted) -> OutputStore:
+    """Runs every feed, adding each activation of the first ``fitted`` (all: None) to its
+    statistics; returns the model's outputs."""
     reference = OutputStore(prefix="lrcompile-calibration-")
+    fitted = len(feeds) if fitted is None else fitted
     for index, feed in enumerate(feeds):
         if on_batch is not None:
             on_batch(index, len(feeds), "")
         values = dict(zip(names, session.run(names, feed), strict=True)) | feed
-        for (name, transposed), stat in stats.items():
-            x = values[name]
-            stat.add(x.T if transposed else x)
+        if index < fitted:
+            for (name, transposed), stat in stats.items():
+                x = values[name]
+                stat.add(x.T if transposed else x)
         reference.append({name: values[name] for name in outputs})
     if on_batch is not None:
         on_batch(len(feeds), len(feeds), "")

@@ -138,6 +138,13 @@ COMPILE_OPTIONS = [
         help="auto aims for (1 - HEADROOM) x tolerance on the calibration data.",
     ),
     config_option(
+        "--validation",
+        field="validation",
+        type=float,
+        metavar="FRACTION",
+        help="auto: calibration batches held back to measure candidates on (0: none).",
+    ),
+    config_option(
         "--budget",
         field="budget",
         type=float,

@@ -166,9 +166,14 @@ def _print_auto(result: CompileResult) -> None:
             f"output error {auto.measured_error:.4f} within its target {auto.tolerance:.4g}"
             f" ({1 - config.headroom:g} x tolerance)"
         )
+    if auto.held_back:
+        data = f"{auto.held_back} of {auto.batches} batches of {result.calibration}, held back"
+        data += " from fitting the factors"
+    else:
+        data = f"{result.calibration}, the data the factors were fitted to"
     click.echo(
         f"auto: {len(auto.steps)} candidate model{'s' * (len(auto.steps) != 1)} measured on"
-        f" {result.calibration}; {goal};"
+        f" {data}; {goal};"
         f" {config.objective} x{auto.cost_ratio:.3f} of the searched layers;"
         f" {auto.dense_layers} left dense"
     )

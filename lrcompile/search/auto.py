@@ -5,7 +5,9 @@
       -> bisection over the path, each probe compiled by the same pipeline as the output
          (``lrcompile.pipeline``, FP8 included) and run end to end in ONNX Runtime
 
-The spectra are only an error model; the end-to-end measurement on the calibration data decides.
+The spectra are only an error model; the end-to-end measurement on the calibration data decides:
+on the batches held back from the statistics (``CompileConfig.validation``), which the factors
+were not fitted to.
 The search keeps the cheapest allocation it measured within the tolerance (all-dense, error 0, is
 always within it). Bisection assumes the error grows along the path, which it does in practice
 but not by construction: every answer it returns was measured, so it may be conservative, never
@@ -68,6 +70,8 @@ class AutoResult:
     path: tuple[Allocation, ...]
     sensitivities: dict[str, float] = dataclasses.field(default_factory=dict)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    batches: int = 0  # calibration batches in all
+    held_back: int = 0  # of them, held back from the statistics: the ones measured on (0: all)
 
     @property
     def dense_layers(self) -> int:
@@ -82,6 +86,8 @@ class AutoResult:
             "ranks": self.ranks,
             "sensitivities": self.sensitivities,
             "seconds": self.seconds,
+            "batches": self.batches,
+            "held_back": self.held_back,
             # A probe whose outputs went non-finite measured no error: null, never NaN/Infinity.
             "steps": [
                 dataclasses.asdict(step)
@@ -149,6 +155,8 @@ def search_ranks(
         tuple(path),
         {layer.name: layer.sensitivity for layer in spectra},
         clock.seconds,
+        len(calibration.feeds),
+        calibration.held_back,
     )
 
 
@@ -195,7 +203,7 @@ class _Prober:
                 weight_errors=False,
             )
             build_pipeline(probe, self.config).run(candidate, ranges=self.ranges)
-            feeds, reference = calibration.feeds, calibration.reference
+            feeds, reference = calibration.measured()  # batches the factors were not fitted to
             config = self.config
             error = measure_error(candidate, feeds, reference, config.metric, labels=config.labels)
             del candidate
