@@ -140,7 +140,7 @@ def compile_model(
         return compiled
     verification = None
     if config.verify:
-        feeds = check_feeds or _calibration_or_synthetic(plan.source, config, prepared)
+        feeds = check_feeds or _calibration_or_synthetic(plan, config, prepared)
         with timer("verify"), _removed_on_error(output_path):
             verification = _verify(input_path, output_path, config, feeds)
     return dataclasses.replace(compiled, output_path=output_path, verification=verification)
@@ -227,7 +227,14 @@ def _verification_feeds(config: CompileConfig, prepared) -> data_lib.FeedSource 
     return stages.feeds(prepared, config, str(config.verify_data))
 
 
-def _calibration_or_synthetic(source, config: CompileConfig, prepared) -> data_lib.FeedSource:
+def _calibration_or_synthetic(plan, config: CompileConfig, prepared) -> data_lib.FeedSource:
+    """Without ``--verify-data``: the calibration batches auto held back from fitting (data the
+    factors never saw), else all the calibration data, else synthetic data (warned)."""
+    source = plan.source
+    if source is not None and plan.fitted is not None:
+        held = len(source.feeds) - plan.fitted
+        what = f"{source.description} (the {held} calibration batches held back from fitting)"
+        return data_lib.FeedSource(source.feeds[plan.fitted :], what, source.synthetic)
     if source is not None:
         return data_lib.FeedSource(
             source.feeds, f"{source.description} (the calibration data)", source.synthetic

@@ -186,6 +186,14 @@ def test_auto_measures_on_batches_its_factors_were_not_fitted_to(deep, tmp_path,
     assert heldout[0] > 1.25 * fitted_on_all.auto.measured_error
     assert heldout[1] == pytest.approx(held.auto.measured_error, rel=0.1)
     assert held.passed and held.auto.measured_error <= held.auto.tolerance
+    # Without --verify-data, the check runs on the held-back batches too, not on fitted rows.
+    check = lrcompile.compile_model(
+        deep, tmp_path / "c.onnx", rank="auto", calib=str(tmp_path / "c.npz"), tolerance=0.05,
+        rank_multiple=4,
+    )  # fmt: skip
+    assert "the 3 calibration batches held back from fitting" in check.verification.data_source
+    relative_l2 = check.verification.outputs[0].relative_l2
+    assert relative_l2 == pytest.approx(check.auto.measured_error, rel=1e-4)
 
 
 def test_auto_on_one_calibration_batch_says_it_measures_on_fitted_data(deep, tmp_path, rng, caplog):
