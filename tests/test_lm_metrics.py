@@ -145,7 +145,8 @@ def test_the_perplexity_gate_in_compile_verify_and_auto(small_lm, tmp_path):
     assert logits.error == pytest.approx(max(logits.perplexity_ratio - 1, 0.0))
     assert result.auto.measured_error <= 0.8 * 0.05
     assert result.auto.measured_error == pytest.approx(logits.error, rel=1e-3, abs=1e-7)
-    ids = np.load(calib)["input_ids"]
+    assert "held back from fitting" in result.verification.data_source
+    ids = held_back(np.load(calib)["input_ids"], result.auto)  # what the check ran on
     (ref,) = run(model, {"input_ids": ids})
     (cand,) = run(out, {"input_ids": ids})
     picked = [

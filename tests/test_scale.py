@@ -219,9 +219,10 @@ def test_verify_holds_one_model_at_a_time(tmp_path):
 
 @pytest.mark.slow
 def test_auto_memory_does_not_grow_with_the_calibration_outputs(tmp_path):
-    # An LM-shaped model whose logits dominate: 48 calibration sequences' logits are 262 MiB more
-    # than 16 sequences'. They wait on disk (read back one batch at a time), so the peak of
-    # `--rank auto` grows by far less than that; it stays within 2 x weights + 1 GiB.
+    # An LM-shaped model whose logits dominate: 64 calibration sequences' logits are 188 MiB more
+    # than 40 sequences'. They wait on disk (read back one batch at a time), so the peak of
+    # `--rank auto` grows by far less than that; it stays within 2 x weights + 1 GiB. Both hold
+    # back 2 batches of 8 to measure on (--validation 0.25 of 5 and of 8 batches).
     import numpy as np
 
     from lrcompile.tools.synthetic import lm_like
@@ -230,13 +231,13 @@ def test_auto_memory_does_not_grow_with_the_calibration_outputs(tmp_path):
     weights_mib = (tmp_path / "lm.onnx.data").stat().st_size / 2**20
     rng = np.random.default_rng(0)
     peaks = []
-    for sequences in (16, 48):
+    for sequences in (40, 64):
         calib = tmp_path / f"c{sequences}.npz"
         np.savez(calib, input_ids=rng.integers(0, 32000, (sequences, 64)))
         out = tmp_path / f"o{sequences}.onnx"
         args = [str(model), "-o", str(out), "--rank", "auto", "--calib", str(calib)]
         peaks.append(_peak_rss_mib([*args, "--batch-size", "8"]))
-    extra_outputs_mib = 32 * 64 * 32000 * 4 / 2**20
+    extra_outputs_mib = 24 * 64 * 32000 * 4 / 2**20
     print(f"weights {weights_mib:.0f} MiB, peaks {peaks[0]:.0f} / {peaks[1]:.0f} MiB")
     assert peaks[1] - peaks[0] < 0.25 * extra_outputs_mib
     assert peaks[1] < 2 * weights_mib + 1024
