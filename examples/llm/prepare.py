@@ -51,8 +51,9 @@ def tokens(tokenizer, modules, count: int, length: int) -> np.ndarray:
     """``count`` windows of ``length`` tokens, spread over the modules: the first window of each
     module in turn, then the second, ... A calibration set cut from one file (the first 8k tokens
     of ``argparse``) fits its factors to that file: on layers of the 0.5B LM, whitened factors
-    fitted to it had 1.4-1.8x the output error on other modules than on it; fitted to windows of
-    every module, 1.1-1.2x, and lower on the other modules too."""
+    fitted to it had 1.4-2.7x the output error on other modules than on it; fitted to windows of
+    every module, 1.1-1.8x, and lower on the other modules too
+    (``benchmarks/calibration_spread.py``)."""
     folder = Path(sysconfig.get_paths()["stdlib"])
     windows = []
     for module in modules:
