@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+from evaluate import median_ms  # this folder's evaluate.py (the script's folder is on sys.path)
 
 import lrcompile
 from lrcompile.runtime.sessions import create_session
@@ -79,14 +79,7 @@ def decode_latency(path: Path, past: int, repeats: int = 20) -> float:
     """Median ms of one 1 x 1 step after ``past`` tokens (after warm-up runs)."""
     session = create_session(path)
     feed = feeds(session, np.ones((1, 1), np.int64), history(session, 1, past))
-    for _ in range(3):
-        session.run(["logits"], feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(["logits"], feed)
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return median_ms(session, feed, repeats, warmup=3)
 
 
 def compile_at_ranks(decoder: Path, ranks: dict[str, int], out: Path) -> lrcompile.CompileResult:

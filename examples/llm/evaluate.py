@@ -54,8 +54,13 @@ def run(path: Path, ids: np.ndarray, scratch: Path, reference: bool) -> dict[str
 
 def prefill_latency(session, length: int, repeats: int = 5) -> float:
     """Median ms of one ``1 x length`` prefill (after a warm-up run)."""
-    feed = {"input_ids": np.ones((1, length), dtype=np.int64)}
-    session.run(["logits"], feed)
+    return median_ms(session, {"input_ids": np.ones((1, length), dtype=np.int64)}, repeats)
+
+
+def median_ms(session, feed: dict, repeats: int, warmup: int = 1) -> float:
+    """Median ms of ``session`` computing the logits of ``feed``, after ``warmup`` runs."""
+    for _ in range(warmup):
+        session.run(["logits"], feed)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
