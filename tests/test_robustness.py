@@ -50,7 +50,12 @@ def test_interruption_stops_cleanly(tmp_path, signum, code):
                "--decomposition", "exact", "--no-verify", "-o", str(tmp_path / "out.onnx"),
                "--external-data", "--report", str(tmp_path / "r.json")]  # fmt: skip
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)  # well past start-up (0.5 s), well before the end
+    # Signal once the output's staging folder exists: factoring has begun (a fixed wait failed
+    # when a loaded machine made start-up slower than the wait).
+    deadline = time.monotonic() + 60
+    while not _leftovers(tmp_path, {"chain.onnx"}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the SVDs (~6 s)
     assert process.poll() is None, "finished before the signal: make the model bigger"
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=60)

@@ -192,7 +192,7 @@ def print_demo(demo, workdir: Path) -> None:
         (
             "tolerance",
             f"{result.config.tolerance:g} relative L2 (auto target {auto.tolerance:.4g}"
-            " on the calibration data)",
+            f" on {auto.held_back} held-back calibration batches)",
         ),
         ("factored", f"{total.factored} of {weights} layers"),
         ("weight params kept", f"x{demo.params_ratio:.3f}"),
@@ -202,7 +202,7 @@ def print_demo(demo, workdir: Path) -> None:
             f" (x{demo.bytes_ratio:.3f}{', FP8 E4M3' if result.fp8 else ''})",
         ),
         ("predicted FLOPs", f"x{total.flop_ratio:.3f}"),
-        ("calibration error", f"{auto.measured_error:.4f}"),
+        ("held-back error", f"{auto.measured_error:.4f} (calibration batches not fitted to)"),
         (
             "held-out error",
             f"{demo.heldout_relative_l2:.4f} ({'PASS' if result.passed else 'FAIL'})",
