@@ -84,7 +84,7 @@ class CompileConfig:
         budget: With ``auto``: instead of searching for the tolerance, take the most accurate
             allocation costing at most this fraction of the dense cost (of ``objective``).
         headroom: Fraction of the tolerance ``auto`` keeps in reserve for data it was not
-            calibrated on: it targets ``(1 - headroom) * tolerance`` on the calibration data
+            calibrated on: it targets ``(1 - headroom) * tolerance`` on the held-back batches
             (on MiniLM the held-out error ran 10-13% above the calibration error).
         validation: Fraction of the calibration batches ``auto`` holds back (rounded up, at
             least one of two or more): its factors are fitted to the other batches, and every

@@ -178,7 +178,8 @@ def fitted_batches(source: data_lib.FeedSource, validation: float) -> int | None
             source.description,
         )
         return None
-    return batches - min(math.ceil(validation * batches), batches - 1)
+    held = math.ceil(round(validation * batches, 9))  # 0.07 x 100 is 7.000000000000001
+    return batches - min(held, batches - 1)
 
 
 def search(
@@ -232,7 +233,10 @@ def rewrite(
         device=config.device,
         spill=Spill(scratch) if scratch is not None else None,
     )
-    ranges = RangeCalibration(plan.source.feeds, config.fp8_calib) if config.fp8 else None
+    ranges = None
+    if config.fp8:  # under auto, from the fitted batches: the held-back ones are measured on
+        feeds = plan.source.feeds[: plan.fitted] if plan.fitted else plan.source.feeds
+        ranges = RangeCalibration(feeds, config.fp8_calib)
     pipeline = build_pipeline(factorize, config)
     return pipeline.run(prepared.model, ranges=ranges, chunks=plan.whitened_chunks(progress))
 

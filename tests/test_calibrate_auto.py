@@ -353,3 +353,14 @@ def test_bisection_stops_at_its_cost_resolution():
     assert costs[best] - costs[2638] <= auto.RESOLUTION
     # 0.9 of the cost in steps of 0.005: 8 halvings (plus the cheapest end), not log2(4000) = 12.
     assert len(calls) == 1 + int(np.ceil(np.log2(0.9 / auto.RESOLUTION)))
+
+
+def test_held_back_batches_are_the_rounded_up_fraction():
+    from lrcompile.stages import fitted_batches
+
+    def source(batches):
+        return data_lib.FeedSource([{}] * batches, "data.npz", False)
+
+    assert fitted_batches(source(100), 0.07) == 93  # 0.07 x 100 is 7.000000000000001
+    assert fitted_batches(source(10), 0.25) == 7 and fitted_batches(source(2), 0.9) == 1
+    assert fitted_batches(source(10), 0.0) is None and fitted_batches(source(1), 0.25) is None

@@ -34,11 +34,15 @@ def prefill_ranks(compiled: Path) -> dict[str, int]:
     """The rank of each factored layer of a compiled model, by the original node's name."""
     model = onnx.load(str(compiled), load_external_data=False)
     shapes = {tensor.name: list(tensor.dims) for tensor in model.graph.initializer}
-    return {
-        node.name[: -len(SUFFIX)]: int(shapes[node.input[1]][1])
-        for node in model.graph.node
-        if node.name.endswith(SUFFIX) and node.input[1] in shapes
-    }
+    ranks = {}
+    for node in model.graph.node:
+        if node.name.endswith(SUFFIX):
+            if node.input[1] not in shapes:  # FP8 or cast factors: read through their producer
+                raise SystemExit(
+                    f"{compiled}: {node.name} reads no initializer; plain factors only"
+                )
+            ranks[node.name[: -len(SUFFIX)]] = int(shapes[node.input[1]][1])
+    return ranks
 
 
 def history(session, batch: int, length: int) -> dict[str, np.ndarray]:

@@ -73,6 +73,11 @@ class Calibration:
         """How many feeds the statistics left out."""
         return 0 if self.fitted is None else len(self.feeds) - self.fitted
 
+    def fitted_feeds(self) -> Sequence[Feed]:
+        """The feeds the statistics are of: what anything fitted to data (factors, FP8 ranges)
+        may see."""
+        return self.feeds if self.fitted is None else self.feeds[: self.fitted]
+
     def measured(self) -> tuple[Sequence[Feed], Sequence[dict[str, np.ndarray]]]:
         """The feeds ``auto`` measures candidates on, with their reference outputs: those held
         back from the statistics, or all of them when none were."""
@@ -91,7 +96,7 @@ class Calibration:
     def degenerate_output(self) -> tuple[str, str] | None:
         """``(output, problem)`` when a reference output is not finite or identically zero."""
         accumulators: dict[str, ErrorAccumulator] = {}  # what verification refuses, too
-        for batch in self.reference:
+        for batch in self.measured()[1]:  # the outputs errors are measured against
             for name, value in batch.items():
                 accumulators.setdefault(name, ErrorAccumulator(classes=False)).add(value, value)
         for name, accumulator in accumulators.items():

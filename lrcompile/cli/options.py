@@ -135,7 +135,7 @@ COMPILE_OPTIONS = [
         "--headroom",
         field="headroom",
         type=float,
-        help="auto aims for (1 - HEADROOM) x tolerance on the calibration data.",
+        help="auto aims for (1 - HEADROOM) x tolerance on the held-back calibration batches.",
     ),
     config_option(
         "--validation",

@@ -244,7 +244,10 @@ def print_inspection(result) -> None:
     for node, reason in result.skipped:
         click.echo(f"left alone: {node}: {reason}")
     if result.curve:
-        click.echo(f"auto trade-off on {result.calibration} (cost of the factorable layers):")
+        click.echo(
+            f"auto trade-off on the held-back batches of {result.calibration}"
+            " (cost of the factorable layers):"
+        )
         _echo_table(
             ("cost", "predicted error", "measured error"),
             [

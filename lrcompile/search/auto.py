@@ -180,7 +180,8 @@ class _Prober:
         self.model, self.factorize = model, factorize
         self.calibration, self.config, self.path, self.on_step = calibration, config, path, on_step
         self.tolerance = config.tolerance * (1.0 - config.headroom)
-        self.ranges = RangeCalibration(calibration.feeds, config.fp8_calib)
+        # FP8 ranges from the fitted batches only, as in the output (``stages.rewrite``).
+        self.ranges = RangeCalibration(calibration.fitted_feeds(), config.fp8_calib)
         span = path[0].cost_ratio - path[-1].cost_ratio if path else 0.0
         self.expected = int(np.ceil(np.log2(max(min(len(path), span / RESOLUTION), 2)))) + 1
         self.steps: list[SearchStep] = []
