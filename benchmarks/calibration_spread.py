@@ -19,20 +19,11 @@ held-out error by at most 2%.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sysconfig
 from pathlib import Path
 
 import numpy as np
-
-_PREPARE = Path(__file__).resolve().parents[1] / "examples" / "llm" / "prepare.py"
-
-
-def _prepare():
-    spec = importlib.util.spec_from_file_location("llm_prepare", _PREPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from llm import example_module  # benchmarks/llm.py (the script's folder is on sys.path)
 
 
 def activations(model, layers: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -73,7 +64,7 @@ def main() -> None:
     parser.add_argument("gguf", type=Path)
     parser.add_argument("heldout", type=Path)
     args = parser.parse_args()
-    prepare = _prepare()
+    prepare = example_module("prepare")
     model, tokenizer = prepare.load(args.gguf)
     text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text(encoding="utf-8")
     one_file = np.asarray(tokenizer(text)["input_ids"][: 32 * 256]).reshape(32, 256)

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import lrcompile
 
-_EVALUATE = Path(__file__).resolve().parents[1] / "examples" / "llm" / "evaluate.py"
+_EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "llm"
 
 
-def _evaluate_module():
-    spec = importlib.util.spec_from_file_location("llm_evaluate", _EVALUATE)
+def example_module(name: str):
+    """``examples/llm/NAME.py``, imported (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"llm_{name}", _EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -90,7 +91,7 @@ def main() -> None:
     parser.add_argument("--tolerances", type=float, nargs="*", default=[0.02, 0.05, 0.1])
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.9, 0.8])
     args = parser.parse_args()
-    evaluate = _evaluate_module()
+    evaluate = example_module("evaluate")
     settings = [(f"kl{t:g}", {"tolerance": t}) for t in args.tolerances]
     settings += [(f"budget{b:g}", {"budget": b, "tolerance": 1.0}) for b in args.budgets]
     header = f"{'setting':10s} {'params':>6s} {'min':>5s} {'ppl dense':>9s} {'ppl lr':>8s}"

@@ -230,11 +230,10 @@ def _verification_feeds(config: CompileConfig, prepared) -> data_lib.FeedSource 
 def _calibration_or_synthetic(plan, config: CompileConfig, prepared) -> data_lib.FeedSource:
     """Without ``--verify-data``: the calibration batches auto held back from fitting (data the
     factors never saw), else all the calibration data, else synthetic data (warned)."""
-    source = plan.source
-    if source is not None and plan.fitted is not None:
-        held = len(source.feeds) - plan.fitted
-        what = f"{source.description} (the {held} calibration batches held back from fitting)"
-        return data_lib.FeedSource(source.feeds[plan.fitted :], what, source.synthetic)
+    source, held = plan.source, plan.held_back_feeds() if plan.source is not None else []
+    if held:
+        what = f"{source.description} (the {len(held)} calibration batches held back from fitting)"
+        return data_lib.FeedSource(held, what, source.synthetic)
     if source is not None:
         return data_lib.FeedSource(
             source.feeds, f"{source.description} (the calibration data)", source.synthetic

@@ -84,6 +84,14 @@ class Calibrated:
             # whitening() frees the Gram matrices: only the Cholesky factors are kept.
             yield frozenset(group.key for group in chunk), statistics.whitening(chunk)
 
+    def fitted_feeds(self) -> list:
+        """The feeds factors and FP8 ranges may fit (under ``auto``, the first ``fitted``)."""
+        return self.source.feeds if self.fitted is None else self.source.feeds[: self.fitted]
+
+    def held_back_feeds(self) -> list:
+        """The feeds ``auto`` held back from fitting, to measure on (none otherwise)."""
+        return [] if self.fitted is None else self.source.feeds[self.fitted :]
+
     def close(self) -> None:
         """Removes the reference outputs' and the factor cache's files now (else when
         collected, or at exit)."""
@@ -164,9 +172,7 @@ def plan_calibration(
 
 
 def fitted_batches(source: data_lib.FeedSource, validation: float) -> int | None:
-    """How many leading calibration batches ``auto`` fits its factors to: all but
-    ``ceil(validation * batches)``, at least one. None (fitted and measured on every batch) when
-    ``validation`` is 0, or with one batch (warned: its measurements flatter the factors)."""
+    """Batches auto fits to: all but ceil(validation x batches); None: no split (0, or 1 batch)."""
     batches = len(source.feeds)
     if not validation:
         return None
@@ -233,10 +239,7 @@ def rewrite(
         device=config.device,
         spill=Spill(scratch) if scratch is not None else None,
     )
-    ranges = None
-    if config.fp8:  # under auto, from the fitted batches: the held-back ones are measured on
-        feeds = plan.source.feeds[: plan.fitted] if plan.fitted else plan.source.feeds
-        ranges = RangeCalibration(feeds, config.fp8_calib)
+    ranges = RangeCalibration(plan.fitted_feeds(), config.fp8_calib) if config.fp8 else None
     pipeline = build_pipeline(factorize, config)
     return pipeline.run(prepared.model, ranges=ranges, chunks=plan.whitened_chunks(progress))
 
