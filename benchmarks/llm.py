@@ -2,10 +2,13 @@
 
 Qwen2.5-Coder-0.5B-Instruct from its GGUF file, prepared by ``examples/llm/prepare.py`` (ONNX
 export with external data, 32 x 256 calibration tokens, 16 x 256 held-out tokens from disjoint
-texts). For each setting (KL tolerances, budgets) it compiles with ``--rank auto --metric kl
---batch-size 1`` and prints: kept weight parameters, compile time, held-out perplexity of the
-dense and the compiled model, their KL and top-1 changes, and ONNX Runtime CPU prefill latency
-(1 x 256). Each compile takes tens of minutes on 2 cores; pick settings with the flags.
+texts). It compiles every setting (KL tolerances, budgets) with ``--rank auto --metric kl
+--batch-size 1`` in one ``lrcompile.compile_sweep`` (calibration, factors and sensitivities once,
+then each setting's search, output and check) and prints: kept weight parameters, the compile
+time of each setting alone (``min``, shared stages included) and what it added to the sweep
+(``+min``), held-out perplexity of the dense and the compiled model, their KL and top-1
+changes, and ONNX Runtime CPU prefill latency (1 x 256). The shared stages take tens of minutes
+on 2 cores, each setting several more; pick settings with the flags.
 
     python benchmarks/llm.py WORKDIR [--tolerances 0.02 0.05 0.1] [--budgets 0.9 0.8]
 
@@ -17,8 +20,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
+import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 import lrcompile
 
@@ -53,36 +59,47 @@ class StageMemory:
             self.stages.append((stage, time.perf_counter() - self.start, *_peak_mib()))
 
 
-def compile_one(workdir: Path, name: str, **options) -> tuple[Path, float, float]:
-    """Compiles ``lm.onnx`` with ``options``: (output, kept parameter ratio, seconds); prints the
-    stages' times and peak memory."""
-    out = workdir / f"lm.{name}.onnx"
-    start = time.perf_counter()
-    memory = StageMemory()
-    result = lrcompile.compile_model(
-        workdir / "lm.onnx",
-        out,
-        rank="auto",
-        calib=str(workdir / "calib.npz"),
-        verify_data=str(workdir / "heldout.npz"),
-        metric="kl",
-        batch_size=1,
-        progress=memory,
-        **options,
-    )
-    for stage, seconds, rss, peak in memory.stages:
+def settings_of(tolerances, budgets) -> dict[str, dict]:
+    """Setting name -> the ``compile_sweep`` fields it varies."""
+    settings = {f"kl{t:g}": {"tolerance": t} for t in tolerances}
+    return settings | {f"budget{b:g}": {"budget": b, "tolerance": 1.0} for b in budgets}
+
+
+def report_compile(name: str, result, memory: StageMemory, shown: int) -> int:
+    """Prints the stages (with peak memory) since the ``shown``-th, the seconds and the check;
+    returns how many stages are shown now."""
+    for stage, seconds, rss, peak in memory.stages[shown:]:
         print(
             f"  {name}: {stage:12s} from {seconds / 60:5.1f} min,"
             f" rss {rss} MiB, peak so far {peak} MiB"
         )
-    print(f"  {name}: end, peak {_peak_mib()[1]} MiB; seconds {result.seconds}")
-    print(f"  {name}: auto seconds {result.auto.seconds if result.auto else None}")
+    print(f"  {name}: peak {_peak_mib()[1]} MiB so far; seconds {result.seconds}")
+    print(f"  {name}: auto seconds {result.auto.seconds}")
     if result.verification is not None:
         logits = result.verification.outputs[0]
         print(
             f"  {name}: held-out check KL {logits.kl}, top-1 {logits.top1}, passed {logits.passed}"
         )
-    return out, result.totals.params_ratio, time.perf_counter() - start
+    return len(memory.stages)
+
+
+HEADER = (
+    f"{'setting':10s} {'params':>6s} {'min':>5s} {'+min':>5s} {'ppl dense':>9s} {'ppl lr':>8s}"
+    f" {'ratio':>6s} {'KL':>7s} {'top-1 chg':>9s} {'ms dense':>8s} {'ms lr':>7s}"
+)
+
+
+def row(name: str, result, wall: float, dense: dict, compiled: dict) -> str:
+    """One line of the table: ``min`` is the compile alone (shared stages included), ``+min``
+    what it added to the sweep."""
+    alone = sum(result.seconds.values())
+    return (
+        f"{name:10s} {result.totals.params_ratio:6.3f} {alone / 60:5.1f} {wall / 60:5.1f}"
+        f" {dense['perplexity']:9.3f} {compiled['perplexity']:8.3f}"
+        f" {compiled['perplexity'] / dense['perplexity']:6.3f} {compiled['kl']:7.4f}"
+        f" {compiled['top1_changed']:9.3f} {dense['latency_ms']:8.0f}"
+        f" {compiled['latency_ms']:7.0f}"
+    )
 
 
 def main() -> None:
@@ -91,25 +108,31 @@ def main() -> None:
     parser.add_argument("--tolerances", type=float, nargs="*", default=[0.02, 0.05, 0.1])
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.9, 0.8])
     args = parser.parse_args()
-    evaluate = example_module("evaluate")
-    settings = [(f"kl{t:g}", {"tolerance": t}) for t in args.tolerances]
-    settings += [(f"budget{b:g}", {"budget": b, "tolerance": 1.0}) for b in args.budgets]
-    header = f"{'setting':10s} {'params':>6s} {'min':>5s} {'ppl dense':>9s} {'ppl lr':>8s}"
-    header += f" {'ratio':>6s} {'KL':>7s} {'top-1 chg':>9s} {'ms dense':>8s} {'ms lr':>7s}"
-    rows = []
-    for name, options in settings:
-        out, kept, seconds = compile_one(args.workdir, name, **options)
-        dense, compiled = evaluate.evaluate(
-            args.workdir / "lm.onnx", out, args.workdir / "heldout.npz"
+    evaluate, workdir = example_module("evaluate"), args.workdir
+    settings = settings_of(args.tolerances, args.budgets)
+    ids = np.load(workdir / "heldout.npz")["input_ids"]
+    with tempfile.TemporaryDirectory(prefix="lrcompile-eval-") as scratch:
+        dense = evaluate.run(workdir / "lm.onnx", ids, Path(scratch), reference=True)
+        memory, rows, shown = StageMemory(), [], 0
+        start = mark = time.perf_counter()
+        sweep = lrcompile.compile_sweep(
+            workdir / "lm.onnx",
+            {workdir / f"lm.{name}.onnx": options for name, options in settings.items()},
+            rank="auto",
+            calib=str(workdir / "calib.npz"),
+            verify_data=str(workdir / "heldout.npz"),
+            metric="kl",
+            batch_size=1,
+            progress=memory,
         )
-        ratio = compiled["perplexity"] / dense["perplexity"]
-        rows.append(
-            f"{name:10s} {kept:6.3f} {seconds / 60:5.1f} {dense['perplexity']:9.3f}"
-            f" {compiled['perplexity']:8.3f} {ratio:6.3f} {compiled['kl']:7.4f}"
-            f" {compiled['top1_changed']:9.3f} {dense['latency_ms']:8.0f}"
-            f" {compiled['latency_ms']:7.0f}"
-        )
-        print("\n".join([header, *rows]), flush=True)  # the table so far
+        for name, (out, result) in zip(settings, sweep, strict=True):
+            wall = time.perf_counter() - mark
+            shown = report_compile(name, result, memory, shown)
+            compiled = evaluate.run(out, ids, Path(scratch), reference=False)
+            rows.append(row(name, result, wall, dense, compiled))
+            print("\n".join([HEADER, *rows]), flush=True)  # the table so far
+            mark = time.perf_counter()
+    print(f"sweep: {(time.perf_counter() - start) / 60:.1f} min with the held-out evaluations")
 
 
 if __name__ == "__main__":

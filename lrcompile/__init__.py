@@ -7,10 +7,15 @@ The Python API mirrors the command line::
     check = lrcompile.verify("model.onnx", result.output_path, data="heldout.npz")  # verify
     info = lrcompile.inspect_model("model.onnx", lrcompile.CompileConfig(rank="auto"))  # inspect
     engine = lrcompile.build_engine(result.output_path)  # build (needs TensorRT)
+
+One call of the API alone compiles at several ``auto`` settings from one calibration::
+
+    settings = {"a.onnx": {"tolerance": 0.02}, "b.onnx": {"budget": 0.8}}
+    for path, result in lrcompile.compile_sweep("model.onnx", settings, rank="auto"): ...
 """
 
 from lrcompile.check.verify import VerifyResult, verify
-from lrcompile.compiler import CompileResult, compile_model
+from lrcompile.compiler import CompileResult, compile_model, compile_sweep
 from lrcompile.config import CompileConfig
 from lrcompile.errors import (
     DataError,
@@ -37,6 +42,7 @@ __all__ = [
     "__version__",
     "build_engine",
     "compile_model",
+    "compile_sweep",
     "inspect_model",
     "verify",
 ]

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,19 +130,118 @@ def compile_model(
         with timer("auto search"):
             factorize, auto = stages.search(plan, config, factorize, progress)
         result = _rewrite_and_save(plan, config, factorize, output_path, timer, progress)
+    return _checked(plan, config, auto, result, output_path, timer, check_feeds)
+
+
+# What ``compile_sweep`` may vary between its outputs: only the choice of ranks and the final
+# check read them, so the calibration, factors and sensitivities serve every setting.
+SWEEP_FIELDS = ("tolerance", "budget", "headroom", "objective")
+
+
+def compile_sweep(
+    input_path: str | Path,
+    settings: Mapping[str | Path, Mapping[str, Any]],
+    config: CompileConfig | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    **options: Any,
+) -> Iterator[tuple[Path, CompileResult]]:
+    """Compiles one model with ``--rank auto`` at several tolerances, budgets or objectives.
+
+    The calibration, the factors and the sensitivities are computed once; each setting then gets
+    its own search, output and check. Each result is what ``compile_model`` gives with that
+    setting alone (the same ranks and output); its ``seconds`` count the shared stages as if it
+    had run them. On a 0.5B LM the shared stages are most of a compile.
+
+    Example::
+
+        sweep = {"lm.kl0.05.onnx": {"tolerance": 0.05}, "lm.b0.8.onnx": {"budget": 0.8}}
+        for path, result in lrcompile.compile_sweep(
+            "lm.onnx", sweep, rank="auto", calib="calib.npz", metric="kl"
+        ):
+            print(path, result.totals.params_ratio, result.passed)
+
+    Args:
+        input_path: The ONNX model; never modified.
+        settings: Output path -> the ``SWEEP_FIELDS`` whose values differ from ``config``'s.
+        config: As for ``compile_model``; its rank spec must make some layer ``auto``.
+        progress: As for ``compile_model``.
+
+    Returns:
+        An iterator of (output path, result), each yielded once its output is written and checked.
+
+    Raises:
+        LrcompileError: As ``compile_model``, or a setting varies another field, or no layer is
+            ``auto``; raised here, before anything runs or is written.
+    """
+    config = config if config is not None else CompileConfig(**options)
+    configs = {
+        Path(output): _sweep_setting(config, output, setting)
+        for output, setting in settings.items()
+    }
+    timer = _Timer()
+    with timer("load"):
+        factorize = factorize_pass(config)
+        _check_device(config.device)
+        prepared = stages.load(Path(input_path), config)
+        for output in configs:
+            model_io.check_output_path(input_path, output)
+        if len({output.resolve() for output in configs}) < len(configs):
+            raise LrcompileError("compile_sweep: two settings name the same output path")
+        if not stages.uses_auto(factorize, prepared.groups):
+            raise LrcompileError(
+                f"compile_sweep: rank {config.rank!r} (with the overrides) makes no layer"
+                " 'auto'; a sweep shares auto's measurements, so it needs --rank auto"
+            )
+        check_feeds = _verification_feeds(config, prepared)
+    return _sweep(prepared, configs, config, factorize, check_feeds, timer, progress)
+
+
+def _sweep_setting(config: CompileConfig, output, setting: Mapping[str, Any]) -> CompileConfig:
+    varied = sorted(set(setting) - set(SWEEP_FIELDS))
+    if varied:
+        raise LrcompileError(
+            f"compile_sweep: the setting for {output} varies {', '.join(varied)}; only"
+            f" {', '.join(SWEEP_FIELDS)} may differ between outputs (the rest is shared)"
+        )
+    return dataclasses.replace(config, **setting)
+
+
+def _sweep(prepared, configs, config, factorize, check_feeds, timer, progress):
+    """``compile_sweep`` once its inputs are checked: the shared stages, then each setting."""
+    with contextlib.ExitStack() as scratch:  # temporary files: reference outputs, factor cache
+        with timer("calibrate"):
+            plan = stages.plan_calibration(prepared, config, factorize, progress)
+            scratch.callback(plan.close)
+        with timer("auto search"):
+            factorize, layers = stages.measure(plan, factorize, progress)
+        for output, setting in configs.items():
+            own = _Timer(timer.seconds)  # the shared stages' seconds, then this setting's
+            with own("auto search"):  # on the original model, still unchanged
+                chosen, auto = stages.choose(plan, setting, factorize, layers, progress)
+            with own("load"):  # a fresh copy to rewrite in place
+                fresh = dataclasses.replace(plan, prepared=stages.load(prepared.path, setting))
+            result = _rewrite_and_save(fresh, setting, chosen, output, own, progress)
+            yield output, _checked(fresh, setting, auto, result, output, own, check_feeds)
+
+
+def _checked(plan, config, auto, result, output_path: Path, timer, check_feeds) -> CompileResult:
+    """The result of a rewrite: verified (unless ``config`` says not to) when it factored any
+    layer, else with no output."""
+    prepared = plan.prepared
     source = plan.source.description if plan.source is not None else None
     compiled = CompileResult(
-        input_path, None, result.layers, None, config, auto, source, timer.seconds, result.fp8,
+        prepared.path, None, result.layers, None, config, auto, source, timer.seconds, result.fp8,
         tuple(prepared.left_alone),
     )  # fmt: skip
     if not any(layer.status == "factored" for layer in result.layers):
-        logger.info("%s: nothing to factor; no output written", input_path)
+        logger.info("%s: nothing to factor; no output written", prepared.path)
         return compiled
     verification = None
     if config.verify:
         feeds = check_feeds or _calibration_or_synthetic(plan, config, prepared)
         with timer("verify"), _removed_on_error(output_path):
-            verification = _verify(input_path, output_path, config, feeds)
+            verification = _verify(prepared.path, output_path, config, feeds)
     return dataclasses.replace(compiled, output_path=output_path, verification=verification)
 
 
@@ -177,10 +276,10 @@ def _rewrite_and_save(plan, config, factorize, output_path: Path, timer, progres
 
 
 class _Timer:
-    """Seconds spent in each stage (``with timer("load"): ...``)."""
+    """Seconds spent in each stage (``with timer("load"): ...``), from ``seconds`` on."""
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+    def __init__(self, seconds: dict[str, float] | None = None) -> None:
+        self.seconds: dict[str, float] = dict(seconds or {})
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:

@@ -22,11 +22,11 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
 from lrcompile.calibration import chunks as calibration_chunks
+from lrcompile.calibration import refusals
 from lrcompile.calibration.ranges import RangeCalibration
 from lrcompile.calibration.statistics import Calibration, calibrate
 from lrcompile.check.verify import check_labels
 from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
-from lrcompile.errors import DataError
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
 from lrcompile.io.spill import OutputStore, Spill
@@ -36,7 +36,7 @@ from lrcompile.passes.inputs import index_ranges
 from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback, effective_weight
 from lrcompile.passes.opset import with_fp8_opset
 from lrcompile.pipeline import Chunk, PipelineResult, build_pipeline
-from lrcompile.search.auto import AutoResult, search_ranks
+from lrcompile.search.auto import AutoResult, MeasuredLayers, choose_ranks, measure_layers
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +197,17 @@ def search(
     """The factorize pass with whitening and, under ``auto``, the searched ranks."""
     if plan.statistics is None:
         return factorize, None
+    factorize, layers = measure(plan, factorize, progress)
+    return choose(plan, config, factorize, layers, progress)
+
+
+def measure(
+    plan: Calibrated, factorize: FactorizeLowRankPass, progress: ProgressCallback | None = None
+) -> tuple[FactorizeLowRankPass, MeasuredLayers]:
+    """``auto``'s tolerance-independent half: every layer's factors (cached on disk, removed with
+    the plan), spectrum and sensitivity; returns the pass with the cache and the whitening."""
     prepared, statistics = plan.prepared, plan.statistics
-    _refuse_degenerate_output(statistics, prepared, plan.source)
+    refusals.refuse_degenerate_output(statistics, prepared.path, plan.source)
     # auto compiles many candidates from the same decompositions: cache them (on disk).
     factorize = dataclasses.replace(factorize, cache=FactorCache())
     plan.scratch.append(factorize.cache)
@@ -206,16 +215,30 @@ def search(
     factorize = _cache_factors(plan, factorize, progress)
     seconds = {"factors": time.perf_counter() - start}  # further calibration chunks, SVDs
     _warn_if_synthetic(plan.source)  # after the checks: a refusal is the one line the user sees
-    auto = search_ranks(
-        prepared.model,
-        prepared.groups,
-        factorize,
-        statistics,
-        config,
-        on_step=_stage(progress, "searching"),
-        on_sensitivity=_stage(progress, "sensitivity"),
+    layers = measure_layers(
+        prepared.model, prepared.groups, factorize, statistics, _stage(progress, "sensitivity")
     )
-    auto = dataclasses.replace(auto, seconds=seconds | auto.seconds)
+    return factorize, dataclasses.replace(layers, seconds=seconds | layers.seconds)
+
+
+def choose(
+    plan: Calibrated,
+    config: CompileConfig,
+    factorize: FactorizeLowRankPass,
+    layers: MeasuredLayers,
+    progress: ProgressCallback | None = None,
+) -> tuple[FactorizeLowRankPass, AutoResult]:
+    """The ranks ``config`` (tolerance, budget, objective) asks for, from ``measure``'s layers,
+    each candidate measured on the prepared model (which must still be the original)."""
+    prepared = plan.prepared
+    auto = choose_ranks(
+        prepared.model,
+        factorize,
+        plan.statistics,
+        config,
+        layers,
+        on_step=_stage(progress, "searching"),
+    )
     return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
 
 
@@ -265,17 +288,6 @@ def feeds(
     )
 
 
-def _refuse_degenerate_output(statistics: Calibration, prepared: Prepared, source) -> None:
-    """``--rank auto`` on reference outputs that cannot support it stops here, with the fix."""
-    output = statistics.degenerate_output()
-    if output is not None:
-        raise DataError(
-            f"{prepared.path}: output {output[0]!r} is {output[1]} on the calibration data"
-            f" ({source.description}): --rank auto cannot measure errors against it; pass --calib"
-            " with inputs the model is meant for"
-        )
-
-
 def _cache_factors(
     plan: Calibrated, factorize: FactorizeLowRankPass, progress
 ) -> FactorizeLowRankPass:
@@ -292,7 +304,9 @@ def _cache_chunk(plan, statistics: Calibration, chunk, factorize) -> dict:
     kept = {}
     for members, white in statistics.whitenings(chunk):
         whitening = {group.key: white for group in members}
-        _refuse_degenerate_input(statistics, plan.prepared, plan.source, members, whitening)
+        refusals.refuse_degenerate_input(
+            statistics, plan.prepared.path, plan.source, members, whitening
+        )
         whitened = dataclasses.replace(factorize, whitening=whitening)
         for group in members:
             searched = factorize.spec_for(group).kind == "auto" and not factorize.refusal(group)
@@ -302,23 +316,6 @@ def _cache_chunk(plan, statistics: Calibration, chunk, factorize) -> dict:
             else:
                 kept[group.key] = white
     return kept
-
-
-def _refuse_degenerate_input(statistics: Calibration, prepared: Prepared, source, groups, white):
-    """``--rank auto`` on degenerate activations stops here, with the fix."""
-    degenerate = statistics.degenerate_input(groups, white)
-    if degenerate is not None:
-        tensor, node, rank, width, rows = degenerate
-        held = statistics.held_back
-        fitted = f", the {statistics.fitted} of {len(statistics.feeds)} batches fitted" * bool(held)
-        raise DataError(
-            f"{prepared.path}: the calibration activations {tensor!r} (input of {node}, {width}"
-            f" wide) have numerical rank {rank} over {rows} rows{fitted} ({source.description}):"
-            f" too few or too alike for --rank auto; pass --calib with at least {width} varied"
-            " rows of real inputs"
-            + " beyond the held-back --validation batches" * bool(held)
-            + " (synthetic data only passes with larger --input-shapes, and is weak)"
-        )
 
 
 def calibration_source(prepared: Prepared, config: CompileConfig) -> data_lib.FeedSource:

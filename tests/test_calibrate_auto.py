@@ -15,6 +15,7 @@ from lrcompile.calibration.statistics import calibrate
 from lrcompile.io import data as data_lib
 from lrcompile.io.model import load_model
 from lrcompile.passes.candidates import find_candidates
+from lrcompile.search import auto as auto_search
 from tests.conftest import held_back, low_rank_matrix, make_model, run, save
 
 
@@ -364,3 +365,46 @@ def test_held_back_batches_are_the_rounded_up_fraction():
     assert fitted_batches(source(100), 0.07) == 93  # 0.07 x 100 is 7.000000000000001
     assert fitted_batches(source(10), 0.25) == 7 and fitted_batches(source(2), 0.9) == 1
     assert fitted_batches(source(10), 0.0) is None and fitted_batches(source(1), 0.25) is None
+
+
+def test_sweep_gives_each_setting_its_own_compile_from_one_measurement(
+    deep, tmp_path, rng, monkeypatch
+):
+    calib, _ = _calib(tmp_path, rng)
+    options = {"rank": "auto", "calib": str(calib), "rank_multiple": 4}
+    settings = {tmp_path / "t.onnx": {"tolerance": 0.02}, tmp_path / "b.onnx": {"budget": 0.5}}
+    measured = []
+    real = auto_search.measure_sensitivities
+    monkeypatch.setattr(
+        auto_search,
+        "measure_sensitivities",
+        lambda *args, **kwargs: measured.append(1) or real(*args, **kwargs),
+    )
+    before = deep.read_bytes()
+    swept = dict(lrcompile.compile_sweep(deep, settings, **options))
+    assert len(measured) == 1 and deep.read_bytes() == before
+    for output, setting in settings.items():
+        alone = lrcompile.compile_model(
+            deep, tmp_path / f"alone.{output.name}", **options, **setting
+        )
+        assert swept[output].auto.ranks == alone.auto.ranks
+        assert output.read_bytes() == alone.output_path.read_bytes()
+        assert swept[output].verification.passed == alone.verification.passed
+        assert set(swept[output].seconds) == set(alone.seconds)
+    assert len(measured) == 3
+    tolerance, budget = (swept[output].auto.cost_ratio for output in settings)
+    assert budget <= 0.5 < tolerance  # different answers: the sweep did not reuse one
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rank": "auto", "settings": {"calib": "other.npz"}}, "varies calib; only tolerance"),
+        ({"rank": "0.5", "settings": {"tolerance": 0.1}}, "makes no layer 'auto'"),
+    ],
+)
+def test_sweep_refuses_what_it_cannot_share_before_running(deep, tmp_path, options, message):
+    settings = {tmp_path / "a.onnx": options.pop("settings")}
+    with pytest.raises(lrcompile.LrcompileError, match=message):
+        lrcompile.compile_sweep(deep, settings, **options)
+    assert not (tmp_path / "a.onnx").exists()

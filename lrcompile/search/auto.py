@@ -12,6 +12,9 @@ The search keeps the cheapest allocation it measured within the tolerance (all-d
 always within it). Bisection assumes the error grows along the path, which it does in practice
 but not by construction: every answer it returns was measured, so it may be conservative, never
 over the tolerance on the calibration data.
+
+``measure_layers`` (spectra, sensitivities) is the expensive half and does not depend on the
+tolerance, budget or objective; ``choose_ranks`` (path, probes) answers one of those from it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ from lrcompile.calibration.ranges import RangeCalibration
 from lrcompile.calibration.statistics import Calibration
 from lrcompile.config import CompileConfig
 from lrcompile.io.spill import Spill
-from lrcompile.numerics.allocate import Allocation, allocation_path, most_accurate_within
+from lrcompile.numerics.allocate import (
+    Allocation,
+    LayerSpectrum,
+    allocation_path,
+    most_accurate_within,
+)
 from lrcompile.passes.candidates import WeightGroup
 from lrcompile.passes.low_rank import FactorizeLowRankPass
 from lrcompile.pipeline import build_pipeline
@@ -105,29 +113,31 @@ class AutoResult:
         }
 
 
-def search_ranks(
+@dataclasses.dataclass(frozen=True)
+class MeasuredLayers:
+    """What every answer of the search starts from: each ``auto`` layer's (whitened) spectrum and
+    measured sensitivity, and the seconds they took. It depends on the calibration and the
+    factors, not on the tolerance, budget or objective, so one serves several of those."""
+
+    spectra: tuple[LayerSpectrum, ...]
+    seconds: dict[str, float]
+
+
+def measure_layers(
     model: ir.Model,
     groups: Sequence[WeightGroup],
     factorize: FactorizeLowRankPass,
     calibration: Calibration,
-    config: CompileConfig,
-    *,
-    on_step: StepCallback | None = None,
     on_sensitivity: StepCallback | None = None,
-) -> AutoResult:
-    """Bisects the allocation path for the cheapest allocation within the tolerance.
+) -> MeasuredLayers:
+    """The spectra and sensitivities of the ``auto`` layers: what ``choose_ranks`` starts from.
 
     Args:
-        model: The prepared model; it is not modified (probes run on clones).
+        model: The prepared model; it is not modified (one probe model holds every layer).
         groups: Its candidate groups.
-        factorize: The configured pass (spec ``auto``, whitening, cache); probes replace its ranks.
+        factorize: The configured pass (spec ``auto``, whitening, cache).
         calibration: Feeds and the original model's outputs on them.
-        config: The target ``(1 - headroom) * tolerance``, the ``objective``, an optional
-            ``budget`` (then the most accurate allocation within it, measured once), and the
-            passes every probe runs after factoring (FP8, plugin), so that what is measured is
-            what will be written.
-        on_step: Called as ``on_step(probes_done, probes_expected, description)``.
-        on_sensitivity: Called likewise while sensitivities are measured.
+        on_sensitivity: Called as ``on_sensitivity(layers_done, layers, layer)``.
     """
     clock = _Clock()
     spectra = layer_spectra(groups, factorize)
@@ -136,7 +146,34 @@ def search_ranks(
         model, spectra, groups, factorize, calibration, on_step=on_sensitivity
     )
     clock.lap("sensitivity")
-    path = allocation_path(spectra, multiple=factorize.rank_multiple, objective=config.objective)
+    return MeasuredLayers(tuple(spectra), clock.seconds)
+
+
+def choose_ranks(
+    model: ir.Model,
+    factorize: FactorizeLowRankPass,
+    calibration: Calibration,
+    config: CompileConfig,
+    layers: MeasuredLayers,
+    *,
+    on_step: StepCallback | None = None,
+) -> AutoResult:
+    """The cheapest allocation on the path through ``layers`` measured within the tolerance
+    (bisection), or the most accurate within ``config.budget`` (measured once).
+
+    Args:
+        model: The prepared model; it is not modified (probes run on clones).
+        factorize: The configured pass (spec ``auto``, whitening, cache); probes replace its ranks.
+        calibration: Feeds and the original model's outputs on them.
+        config: The target ``(1 - headroom) * tolerance``, the ``objective``, the ``budget``, and
+            the passes every probe runs after factoring (FP8, plugin), so that what is measured
+            is what will be written.
+        layers: From ``measure_layers``, on the same calibration and factors.
+        on_step: Called as ``on_step(probes_done, probes_expected, description)``.
+    """
+    clock = _Clock()
+    multiple, objective = factorize.rank_multiple, config.objective
+    path = allocation_path(layers.spectra, multiple=multiple, objective=objective)
     prober = _Prober(model, factorize, calibration, config, path, on_step)
     if config.budget is not None:
         best = most_accurate_within(path, config.budget)
@@ -153,8 +190,8 @@ def search_ranks(
         path[best].cost_ratio,
         tuple(prober.steps),
         tuple(path),
-        {layer.name: layer.sensitivity for layer in spectra},
-        clock.seconds,
+        {layer.name: layer.sensitivity for layer in layers.spectra},
+        layers.seconds | clock.seconds,
         len(calibration.feeds),
         calibration.held_back,
     )
