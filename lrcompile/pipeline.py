@@ -112,10 +112,14 @@ class Pipeline:
             return _layers(self.factorize(model))
         layers = []
         for keys, whitening in chunks:
+            # A chunk with its own whitening (error compensation) is factored afresh, not from
+            # auto's cached factors.
+            own = whitening is not None
             chunk = dataclasses.replace(
                 self.factorize,
                 only=keys,
-                whitening=self.factorize.whitening if whitening is None else whitening,
+                whitening=whitening if own else self.factorize.whitening,
+                cache=None if own else self.factorize.cache,
             )
             layers.extend(_layers(chunk(model)))
         # Factors nothing: reports the nodes left alone, after every chunk's layers.

@@ -14,118 +14,31 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
 from lrcompile.calibration import chunks as calibration_chunks
 from lrcompile.calibration import refusals
 from lrcompile.calibration.ranges import RangeCalibration
-from lrcompile.calibration.statistics import Calibration, calibrate
+from lrcompile.calibration.statistics import Calibration
 from lrcompile.check.verify import check_labels
 from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
-from lrcompile.io.spill import OutputStore, Spill
-from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, ops_left_alone
+from lrcompile.io.spill import Spill
+from lrcompile.passes.candidates import WeightGroup, find_candidates, ops_left_alone
 from lrcompile.passes.factor_cache import FactorCache
 from lrcompile.passes.inputs import index_ranges
 from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback, effective_weight
 from lrcompile.passes.opset import with_fp8_opset
-from lrcompile.pipeline import Chunk, PipelineResult, build_pipeline
+from lrcompile.pipeline import PipelineResult, build_pipeline
+from lrcompile.plan import Calibrated, Prepared
 from lrcompile.search.auto import AutoResult, MeasuredLayers, choose_ranks, measure_layers
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-    """The model ready for the passes, its run-time inputs, and its candidates."""
-
-    path: Path
-    model: ir.Model
-    inputs: list[data_lib.InputSpec]
-    groups: list[WeightGroup]
-    skipped: list[Skipped]
-    left_alone: list[tuple[str, str, int]]  # (op, why, count) of ops lrcompile does not factor
-
-
-@dataclasses.dataclass(frozen=True)
-class Calibrated:
-    """The calibration plan: the feeds, and the chunks of layers whose statistics are gathered
-    in one run of the original model, so that only one chunk's Gram matrices are ever in memory.
-    Under ``auto`` the first chunk is gathered up front with the model's reference outputs
-    (``statistics``) and the others by the search (``chunk_statistics``); otherwise each chunk is
-    gathered when the rewrite reaches it."""
-
-    prepared: Prepared
-    source: data_lib.FeedSource | None
-    chunks: tuple[tuple[WeightGroup, ...], ...]
-    statistics: Calibration | None = None
-    fitted: int | None = None  # auto: the statistics are of the first ``fitted`` batches
-    # Temporary files to remove with the plan (``close``): the auto search's factor cache.
-    scratch: list = dataclasses.field(default_factory=list, compare=False, repr=False)
-
-    def whitened_chunks(self, progress: ProgressCallback | None = None) -> Iterator[Chunk]:
-        """Each chunk's group keys and, where this plan gathers it, its whitening.
-
-        Every chunk is calibrated on the ORIGINAL model, serialized before the first chunk is
-        factored (the caller rewrites the model in place between chunks).
-        """
-        if self.statistics is not None or self.source is None:
-            # auto (the search set the factors and ranks) or uncalibrated: one chunk, the
-            # factorize pass's own whitening, if any.
-            yield frozenset(group.key for group in self.prepared.groups), None
-            return
-        for chunk, statistics in zip(self.chunks, self.chunk_statistics(progress), strict=True):
-            # whitening() frees the Gram matrices: only the Cholesky factors are kept.
-            yield frozenset(group.key for group in chunk), statistics.whitening(chunk)
-
-    def fitted_feeds(self) -> list:
-        """The feeds factors and FP8 ranges may fit (under ``auto``, the first ``fitted``)."""
-        return self.source.feeds if self.fitted is None else self.source.feeds[: self.fitted]
-
-    def held_back_feeds(self) -> list:
-        """The feeds ``auto`` held back from fitting, to measure on (none otherwise)."""
-        return [] if self.fitted is None else self.source.feeds[self.fitted :]
-
-    def close(self) -> None:
-        """Removes the reference outputs' and the factor cache's files now (else when
-        collected, or at exit)."""
-        reference = self.statistics.reference if self.statistics is not None else None
-        for closable in [reference, *self.scratch]:
-            if isinstance(closable, OutputStore | FactorCache):
-                closable.close()
-
-    def chunk_statistics(self, progress: ProgressCallback | None = None) -> Iterator[Calibration]:
-        """Each chunk's statistics in turn, each gathered by one run of the ORIGINAL model
-        (serialized once, before the caller changes it); under ``auto`` the first chunk's are
-        ``statistics``, gathered with the reference outputs."""
-        report = _stage(progress, "calibrating") or (lambda done, total, detail: None)
-        gathered = self.chunks[1:] if self.statistics is not None else self.chunks
-        original = ir.serde.serialize_model(self.prepared.model) if gathered else None
-        for index, chunk in enumerate(self.chunks):
-            if index == 0 and self.statistics is not None:
-                yield self.statistics
-                continue
-            report(index, len(self.chunks), f"{len(chunk)} layers")
-            yield self._gather(chunk, keep_reference=False, model=original)
-        report(len(self.chunks), len(self.chunks), "")
-
-    def _gather(self, groups, *, keep_reference: bool, on_batch=None, model=None) -> Calibration:
-        prepared = self.prepared
-        return calibrate(
-            model if model is not None else ir.serde.serialize_model(prepared.model),
-            groups,
-            self.source,
-            data_folder=prepared.path.parent,
-            keep_reference=keep_reference,
-            on_batch=on_batch,
-            fitted=self.fitted,
-        )
 
 
 def load(path: Path, config: CompileConfig, output_path: Path | None = None) -> Prepared:
@@ -159,13 +72,17 @@ def plan_calibration(
     if not (config.calibrated or auto):
         return Calibrated(prepared, None, (tuple(prepared.groups),))
     source = calibration_source(prepared, config)
+    model, groups = prepared.model, prepared.groups
+    blocks = (
+        calibration_chunks.blocks(model, groups, config.compensate) if config.compensate else None
+    )
     if not auto:
         _warn_if_synthetic(source)
-        return Calibrated(
-            prepared, source, calibration_chunks.memory_chunks(prepared.model, prepared.groups)
-        )
-    chunks = calibration_chunks.memory_chunks(prepared.model, prepared.groups, auto=True)
-    plan = Calibrated(prepared, source, chunks, fitted=fitted_batches(source, config.validation))
+        chunks = calibration_chunks.memory_chunks(model, groups)
+        return Calibrated(prepared, source, chunks, blocks=blocks)
+    chunks = calibration_chunks.memory_chunks(model, groups, auto=True)
+    fitted = fitted_batches(source, config.validation)
+    plan = Calibrated(prepared, source, chunks, fitted=fitted, blocks=blocks)
     on_batch = _stage(progress, "calibrating")
     statistics = plan._gather(chunks[0], keep_reference=True, on_batch=on_batch)
     return dataclasses.replace(plan, statistics=statistics)

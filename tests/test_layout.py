@@ -22,7 +22,13 @@ LAYERS = [
     {"lrcompile.calibration"},
     {"lrcompile.search"},
     {"lrcompile.check", "lrcompile.trt", "lrcompile.plugins"},
-    {"lrcompile.stages", "lrcompile.compiler", "lrcompile.inspection", "lrcompile"},
+    {
+        "lrcompile.plan",
+        "lrcompile.stages",
+        "lrcompile.compiler",
+        "lrcompile.inspection",
+        "lrcompile",
+    },
     {"lrcompile.cli", "lrcompile.demo", "lrcompile.tools", "lrcompile.__main__"},
 ]
 

@@ -76,7 +76,7 @@ def test_device_cuda_without_a_gpu_is_one_error(tmp_path):
 def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
     import numpy as np
 
-    from lrcompile import stages
+    from lrcompile import plan
     from lrcompile.calibration import chunks, statistics
 
     model = transformer_like(tmp_path, layers=2, hidden=128, ffn=256, dtype=np.float32)
@@ -94,7 +94,7 @@ def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
             calls.append(1)
             return statistics.calibrate(*args, **kwargs)
 
-        monkeypatch.setattr(stages, "calibrate", counting)
+        monkeypatch.setattr(plan, "calibrate", counting)
         out = tmp_path / f"f{expected_chunks}" / "o.onnx"
         out.parent.mkdir()
         result = lrcompile.compile_model(
@@ -112,7 +112,7 @@ def test_auto_calibrates_in_chunks_with_the_output_of_one_pass(tmp_path, monkeyp
     # of the original model, and the output is the one of a single pass.
     import numpy as np
 
-    from lrcompile import stages
+    from lrcompile import plan
     from lrcompile.calibration import chunks, statistics
     from lrcompile.tools.synthetic import lm_like
 
@@ -128,7 +128,7 @@ def test_auto_calibrates_in_chunks_with_the_output_of_one_pass(tmp_path, monkeyp
             calls.append(kwargs["keep_reference"])
             return statistics.calibrate(*args, **kwargs)
 
-        monkeypatch.setattr(stages, "calibrate", counting)
+        monkeypatch.setattr(plan, "calibrate", counting)
         out = tmp_path / f"a{expected_runs}" / "o.onnx"
         out.parent.mkdir()
         result = lrcompile.compile_model(

@@ -116,3 +116,46 @@ def test_numerical_rank_from_the_whitening_equals_the_direct_count(rng):
         white = whiten.whitening_from_gram(gram / len(x))
         assert whiten.numerical_rank(gram) == expected
         assert whiten.numerical_rank(gram, whitening=white) == expected
+
+
+def _shifted(rng, rows=400, k=48, n=40):
+    """Original inputs ``X``, the inputs ``X'`` a compressed model gives (X plus a structured
+    error), and a weight."""
+    x = rng.standard_normal((rows, k)) @ (rng.standard_normal((k, k)) * np.logspace(0, -1, k))
+    shifted = x + 0.3 * x @ rng.standard_normal((k, k)) / np.sqrt(k)
+    return x, shifted, rng.standard_normal((k, n))
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_compensated_factors_fit_the_original_outputs_from_the_shifted_inputs(rng, rank):
+    x, shifted, w = _shifted(rng)
+    white = whiten.compensating_whitening(shifted.T @ shifted, shifted.T @ x)
+    factors = whiten.factorize_whitened(w, rank, white)
+    error = np.linalg.norm(x @ w - shifted @ factors.left @ factors.right) ** 2
+    # The closed form: what no W' on X' can reach, plus the discarded energy.
+    q, _ = np.linalg.qr(shifted)
+    unreachable = np.linalg.norm(x @ w - q @ (q.T @ (x @ w))) ** 2
+    _, s, _ = whiten.whitened_svd(w, white)
+    assert error == pytest.approx(unreachable + np.sum(s[rank:] ** 2), rel=1e-9)
+    # Beats the whitened factors fitted to either input alone, on the original outputs.
+    for inputs in (x, shifted):
+        plain = whiten.factorize_whitened(w, rank, whiten.whitening_from_gram(inputs.T @ inputs))
+        assert error < np.linalg.norm(x @ w - shifted @ plain.left @ plain.right) ** 2
+
+
+def test_compensation_without_a_shift_is_the_whitened_svd(rng):
+    x, _, w = _shifted(rng)
+    gram = x.T @ x
+    compensated = whiten.factorize_whitened(w, 8, whiten.compensating_whitening(gram, gram))
+    whitened = whiten.factorize_whitened(w, 8, whiten.whitening_from_gram(gram))
+    np.testing.assert_allclose(compensated.left @ compensated.right, whitened.left @ whitened.right)
+
+
+def test_compensated_wide_weights_take_the_gram_route_to_the_same_factors(rng, monkeypatch):
+    x, shifted, _ = _shifted(rng, k=24)
+    w = rng.standard_normal((24, 3000))
+    white = whiten.compensating_whitening(shifted.T @ shifted, shifted.T @ x)
+    direct = whiten.factorize_whitened(w, 6, white)  # LAPACK's SVD of L'^-1 C W
+    monkeypatch.setattr(whiten, "is_wide", lambda shape: True)  # as for an lm_head
+    wide = whiten.factorize_whitened(w, 6, white)
+    np.testing.assert_allclose(wide.left @ wide.right, direct.left @ direct.right, atol=1e-8)

@@ -50,3 +50,11 @@ def memory_chunks(
         chunks[-1].append(group)
         used += cost
     return tuple(tuple(chunk) for chunk in chunks)
+
+
+def blocks(model: ir.Model, groups: Sequence[WeightGroup], count: int) -> tuple[tuple, ...]:
+    """``groups`` (in graph order) in ``count`` contiguous blocks of about equal size, each split
+    further where its Gram matrices would not fit ``memory_chunks``'s budget."""
+    size = -(-len(groups) // max(count, 1))
+    pieces = [groups[start : start + size] for start in range(0, len(groups), size)]
+    return tuple(chunk for piece in pieces for chunk in memory_chunks(model, piece))

@@ -151,6 +151,14 @@ COMPILE_OPTIONS = [
         help="auto: most accurate ranks within this fraction of the dense cost (no search).",
     ),
     config_option(
+        "--compensate",
+        field="compensate",
+        type=click.IntRange(min=0),
+        metavar="BLOCKS",
+        help="Error compensation when calibrating: factor in BLOCKS blocks of layers, each fitted"
+        " to the original outputs from the compressed model's inputs (0: off).",
+    ),
+    config_option(
         "--fp8",
         field="fp8",
         is_flag=True,

@@ -77,19 +77,20 @@ def is_wide(shape: tuple[int, ...]) -> bool:
 
 
 def svd_wide(
-    w: np.ndarray, lower: np.ndarray | None = None, *, dtype=np.float64, block: int = 8192
+    w: np.ndarray, left: np.ndarray | None = None, *, dtype=np.float64, block: int = 8192
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thin SVD of ``A = L^T W`` (``L`` = ``lower``, identity when None) with one working copy.
+    """Thin SVD of ``A = left @ W`` (``W`` when None; whitening passes ``L^T``) with one
+    working copy.
 
     For a ``[640, 262144]`` lm_head LAPACK's SVD holds several K x N float64 copies (its input,
     ``vt``, its workspace). Here ``A`` is formed column block by column block into one K x N array,
     ``A A^T = U S^2 U^T`` (K x K) gives ``U`` and ``S``, and ``V^T = S^-1 U^T A`` overwrites ``A``
     block by block. Singular values below ``sqrt(eps)`` of the largest lose relative accuracy
     (squared in the Gram matrix; those below ``eps`` of it get zero singular vectors): they carry
-    no energy worth keeping. A tall ``W`` (K >> N, no ``lower``) is done through its transpose,
+    no energy worth keeping. A tall ``W`` (K >> N, no ``left``) is done through its transpose,
     with a second copy to make ``u`` contiguous.
     """
-    if lower is None and w.shape[0] > w.shape[1]:
+    if left is None and w.shape[0] > w.shape[1]:
         vt, s, u = svd_wide(w.T, dtype=dtype, block=block)
         return fix_signs(np.ascontiguousarray(u.T), s, np.ascontiguousarray(vt.T))
     k, n = w.shape
@@ -97,7 +98,7 @@ def svd_wide(
     gram = np.zeros((k, k))  # float64 whatever ``dtype``: small singular values need it
     for start in range(0, n, block):
         columns = np.asarray(w[:, start : start + block], dtype=np.float64)
-        columns = columns if lower is None else lower.T @ columns
+        columns = columns if left is None else left @ columns
         gram += columns @ columns.T
         a[:, start : start + block] = columns
     eigenvalues, u = np.linalg.eigh(gram)

@@ -12,6 +12,16 @@ on the calibration data.
 When ``G`` is not positive definite (fewer samples than features, dead features), a jitter
 ``eps * mean(diag G) * I`` is added, ``eps`` from 1e-8 up by factors of 10 until the Cholesky
 succeeds; the identity then holds for the jittered ``G``.
+
+Error compensation (SVD-LLM's closed-form update): when earlier layers are already compressed,
+a layer sees inputs ``X'`` instead of the original ``X``. The best rank-r ``W'`` for the ORIGINAL
+outputs given the inputs it will see minimizes ``||X W - X' W'||_F``. With
+``G' = X'^T X' = L' L'^T`` and ``C = X'^T X``, writing ``X' = Q L'^T`` (``Q`` orthonormal),
+
+    ||X W - X' W'||_F^2 = ||(I - Q Q^T) X W||_F^2 + ||L'^{-1} C W - L'^T W'||_F^2
+
+so ``W' = L'^{-T} [L'^{-1} C W]_r``: the same factor-truncate-unwhiten with ``L'^{-1} C W`` in
+place of ``L^T W`` (``compensating_whitening``). With ``X' = X`` it is the plain whitening.
 """
 
 from __future__ import annotations
@@ -28,10 +38,19 @@ _JITTER_TRIES = 12
 
 @dataclasses.dataclass(frozen=True)
 class Whitening:
-    """The Cholesky factor ``L`` (float64, lower) of a Gram matrix, and the jitter it needed."""
+    """The Cholesky factor ``L`` (float64, lower) of a Gram matrix, and the jitter it needed.
+
+    ``transform``, when set, is ``L^{-1} C`` of error compensation: the SVD is then of
+    ``transform @ W`` instead of ``L^T W`` (see the module docstring).
+    """
 
     lower: np.ndarray
     jitter: float
+    transform: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+    def target(self) -> np.ndarray:
+        """The matrix the weight is multiplied by before its SVD: ``L^T``, or ``L^{-1} C``."""
+        return self.lower.T if self.transform is None else self.transform
 
 
 def accumulate_gram(gram: np.ndarray | None, x: np.ndarray) -> np.ndarray:
@@ -64,6 +83,20 @@ def whitening_from_gram(gram: np.ndarray) -> Whitening:
         if lower is not None:
             return Whitening(lower, jitter)
     raise ValueError("the Gram matrix is not positive definite even with jitter")
+
+
+def compensating_whitening(gram: np.ndarray, cross: np.ndarray) -> Whitening:
+    """The whitening of inputs ``X'`` (``gram = X'^T X'``) that fits the outputs of the original
+    inputs ``X`` (``cross = X'^T X``, same scale): ``L'`` with ``transform = L'^{-1} C``.
+
+    Raises:
+        ValueError: As ``whitening_from_gram``, or ``cross`` is not of ``gram``'s shape.
+    """
+    cross = np.asarray(cross, dtype=np.float64)
+    if cross.shape != np.shape(gram):
+        raise ValueError(f"cross term of shape {cross.shape} for a Gram matrix {np.shape(gram)}")
+    white = whitening_from_gram(gram)
+    return dataclasses.replace(white, transform=np.linalg.solve(white.lower, cross))
 
 
 def balance(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,11 +145,12 @@ def _cholesky(matrix: np.ndarray) -> np.ndarray | None:
 
 
 def whitened_svd(w: np.ndarray, whitening: Whitening) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The thin SVD of ``L^T W`` (float64), with deterministic signs."""
+    """The thin SVD of ``L^T W`` (``L^{-1} C W`` when compensating; float64), with deterministic
+    signs."""
     if is_wide(w.shape) and w.shape[0] < w.shape[1]:
-        return svd_wide(w, whitening.lower)
+        return svd_wide(w, whitening.target())
     u, s, vt = np.linalg.svd(
-        whitening.lower.T @ np.asarray(w, dtype=np.float64), full_matrices=False
+        whitening.target() @ np.asarray(w, dtype=np.float64), full_matrices=False
     )
     return fix_signs(u, s, vt)
 
