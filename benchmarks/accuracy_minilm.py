@@ -5,13 +5,15 @@ For each budget (0.9, 0.75, 0.5 of the factorable weights' parameters):
 - plain SVD, the same fraction for every layer (``--rank F``);
 - activation-whitened SVD, the same fraction (``--rank F --calib calib.npz``);
 - whitened SVD with the auto allocation at the same total parameters (``--rank auto --budget``
-  with ``--objective params``, the budget being what the uniform model actually kept).
+  with ``--objective params``, the budget being what the uniform model actually kept);
+- with ``--compensate N``, the two whitened ones again with error compensation in N blocks
+  (``+ comp``; auto's ranks are searched without it, then refitted).
 
 Columns: held-out embedding cosine (mean, min), nearest-neighbour agreement among the held-out
 sentences (excluding self), and the ONNX Runtime CPU speed ratio at batch 32 (interleaved
 medians). Needs the demo extra.
 
-    python benchmarks/accuracy_minilm.py [--budgets 0.9 0.75 0.5]
+    python benchmarks/accuracy_minilm.py [--budgets 0.9 0.75 0.5] [--compensate 6]
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ def speed_ratio(original: Path, candidate: Path, heldout: dict[str, np.ndarray])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.75, 0.5])
+    parser.add_argument("--compensate", type=int, default=0, metavar="BLOCKS")
     args = parser.parse_args()
+    methods = ["plain uniform", "whitened uniform", "whitened auto"]
+    if args.compensate:
+        methods += ["whitened uniform + comp", "whitened auto + comp"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         prepared = prepare(folder)
@@ -52,18 +58,20 @@ def main() -> None:
         print(f"{header} {'NN agree':>8} {'speed':>6} {'compile s':>9}")
         for budget in args.budgets:
             uniform = None
-            for method in ("plain uniform", "whitened uniform", "whitened auto"):
+            for method in methods:
                 options = {"rank": str(budget), "verify": False}
                 if method != "plain uniform":
                     options["calib"] = str(calib)
-                if method == "whitened auto":
+                if method.endswith("+ comp"):
+                    options["compensate"] = args.compensate
+                if method.startswith("whitened auto"):
                     options |= {
                         "rank": "auto",
                         "budget": uniform.totals.params_ratio,
                         "objective": "params",
                     }
                 start = time.perf_counter()
-                out = folder / f"{method.replace(' ', '_')}_{budget}.onnx"
+                out = folder / f"{method.replace(' ', '_').replace('+', 'c')}_{budget}.onnx"
                 result = lrcompile.compile_model(original, out, **options)
                 seconds = time.perf_counter() - start
                 if method == "whitened uniform":

@@ -186,6 +186,8 @@ def compile_sweep(
         prepared = stages.load(Path(input_path), config)
         for output in configs:
             model_io.check_output_path(input_path, output)
+        if not configs:
+            raise LrcompileError("compile_sweep: no settings given (output path -> fields)")
         if len({output.resolve() for output in configs}) < len(configs):
             raise LrcompileError("compile_sweep: two settings name the same output path")
         if not stages.uses_auto(factorize, prepared.groups):

@@ -21,7 +21,7 @@ from lrcompile.config import CompileConfig
 from lrcompile.numerics.allocate import allocation_path
 from lrcompile.numerics.ranks import break_even_rank
 from lrcompile.passes.factor_cache import FactorCache
-from lrcompile.passes.low_rank import effective_weight
+from lrcompile.passes.low_rank import effective_weight, release_weight
 from lrcompile.pipeline import build_pipeline, factorize_pass
 from lrcompile.runtime.metrics import measure_error
 from lrcompile.search.sensitivity import layer_spectra, measure_sensitivities
@@ -141,6 +141,8 @@ def _layer_info(group, factorize) -> LayerInfo:
         weight = effective_weight(group)
         if np.all(np.isfinite(weight)):
             plain = np.linalg.svd(weight.astype(np.float32), compute_uv=False)
+        del weight
+        release_weight(group)
     return LayerInfo(
         node=group.nodes[0].name or "",
         weight=group.name,

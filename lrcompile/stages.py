@@ -32,7 +32,12 @@ from lrcompile.io.spill import Spill
 from lrcompile.passes.candidates import WeightGroup, find_candidates, ops_left_alone
 from lrcompile.passes.factor_cache import FactorCache
 from lrcompile.passes.inputs import index_ranges
-from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback, effective_weight
+from lrcompile.passes.low_rank import (
+    FactorizeLowRankPass,
+    ProgressCallback,
+    effective_weight,
+    release_weight,
+)
 from lrcompile.passes.opset import with_fp8_opset
 from lrcompile.pipeline import PipelineResult, build_pipeline
 from lrcompile.plan import Calibrated, Prepared
@@ -232,6 +237,8 @@ def _cache_chunk(plan, statistics: Calibration, chunk, factorize) -> dict:
                 whitened.cached(group, weight)
             else:
                 kept[group.key] = white
+            del weight
+            release_weight(group)  # the search reads the cache; the rewrite maps it again
     return kept
 
 

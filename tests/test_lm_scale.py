@@ -150,3 +150,28 @@ def test_auto_on_an_lm_shaped_model_with_the_kl_gate(lm, tmp_path):
     # What the search measured is what the check measures on the same (held-back) data.
     kl = result.verification.outputs[0].kl
     assert kl == pytest.approx(result.auto.measured_error, rel=1e-3, abs=1e-6)
+
+
+def test_caching_factors_leaves_no_weight_of_the_original_mapped(lm):
+    """Each weight is unmapped once its factors are cached: while the next chunk's calibration
+    session runs (the peak of a 0.5B LM's search), the cached layers' pages are not resident."""
+    from lrcompile import stages
+    from lrcompile.config import CompileConfig
+    from lrcompile.passes.factor_cache import FactorCache
+    from lrcompile.pipeline import factorize_pass
+
+    path, _ = lm
+    config = CompileConfig(rank="auto", calib=str(path.parent / "calib.npz"), batch_size=8)
+    factorize = factorize_pass(config)
+    prepared = stages.load(path, config)
+    external = [g for g in prepared.groups if isinstance(g.tensor, ir.ExternalTensor)]
+    plan = stages.plan_calibration(prepared, config, factorize)
+    cache = FactorCache()
+    try:
+        stages._cache_factors(plan, dataclasses.replace(factorize, cache=cache), None)
+        assert all(group.key in cache for group in external)
+    finally:
+        cache.close()
+        plan.close()
+    assert len(external) == len(prepared.groups) > 0
+    assert [g.name for g in external if g.tensor.raw is not None] == []

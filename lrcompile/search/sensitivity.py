@@ -27,7 +27,7 @@ from lrcompile.calibration.statistics import Calibration
 from lrcompile.io.spill import Spill
 from lrcompile.numerics.allocate import LayerSpectrum
 from lrcompile.passes.candidates import WeightGroup
-from lrcompile.passes.low_rank import FactorizeLowRankPass, effective_weight
+from lrcompile.passes.low_rank import FactorizeLowRankPass, effective_weight, release_weight
 from lrcompile.passes.probe_graph import PROBE_INPUT, probe_model
 from lrcompile.runtime.metrics import ErrorMeter
 
@@ -43,16 +43,22 @@ def layer_spectra(
     groups: Sequence[WeightGroup], factorize: FactorizeLowRankPass
 ) -> list[LayerSpectrum]:
     """The (whitened) squared singular values of every group whose spec is ``auto``; their
-    factors land in ``factorize``'s cache."""
+    factors land in ``factorize``'s cache (a weight already there is not read again)."""
     spectra = []
     for group in groups:
         if factorize.spec_for(group).kind != "auto":
             continue
-        weight = effective_weight(group)
-        if not np.all(np.isfinite(weight)):
-            continue
+        cached = factorize.cache.get(group.key)
+        if cached is None:
+            weight = effective_weight(group)
+            finite = bool(np.all(np.isfinite(weight)))
+            cached = factorize.cached(group, weight) if finite else None
+            del weight
+            release_weight(group)
+            if cached is None:
+                continue
         k, n = group.shape
-        energies = np.square(factorize.cached(group, weight).spectrum)
+        energies = np.square(cached.spectrum)
         spectra.append(LayerSpectrum(group.key, k, n, energies, len(group.nodes)))
     return spectra
 
