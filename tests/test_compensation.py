@@ -47,7 +47,7 @@ def test_compensation_lowers_the_error_on_the_data_it_fits(chain, tmp_path, monk
     runs = []
     real = compensation.compensating_whitenings
     monkeypatch.setattr(
-        "lrcompile.calibration.plan.compensating_whitenings",
+        "lrcompile.plan.compensating_whitenings",
         lambda *args, **kwargs: runs.append(len(args[2])) or real(*args, **kwargs),
     )
     plain = _error(path, calib, tmp_path / "p.onnx")
