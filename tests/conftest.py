@@ -70,3 +70,23 @@ def mlp(tmp_path: Path, rng: np.random.Generator) -> Path:
         },
     )
     return save(model, tmp_path / "mlp.onnx")
+
+
+@pytest.fixture
+def deep(tmp_path, rng):
+    """Four 64x64 layers with different spectra (one steep, one flat), tanh between them."""
+    decays = {"W1": 0.9, "W2": 0.6, "W3": 0.97, "W4": 0.8}
+    weights = {name: low_rank_matrix(rng, 64, 64, decay) * 3 for name, decay in decays.items()}
+    model = make_model(
+        """g (float[N, 64] x) => (float[N, 64] y) {
+            h1 = MatMul(x, W1)
+            a1 = Tanh(h1)
+            h2 = MatMul(a1, W2)
+            a2 = Tanh(h2)
+            h3 = MatMul(a2, W3)
+            a3 = Tanh(h3)
+            y = MatMul(a3, W4)
+        }""",
+        weights,
+    )
+    return save(model, tmp_path / "deep.onnx")

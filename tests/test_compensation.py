@@ -9,30 +9,14 @@ import pytest
 import lrcompile
 from lrcompile.calibration import compensation
 from lrcompile.tools.synthetic import lm_like
-from tests.conftest import low_rank_matrix, make_model, save
 
 
 @pytest.fixture
-def chain(tmp_path, rng):
-    """Four 64x64 layers with tanh between them, and 256 rows of correlated inputs."""
-    weights = {
-        f"W{i}": low_rank_matrix(rng, 64, 64, d) * 3 for i, d in enumerate((0.9, 0.8, 0.9, 0.8))
-    }
-    model = make_model(
-        """g (float[N, 64] x) => (float[N, 64] y) {
-            h0 = MatMul(x, W0)
-            a0 = Tanh(h0)
-            h1 = MatMul(a0, W1)
-            a1 = Tanh(h1)
-            h2 = MatMul(a1, W2)
-            a2 = Tanh(h2)
-            y = MatMul(a2, W3)
-        }""",
-        weights,
-    )
+def chain(deep, tmp_path, rng):
+    """``deep`` (four 64x64 layers, tanh between them) and 256 rows of correlated inputs."""
     mix = rng.standard_normal((64, 64)) * np.logspace(0, -1.5, 64)
     np.savez(tmp_path / "c.npz", x=(rng.standard_normal((256, 64)) @ mix.T).astype(np.float32))
-    return save(model, tmp_path / "chain.onnx"), tmp_path / "c.npz"
+    return deep, tmp_path / "c.npz"
 
 
 def _error(path, calib, out, **options) -> float:
