@@ -17,7 +17,7 @@ from typing import Any
 from lrcompile import stages
 from lrcompile.check.verify import VerifyResult, verify, warn_if_synthetic
 from lrcompile.config import CompileConfig
-from lrcompile.errors import LrcompileError
+from lrcompile.errors import LrcompileError, OutputPathError
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
 from lrcompile.passes.low_rank import ProgressCallback
@@ -153,13 +153,8 @@ def compile_sweep(
     setting alone (the same ranks and output); its ``seconds`` count the shared stages as if it
     had run them. On a 0.5B LM the shared stages are most of a compile.
 
-    Example::
-
-        sweep = {"lm.kl0.05.onnx": {"tolerance": 0.05}, "lm.b0.8.onnx": {"budget": 0.8}}
-        for path, result in lrcompile.compile_sweep(
-            "lm.onnx", sweep, rank="auto", calib="calib.npz", metric="kl"
-        ):
-            print(path, result.totals.params_ratio, result.passed)
+    Example: ``compile_sweep("lm.onnx", {"a.onnx": {"tolerance": 0.05}, "b.onnx": {"budget":
+    0.8}}, rank="auto", calib="calib.npz")``; nothing runs until it is iterated.
 
     Args:
         input_path: The ONNX model; never modified.
@@ -171,10 +166,16 @@ def compile_sweep(
         An iterator of (output path, result), each yielded once its output is written and checked.
 
     Raises:
-        LrcompileError: As ``compile_model``, or a setting varies another field, or no layer is
-            ``auto``; raised here, before anything runs or is written.
+        LrcompileError: As ``compile_model`` (bad data while iterating), or a setting varies
+            another field, or no layer is ``auto`` (raised by the call, before anything runs).
     """
     config = config if config is not None else CompileConfig(**options)
+    resolved = [Path(output).resolve() for output in settings]
+    twice = next(
+        (o for o, r in zip(settings, resolved, strict=True) if resolved.count(r) > 1), None
+    )
+    if twice is not None:
+        raise OutputPathError(f"{twice}: compile_sweep names this output for two settings")
     configs = {
         Path(output): _sweep_setting(config, output, setting)
         for output, setting in settings.items()
@@ -188,8 +189,6 @@ def compile_sweep(
             model_io.check_output_path(input_path, output)
         if not configs:
             raise LrcompileError("compile_sweep: no settings given (output path -> fields)")
-        if len({output.resolve() for output in configs}) < len(configs):
-            raise LrcompileError("compile_sweep: two settings name the same output path")
         if not stages.uses_auto(factorize, prepared.groups):
             raise LrcompileError(
                 f"compile_sweep: rank {config.rank!r} (with the overrides) makes no layer"
@@ -200,6 +199,11 @@ def compile_sweep(
 
 
 def _sweep_setting(config: CompileConfig, output, setting: Mapping[str, Any]) -> CompileConfig:
+    if not isinstance(setting, Mapping):
+        raise LrcompileError(
+            f"compile_sweep: the setting for {output} is {setting!r}; expected a mapping of"
+            f" fields ({', '.join(SWEEP_FIELDS)}) to values"
+        )
     varied = sorted(set(setting) - set(SWEEP_FIELDS))
     if varied:
         raise LrcompileError(
@@ -224,7 +228,9 @@ def _sweep(prepared, configs, config, factorize, check_feeds, timer, progress):
             with own("load"):  # a fresh copy to rewrite in place
                 fresh = dataclasses.replace(plan, prepared=stages.load(prepared.path, setting))
             result = _rewrite_and_save(fresh, setting, chosen, output, own, progress)
-            yield output, _checked(fresh, setting, auto, result, output, own, check_feeds)
+            compiled = _checked(fresh, setting, auto, result, output, own, check_feeds)
+            del fresh, result  # the rewritten model: not kept while the caller looks at it
+            yield output, compiled
 
 
 def _checked(plan, config, auto, result, output_path: Path, timer, check_feeds) -> CompileResult:

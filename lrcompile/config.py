@@ -148,6 +148,11 @@ class CompileConfig:
                 "--fp8 needs calibration data for its scales: pass --calib FILE.npz or"
                 " --calib-script FILE.py (or --calib synthetic to accept scales from random data)"
             )
+        if self.compensate and not self.calibrated:
+            raise LrcompileError(
+                "--compensate needs calibration data (it fits the layers to their activations):"
+                " pass --calib FILE.npz or --calib-script FILE.py"
+            )
 
     def _check_ranges(self) -> None:
         checks = [

@@ -78,9 +78,8 @@ def plan_calibration(
         return Calibrated(prepared, None, (tuple(prepared.groups),))
     source = calibration_source(prepared, config)
     model, groups = prepared.model, prepared.groups
-    blocks = (
-        calibration_chunks.blocks(model, groups, config.compensate) if config.compensate else None
-    )
+    compensate = config.compensate and groups
+    blocks = calibration_chunks.blocks(model, groups, config.compensate) if compensate else None
     if not auto:
         _warn_if_synthetic(source)
         chunks = calibration_chunks.memory_chunks(model, groups)

@@ -388,3 +388,13 @@ def test_sweep_refuses_what_it_cannot_share_before_running(deep, tmp_path, optio
     with pytest.raises(lrcompile.LrcompileError, match=message):
         lrcompile.compile_sweep(deep, settings, **options)
     assert not (tmp_path / "a.onnx").exists()
+
+
+def test_sweep_refuses_one_output_named_twice(deep, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    settings = {"a.onnx": {"tolerance": 0.1}, "./a.onnx": {"budget": 0.5}}
+    with pytest.raises(
+        lrcompile.OutputPathError, match=r"a\.onnx: compile_sweep names this output"
+    ):
+        lrcompile.compile_sweep(deep, settings, rank="auto")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep.onnx"]

@@ -56,3 +56,10 @@ def test_compensation_runs_models_whose_factors_wait_on_disk(tmp_path):
         True,
     ]
     assert kl[1] < kl[0]
+
+
+def test_compensation_without_calibration_data_is_refused(chain, tmp_path):
+    path, _ = chain
+    with pytest.raises(lrcompile.LrcompileError, match="--compensate needs calibration data"):
+        lrcompile.compile_model(path, tmp_path / "o.onnx", rank="16", compensate=2)
+    assert not (tmp_path / "o.onnx").exists()
