@@ -6,8 +6,9 @@ texts). It compiles every setting (KL tolerances, budgets) with ``--rank auto --
 --batch-size 1`` in one ``lrcompile.compile_sweep`` (calibration, factors and sensitivities once,
 then each setting's search, output and check) and prints: kept weight parameters, the compile
 time of each setting alone (``min``, shared stages included) and what it added to the sweep
-(``+min``), held-out perplexity of the dense and the compiled model, their KL and top-1
-changes, and ONNX Runtime CPU prefill latency (1 x 256). The shared stages take tens of minutes
+(``+min``; the first setting's includes the shared stages), held-out perplexity of the dense
+and the compiled model, their KL and top-1 changes, and ONNX Runtime CPU prefill latency
+(1 x 256). The shared stages take tens of minutes
 on 2 cores, each setting several more; pick settings with the flags.
 
     python benchmarks/llm.py WORKDIR [--tolerances 0.02 0.05 0.1] [--budgets 0.9 0.8]

@@ -1,6 +1,7 @@
 """``compile_model``: the library's main entry point, the stages of ``lrcompile.stages`` in order.
 
 load -> find candidates -> calibrate -> search -> rewrite -> save (atomic) -> verify
+(``compile_sweep``: calibrate and measure once, then search -> ... -> verify per setting)
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def compile_model(
         output_path: Where to write; ``<input>.lr.onnx`` by default. Must differ from the input.
         config: The options; alternatively pass ``CompileConfig`` fields as keyword arguments.
         progress: Called as ``progress(stage, done, total, detail)`` during long stages
-            (``calibrating``, ``sensitivity``, ``searching``, ``factoring``).
+            (``calibrating``, ``sensitivity``, ``searching``, ``compensating``, ``factoring``).
 
     Returns:
         The result. ``output_path`` is None when no layer was factored (nothing is written).
@@ -150,8 +151,7 @@ def compile_sweep(
 
     The calibration, the factors and the sensitivities are computed once; each setting then gets
     its own search, output and check. Each result is what ``compile_model`` gives with that
-    setting alone (the same ranks and output); its ``seconds`` count the shared stages as if it
-    had run them. On a 0.5B LM the shared stages are most of a compile.
+    setting alone (the same ranks and output); its ``seconds`` count the shared stages too.
 
     Example: ``compile_sweep("lm.onnx", {"a.onnx": {"tolerance": 0.05}, "b.onnx": {"budget":
     0.8}}, rank="auto", calib="calib.npz")``; nothing runs until it is iterated.

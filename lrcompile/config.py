@@ -94,7 +94,8 @@ class CompileConfig:
             the layers are factored block by block in graph order, each block's fitted to the
             original outputs given the inputs the model compressed so far gives it
             (``lrcompile.numerics.whiten``); each block after the first costs two runs over the
-            fitted calibration data. Under ``auto`` the ranks are searched without it. Off by
+            fitted calibration data (blocks whose statistics would not fit the calibration memory
+            budget are split further). Under ``auto`` the ranks are searched without it. Off by
             default: on MiniLM's held-out sentences it lost to plain whitening (README).
     """
 

@@ -89,8 +89,8 @@ class Pipeline:
             model: The prepared model.
             ranges: Measures activation ranges for the FP8 pass (required with FP8).
             chunks: Factor these groups of layers one after another, each with its whitening
-                (calibrated just before it is needed); by default every layer at once with the
-                factorize pass's own whitening.
+                (calibrated just before it is needed; such a chunk bypasses the pass's factor
+                cache); by default every layer at once with the factorize pass's own whitening.
         """
         layers = list(self._factorize(model, chunks))
         fp8 = None
@@ -112,8 +112,8 @@ class Pipeline:
             return _layers(self.factorize(model))
         layers = []
         for keys, whitening in chunks:
-            # A chunk with its own whitening (error compensation) is factored afresh, not from
-            # auto's cached factors.
+            # A chunk with its own whitening (calibrated chunk by chunk, or compensated) is
+            # factored afresh, not from auto's cached factors.
             own = whitening is not None
             chunk = dataclasses.replace(
                 self.factorize,

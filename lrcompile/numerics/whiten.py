@@ -174,7 +174,9 @@ def factorize_whitened(
     Args:
         w: The weight ``[K, N]``.
         rank: Rank to keep, ``1 <= rank <= min(K, N)``.
-        whitening: From ``whitening_from_gram`` of the activations feeding ``w``.
+        whitening: From ``whitening_from_gram`` of the activations feeding ``w`` (or
+            ``compensating_whitening``; ``total_energy`` is then the reachable part,
+            ``||Q^T X W||_F^2``).
         svd: ``whitened_svd(w, whitening)`` when already computed.
         overwrite: ``svd``'s ``vt`` may be overwritten (it becomes the right factor).
     """
