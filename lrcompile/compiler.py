@@ -120,10 +120,7 @@ def compile_model(
     output_path = Path(output_path) if output_path else default_output_path(input_path)
     timer = _Timer()
     with timer("load"):
-        factorize = factorize_pass(config)  # validates the spec and overrides first
-        _check_device(config.device)
-        prepared = stages.load(input_path, config, output_path)
-        check_feeds = _verification_feeds(config, prepared)  # bad data fails early
+        factorize, prepared, check_feeds = _load(input_path, config, [output_path])
     with contextlib.ExitStack() as scratch:  # temporary files: reference outputs, factor cache
         with timer("calibrate"):
             plan = stages.plan_calibration(prepared, config, factorize, progress)
@@ -182,11 +179,7 @@ def compile_sweep(
     }
     timer = _Timer()
     with timer("load"):
-        factorize = factorize_pass(config)
-        _check_device(config.device)
-        prepared = stages.load(Path(input_path), config)
-        for output in configs:
-            model_io.check_output_path(input_path, output)
+        factorize, prepared, check_feeds = _load(Path(input_path), config, list(configs))
         if not configs:
             raise LrcompileError("compile_sweep: no settings given (output path -> fields)")
         if not stages.uses_auto(factorize, prepared.groups):
@@ -194,8 +187,15 @@ def compile_sweep(
                 f"compile_sweep: rank {config.rank!r} (with the overrides) makes no layer"
                 " 'auto'; a sweep shares auto's measurements, so it needs --rank auto"
             )
-        check_feeds = _verification_feeds(config, prepared)
     return _sweep(prepared, configs, config, factorize, check_feeds, timer, progress)
+
+
+def _load(input_path: Path, config: CompileConfig, outputs: list[Path]):
+    """(factorize pass, prepared model, held-out check feeds or None), all checked up front."""
+    factorize = factorize_pass(config)  # validates the spec and overrides first
+    _check_device(config.device)
+    prepared = stages.load(input_path, config, outputs)
+    return factorize, prepared, _verification_feeds(config, prepared)  # bad data fails early
 
 
 def _sweep_setting(config: CompileConfig, output, setting: Mapping[str, Any]) -> CompileConfig:

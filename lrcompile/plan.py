@@ -11,7 +11,7 @@ rewritten so far gives it (``lrcompile.calibration.compensation``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx_ir as ir
@@ -141,6 +141,13 @@ class Calibrated:
         )
 
 
-def _reporter(progress: ProgressCallback | None, stage: str):
-    """``report(done, total, detail)`` of ``stage`` (does nothing without ``progress``)."""
-    return lambda done, total, detail: progress and progress(stage, done, total, detail)
+def stage_callback(progress: ProgressCallback | None, stage: str) -> Callable | None:
+    """``report(done, total, detail)`` of ``stage`` (None without ``progress``)."""
+    if progress is None:
+        return None
+    return lambda done, total, detail: progress(stage, done, total, detail)
+
+
+def _reporter(progress: ProgressCallback | None, stage: str) -> Callable:
+    """``stage_callback``, doing nothing without ``progress``."""
+    return stage_callback(progress, stage) or (lambda done, total, detail: None)

@@ -14,10 +14,9 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
 from lrcompile.calibration import chunks as calibration_chunks
@@ -32,30 +31,25 @@ from lrcompile.io.spill import Spill
 from lrcompile.passes.candidates import WeightGroup, find_candidates, ops_left_alone
 from lrcompile.passes.factor_cache import FactorCache
 from lrcompile.passes.inputs import index_ranges
-from lrcompile.passes.low_rank import (
-    FactorizeLowRankPass,
-    ProgressCallback,
-    effective_weight,
-    release_weight,
-)
+from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback
 from lrcompile.passes.opset import with_fp8_opset
 from lrcompile.pipeline import PipelineResult, build_pipeline
-from lrcompile.plan import Calibrated, Prepared
+from lrcompile.plan import Calibrated, Prepared, stage_callback
 from lrcompile.search.auto import AutoResult, MeasuredLayers, choose_ranks, measure_layers
 
 logger = logging.getLogger(__name__)
 
 
-def load(path: Path, config: CompileConfig, output_path: Path | None = None) -> Prepared:
+def load(path: Path, config: CompileConfig, outputs: Sequence[Path] = ()) -> Prepared:
     """The model at ``path``, prepared: initializers dropped from the graph inputs (old exporters
     list weights as optional inputs, which are no constants until removed), opset >= 19 under
     FP8, and its candidates found (the graph is unchanged until the rewrite).
 
     Raises:
-        LrcompileError: The model is invalid, or ``output_path`` is not usable.
+        LrcompileError: The model is invalid, or one of ``outputs`` is not usable.
     """
     model = model_io.load_model(path)
-    if output_path is not None:
+    for output_path in outputs:
         model_io.check_output_path(path, output_path)
     check_labels(path, model, config.labels)
     inputs = data_lib.model_inputs(model)
@@ -87,7 +81,7 @@ def plan_calibration(
     chunks = calibration_chunks.memory_chunks(model, groups, auto=True)
     fitted = fitted_batches(source, config.validation)
     plan = Calibrated(prepared, source, chunks, fitted=fitted, blocks=blocks)
-    on_batch = _stage(progress, "calibrating")
+    on_batch = stage_callback(progress, "calibrating")
     statistics = plan._gather(chunks[0], keep_reference=True, on_batch=on_batch)
     return dataclasses.replace(plan, statistics=statistics)
 
@@ -137,7 +131,11 @@ def measure(
     seconds = {"factors": time.perf_counter() - start}  # further calibration chunks, SVDs
     _warn_if_synthetic(plan.source)  # after the checks: a refusal is the one line the user sees
     layers = measure_layers(
-        prepared.model, prepared.groups, factorize, statistics, _stage(progress, "sensitivity")
+        prepared.model,
+        prepared.groups,
+        factorize,
+        statistics,
+        stage_callback(progress, "sensitivity"),
     )
     return factorize, dataclasses.replace(layers, seconds=seconds | layers.seconds)
 
@@ -158,7 +156,7 @@ def choose(
         plan.statistics,
         config,
         layers,
-        on_step=_stage(progress, "searching"),
+        on_step=stage_callback(progress, "searching"),
     )
     return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
 
@@ -231,13 +229,8 @@ def _cache_chunk(plan, statistics: Calibration, chunk, factorize) -> dict:
         whitened = dataclasses.replace(factorize, whitening=whitening)
         for group in members:
             searched = factorize.spec_for(group).kind == "auto" and not factorize.refusal(group)
-            weight = effective_weight(group) if searched else None
-            if searched and np.all(np.isfinite(weight)):
-                whitened.cached(group, weight)
-            else:
+            if not (searched and whitened.cache_finite(group) is not None):
                 kept[group.key] = white
-            del weight
-            release_weight(group)  # the search reads the cache; the rewrite maps it again
     return kept
 
 
@@ -262,9 +255,3 @@ def _warn_if_synthetic(source: data_lib.FeedSource) -> None:
 def uses_auto(factorize: FactorizeLowRankPass, groups: Sequence[WeightGroup]) -> bool:
     """Whether any group's spec is ``auto``."""
     return any(factorize.spec_for(group).kind == "auto" for group in groups)
-
-
-def _stage(progress: ProgressCallback | None, stage: str) -> Callable | None:
-    if progress is None:
-        return None
-    return lambda done, total, detail: progress(stage, done, total, detail)

@@ -140,6 +140,18 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
         del svd
         return self.cache.put(group.key, factors, spectrum)
 
+    def cache_finite(self, group: WeightGroup) -> CachedFactors | None:
+        """``cached(group)`` when its weight is finite, else None; a weight not yet cached is
+        read once and unmapped (the cache serves the search; the rewrite maps it again)."""
+        entry = self.cache.get(group.key)
+        if entry is not None:
+            return entry
+        weight = effective_weight(group)
+        entry = self.cached(group, weight) if np.all(np.isfinite(weight)) else None
+        del weight
+        release_weight(group)
+        return entry
+
     def compute(self, group: WeightGroup) -> tuple[LayerReport, tuple | None]:
         """The group's report and its factors (None when it stays dense); no graph changes."""
         start = time.perf_counter()

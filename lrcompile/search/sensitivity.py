@@ -27,7 +27,7 @@ from lrcompile.calibration.statistics import Calibration
 from lrcompile.io.spill import Spill
 from lrcompile.numerics.allocate import LayerSpectrum
 from lrcompile.passes.candidates import WeightGroup
-from lrcompile.passes.low_rank import FactorizeLowRankPass, effective_weight, release_weight
+from lrcompile.passes.low_rank import FactorizeLowRankPass
 from lrcompile.passes.probe_graph import PROBE_INPUT, probe_model
 from lrcompile.runtime.metrics import ErrorMeter
 
@@ -48,15 +48,9 @@ def layer_spectra(
     for group in groups:
         if factorize.spec_for(group).kind != "auto":
             continue
-        cached = factorize.cache.get(group.key)
+        cached = factorize.cache_finite(group)
         if cached is None:
-            weight = effective_weight(group)
-            finite = bool(np.all(np.isfinite(weight)))
-            cached = factorize.cached(group, weight) if finite else None
-            del weight
-            release_weight(group)
-            if cached is None:
-                continue
+            continue
         k, n = group.shape
         energies = np.square(cached.spectrum)
         spectra.append(LayerSpectrum(group.key, k, n, energies, len(group.nodes)))
