@@ -29,12 +29,12 @@ import lrcompile
 from lrcompile.demo import metrics
 from lrcompile.demo.minilm import embed, prepare
 from lrcompile.runtime.sessions import create_session
-from lrcompile.tools.timing import interleaved_medians
+from lrcompile.runtime.timing import interleaved_medians
 
 
 def speed_ratio(original: Path, candidate: Path, heldout: dict[str, np.ndarray]) -> float:
     feed = {name: array[:32] for name, array in heldout.items()}
-    sessions = [create_session(original), create_session(candidate)]
+    sessions = [create_session(m, spinning=False) for m in (original, candidate)]
     dense, factored = interleaved_medians(
         [lambda s=s: s.run(None, feed) for s in sessions], budget_s=2.0
     )

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 
 import lrcompile
 from lrcompile.numerics.ranks import break_even_rank
-from lrcompile.tools.timing import interleaved_medians
+from lrcompile.runtime.timing import interleaved_medians
 
 
 def dense_model(path: Path, k: int, n: int, seed: int = 0) -> Path:
@@ -41,6 +41,7 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # timed side by side
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

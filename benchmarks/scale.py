@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from lrcompile.runtime.sessions import create_session
+from lrcompile.runtime.timing import interleaved_medians
 from lrcompile.tools import peak_memory
 from lrcompile.tools.synthetic import transformer_like
-from lrcompile.tools.timing import interleaved_medians
 
 
 def compile_table(folder: Path, layers: int, hidden: int, ffn: int) -> None:
@@ -77,7 +77,7 @@ def latency_table(folder: Path, hidden: int, ffn: int) -> None:
         f"\nORT CPU, one layer fp32, {hidden}/{ffn}; predicted FLOP ratio {weights / factored:.2f}"
     )
     print(f"{'batch x seq':>12} {'dense ms':>9} {'lr ms':>8} {'speedup':>8}")
-    sessions = [create_session(model), create_session(out)]
+    sessions = [create_session(m, spinning=False) for m in (model, out)]
     for seq in (1, 128, 512):
         x = np.random.default_rng(1).standard_normal((1, seq, hidden)).astype(np.float32)
         dense, lr = interleaved_medians(

@@ -250,18 +250,17 @@ def _checked(plan, config, auto, result, output_path: Path, timer, check_feeds) 
         feeds = check_feeds or _calibration_or_synthetic(plan, config, prepared)
         with timer("verify"), _removed_on_error(output_path):
             verification = _verify(prepared.path, output_path, config, feeds)
+    if config.objective == "latency":
+        with timer("timing"):  # the latency table's prediction against a measurement
+            compiled = dataclasses.replace(compiled, auto=stages.timed(plan, auto, output_path))
     return dataclasses.replace(compiled, output_path=output_path, verification=verification)
 
 
 def _verify(input_path: Path, output_path: Path, config: CompileConfig, feeds) -> VerifyResult:
     return verify(
-        input_path,
-        output_path,
-        tolerance=config.tolerance,
-        metric=config.metric,
-        feeds=feeds,
+        input_path, output_path, tolerance=config.tolerance, metric=config.metric, feeds=feeds,
         labels=config.labels,
-    )
+    )  # fmt: skip
 
 
 def _rewrite_and_save(plan, config, factorize, output_path: Path, timer, progress):

@@ -70,7 +70,10 @@ class CompileConfig:
             factor with activation-whitened SVD, and ``auto`` needs it (synthetic by default).
         calib_script: Polygraphy data-loader script (``file.py`` or ``file.py:function``)
             yielding calibration feed dicts.
-        objective: What ``auto`` minimizes: ``flops`` (per-row FLOPs) or ``params``.
+        objective: What ``auto`` minimizes: ``flops`` (per-row FLOPs), ``params``, or
+            ``latency``: the searched MatMuls' seconds on ONNX Runtime CPU, measured at the
+            calibration batches' rows and cached per machine (``lrcompile.runtime.latency``);
+            a layer stays dense unless factoring it measured faster.
         fp8: Add FP8 E4M3 Q/DQ (TensorRT-ready) on the factored MatMuls; needs calibration.
         fp8_weights: FP8 weight scales ``per-tensor`` or ``per-channel`` (explicit axis).
         fp8_scope: ``factored`` (the factored pairs) or ``all`` (dense MatMul/Gemm too).
@@ -148,6 +151,12 @@ class CompileConfig:
             raise LrcompileError(
                 "--fp8 needs calibration data for its scales: pass --calib FILE.npz or"
                 " --calib-script FILE.py (or --calib synthetic to accept scales from random data)"
+            )
+        if self.objective == "latency" and (self.fp8 or self.plugin):
+            raise LrcompileError(
+                "--objective latency measures ONNX Runtime CPU's float MatMuls; an --fp8 or"
+                " --plugin model's speed is TensorRT's, which is not measured here: use"
+                " --objective flops"
             )
         if self.compensate and not self.calibrated:
             raise LrcompileError(

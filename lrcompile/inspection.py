@@ -18,6 +18,7 @@ import numpy as np
 
 from lrcompile import stages
 from lrcompile.config import CompileConfig
+from lrcompile.errors import LrcompileError
 from lrcompile.numerics.allocate import allocation_path
 from lrcompile.numerics.ranks import break_even_rank
 from lrcompile.passes.factor_cache import FactorCache
@@ -104,9 +105,15 @@ def inspect_model(
     ``config`` (``calib``/``calib_script``) whitened spectra, sensitivities and the trade-off curve.
 
     Raises:
-        LrcompileError: Bad model or calibration data.
+        LrcompileError: Bad model or calibration data, or the ``latency`` objective (the curve
+            is of FLOPs or parameters; a compile measures latency).
     """
     config = dataclasses.replace(config or CompileConfig(rank="auto"), rank="auto", overrides=None)
+    if config.objective == "latency":
+        raise LrcompileError(
+            "inspect's trade-off curve is of flops or params; --objective latency is measured"
+            " by a compile (lrcompile MODEL --rank auto --objective latency)"
+        )
     path = Path(path)
     prepared = stages.load(path, config)
     factorize = factorize_pass(config)

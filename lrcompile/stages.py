@@ -35,6 +35,7 @@ from lrcompile.passes.low_rank import FactorizeLowRankPass, ProgressCallback
 from lrcompile.passes.opset import with_fp8_opset
 from lrcompile.pipeline import PipelineResult, build_pipeline
 from lrcompile.plan import Calibrated, Prepared, stage_callback
+from lrcompile.runtime.latency import model_latencies
 from lrcompile.search.auto import AutoResult, MeasuredLayers, choose_ranks, measure_layers
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def measure(
     factorize = dataclasses.replace(factorize, cache=FactorCache())
     plan.scratch.append(factorize.cache)
     start = time.perf_counter()
-    factorize = _cache_factors(plan, factorize, progress)
+    factorize, rows = _cache_factors(plan, factorize, progress)
     seconds = {"factors": time.perf_counter() - start}  # further calibration chunks, SVDs
     _warn_if_synthetic(plan.source)  # after the checks: a refusal is the one line the user sees
     layers = measure_layers(
@@ -136,6 +137,7 @@ def measure(
         factorize,
         statistics,
         stage_callback(progress, "sensitivity"),
+        rows,
     )
     return factorize, dataclasses.replace(layers, seconds=seconds | layers.seconds)
 
@@ -157,8 +159,19 @@ def choose(
         config,
         layers,
         on_step=stage_callback(progress, "searching"),
+        on_latency=stage_callback(progress, "timing"),
     )
     return dataclasses.replace(factorize, chosen_ranks=auto.ranks), auto
+
+
+def timed(plan: Calibrated, auto: AutoResult | None, output: Path) -> AutoResult | None:
+    """``auto`` with, under the latency objective, the original and the written model measured
+    side by side on the first calibration batch (the rows the table was measured at)."""
+    if auto is None or auto.latency is None:
+        return auto
+    dense, compiled = model_latencies([plan.prepared.path, output], plan.fitted_feeds()[0])
+    latency = dataclasses.replace(auto.latency, model_dense=dense, model=compiled)
+    return dataclasses.replace(auto, latency=latency)
 
 
 def rewrite(
@@ -209,14 +222,16 @@ def feeds(
 
 def _cache_factors(
     plan: Calibrated, factorize: FactorizeLowRankPass, progress
-) -> FactorizeLowRankPass:
+) -> tuple[FactorizeLowRankPass, dict[str, int]]:
     """Chunk by chunk, whitens the layers one activation at a time, refuses degenerate
     activations, and caches each ``auto`` layer's factors; returns the pass with the whitening of
-    the other layers (their override's spec needs it when the model is rewritten)."""
-    kept = {}
+    the other layers (their override's spec needs it when the model is rewritten), and each
+    layer's rows per batch."""
+    kept, rows = {}, {}
     for chunk, statistics in zip(plan.chunks, plan.chunk_statistics(progress), strict=True):
+        rows |= {group.key: statistics.batch_rows(group) for group in chunk}
         kept |= _cache_chunk(plan, statistics, chunk, factorize)
-    return dataclasses.replace(factorize, whitening=kept)
+    return dataclasses.replace(factorize, whitening=kept), rows
 
 
 def _cache_chunk(plan, statistics: Calibration, chunk, factorize) -> dict:

@@ -47,12 +47,15 @@ class ActivationStats:
     gram: np.ndarray | None = None
     amax: float = 0.0
     rows: int = 0
+    batch_rows: int = 0  # the most rows of one batch
 
     def add(self, x: np.ndarray) -> None:
         self.gram = accumulate_gram(self.gram, x)
         if x.size:
             self.amax = max(self.amax, float(np.max(np.abs(x))))
-        self.rows += int(np.prod(x.shape[:-1]))
+        rows = int(np.prod(x.shape[:-1]))
+        self.rows += rows
+        self.batch_rows = max(self.batch_rows, rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,12 @@ class Calibration:
         if any(stat.gram is None for stat in stats):
             return None
         return np.sum([stat.gram for stat in stats], axis=0) / max(sum(s.rows for s in stats), 1)
+
+    def batch_rows(self, group: WeightGroup) -> int:
+        """The most rows of activation one of the group's nodes multiplies in one batch (what
+        the latency objective measures at); 0 without statistics."""
+        stats = [self.stats.get(activation_key(node)) for node in group.nodes]
+        return max((stat.batch_rows for stat in stats if stat is not None), default=0)
 
     def degenerate_output(self) -> tuple[str, str] | None:
         """``(output, problem)`` when a reference output is not finite or identically zero."""

@@ -177,6 +177,26 @@ def _print_auto(result: CompileResult) -> None:
         f" {config.objective} x{auto.cost_ratio:.3f} of the searched layers;"
         f" {auto.dense_layers} left dense"
     )
+    if auto.latency is not None:
+        _print_latency(auto.latency)
+
+
+def _print_latency(latency) -> None:
+    cached = latency.shapes - latency.measured
+    line = (
+        f"latency: {latency.shapes} layer shapes timed on {latency.target}"
+        f" ({latency.measured} measured now, {cached} from {latency.cache or 'no cache'})"
+    )
+    if latency.model_dense is not None:
+        predicted = latency.predicted_speedup
+        line += (
+            f"; whole model on a calibration batch {latency.model_dense * 1e3:.3g} ms ->"
+            f" {latency.model * 1e3:.3g} ms: measured x{latency.measured_speedup:.3f},"
+            f" predicted x{predicted:.3f}"
+            if predicted
+            else ""
+        )
+    click.echo(line)
 
 
 def print_demo(demo, workdir: Path) -> None:

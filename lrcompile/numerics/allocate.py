@@ -1,7 +1,9 @@
 """Global rank allocation across layers: which layer gives up how much rank, plain numerics.
 
 Each layer has options: dense, or a rank r (a multiple of the rank multiple) that saves cost.
-An option costs ``r*(K+N)`` (x the nodes sharing the weight, for FLOPs) and adds
+An option costs ``r*(K+N)`` (x the nodes sharing the weight, for FLOPs), or under the ``latency``
+objective its measured seconds (x the nodes; a rank is an option only when measured faster than
+dense, ``lrcompile.runtime.latency``), and adds
 ``sensitivity * e(r)``, where ``e(r) = sum_{i>r} s_i^2 / sum_i s_i^2`` is the layer's relative
 squared error from its (whitened) spectrum and ``sensitivity`` converts it into squared relative
 error of the MODEL's outputs (measured by ``lrcompile.search.auto``; 1 when unknown). Relative, not
@@ -20,13 +22,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 
-Objective = Literal["flops", "params"]
-OBJECTIVES: tuple[str, ...] = ("flops", "params")
+Objective = Literal["flops", "params", "latency"]
+OBJECTIVES: tuple[str, ...] = ("flops", "params", "latency")
+# A layer's measured seconds per run: dense (None) or factored at a rank.
+Seconds = Callable[[int | None], float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,8 @@ class LayerSpectrum:
     energies: np.ndarray
     nodes: int = 1
     sensitivity: float = 1.0
+    rows: int = 1  # rows of activation each node multiplies per calibration batch
+    dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,33 +68,51 @@ class _Options:
     errors: np.ndarray
 
 
-def layer_options(layer: LayerSpectrum, multiple: int, objective: Objective) -> _Options:
-    """Dense plus every rank multiple of ``multiple`` that saves cost, with costs and errors."""
-    weight = layer.nodes if objective == "flops" else 1
+def layer_options(
+    layer: LayerSpectrum, multiple: int, objective: Objective, seconds: Seconds | None = None
+) -> _Options:
+    """Dense plus every rank multiple of ``multiple`` that saves cost, with costs and errors;
+    ``seconds`` (the layer's measured latency) is the cost under the ``latency`` objective."""
+    weight = 1 if objective == "params" else layer.nodes
     full = min(layer.k, layer.n)
     ranks = [
         r
         for r in range(multiple, full + 1, multiple)
         if r * (layer.k + layer.n) < layer.k * layer.n
     ]
+    if objective == "latency":
+        if seconds is None:
+            raise ValueError(f"{layer.name}: the latency objective needs measured seconds")
+        ranks = [r for r in ranks if seconds(r) < seconds(None)]  # only where it is faster
+        unit = [seconds(None), *(seconds(r) for r in ranks)]
+    else:
+        unit = [layer.k * layer.n, *(r * (layer.k + layer.n) for r in ranks)]
     energies = np.asarray(layer.energies, dtype=np.float64)
     total = float(energies.sum())
     tail = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]])  # tail[r] = sum_{i>=r}
     scale = layer.sensitivity / total if total else 0.0
     errors = [0.0] + [float(tail[min(r, len(energies))]) * scale for r in ranks]
-    costs = [layer.k * layer.n * weight] + [r * (layer.k + layer.n) * weight for r in ranks]
+    costs = [cost * weight for cost in unit]
     return _Options([None, *ranks], np.asarray(costs, float), np.asarray(errors, float))
 
 
 def allocation_path(
-    layers: Sequence[LayerSpectrum], *, multiple: int = 16, objective: Objective = "flops"
+    layers: Sequence[LayerSpectrum],
+    *,
+    multiple: int = 16,
+    objective: Objective = "flops",
+    seconds: Mapping[str, Seconds] | None = None,
 ) -> list[Allocation]:
-    """Every allocation of the price sweep, from all-dense (index 0) to the cheapest (last).
+    """Every allocation of the price sweep, from all-dense (index 0) to the cheapest (last);
+    ``seconds`` (by layer name) are the measured latencies the ``latency`` objective needs.
 
     Consecutive allocations differ in one layer's rank; cost never rises and the predicted error
     never falls along the path.
     """
-    options = [layer_options(layer, multiple, objective) for layer in layers]
+    seconds = seconds or {}
+    options = [
+        layer_options(layer, multiple, objective, seconds.get(layer.name)) for layer in layers
+    ]
     dense_cost = float(sum(o.costs[0] for o in options))
     events = []
     for index, option in enumerate(options):

@@ -24,7 +24,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,9 @@ from lrcompile.numerics.allocate import (
 from lrcompile.passes.candidates import WeightGroup
 from lrcompile.passes.low_rank import FactorizeLowRankPass
 from lrcompile.pipeline import build_pipeline
+from lrcompile.runtime.latency import LatencyTable, cache_path
 from lrcompile.runtime.metrics import measure_error
+from lrcompile.search.latency import LatencyEstimate, estimate, layer_seconds
 from lrcompile.search.sensitivity import StepCallback, layer_spectra, measure_sensitivities
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,7 @@ class AutoResult:
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     batches: int = 0  # calibration batches in all
     held_back: int = 0  # of them, held back from the statistics: the ones measured on (0: all)
+    latency: LatencyEstimate | None = None  # the latency objective's table and prediction
 
     @property
     def dense_layers(self) -> int:
@@ -96,6 +99,7 @@ class AutoResult:
             "seconds": self.seconds,
             "batches": self.batches,
             "held_back": self.held_back,
+            "latency": self.latency.to_dict() if self.latency is not None else None,
             # A probe whose outputs went non-finite measured no error: null, never NaN/Infinity.
             "steps": [
                 dataclasses.asdict(step)
@@ -129,6 +133,7 @@ def measure_layers(
     factorize: FactorizeLowRankPass,
     calibration: Calibration,
     on_sensitivity: StepCallback | None = None,
+    rows: Mapping[str, int] | None = None,
 ) -> MeasuredLayers:
     """The spectra and sensitivities of the ``auto`` layers: what ``choose_ranks`` starts from.
 
@@ -138,9 +143,11 @@ def measure_layers(
         factorize: The configured pass (spec ``auto``, whitening, cache).
         calibration: Feeds and the original model's outputs on them.
         on_sensitivity: Called as ``on_sensitivity(layers_done, layers, layer)``.
+        rows: Rows of activation per batch by group key (``Calibration.batch_rows``), what the
+            latency objective measures at.
     """
     clock = _Clock()
-    spectra = layer_spectra(groups, factorize)
+    spectra = layer_spectra(groups, factorize, rows)
     clock.lap("spectra")
     spectra = measure_sensitivities(
         model, spectra, groups, factorize, calibration, on_step=on_sensitivity
@@ -157,6 +164,7 @@ def choose_ranks(
     layers: MeasuredLayers,
     *,
     on_step: StepCallback | None = None,
+    on_latency: StepCallback | None = None,
 ) -> AutoResult:
     """The cheapest allocation on the path through ``layers`` measured within the tolerance
     (bisection), or the most accurate within ``config.budget`` (measured once).
@@ -170,10 +178,17 @@ def choose_ranks(
             is what will be written.
         layers: From ``measure_layers``, on the same calibration and factors.
         on_step: Called as ``on_step(probes_done, probes_expected, description)``.
+        on_latency: Called as ``on_latency(shapes_done, shapes, shape)`` while the latency
+            objective measures the layers' shapes not in its cache.
     """
     clock = _Clock()
     multiple, objective = factorize.rank_multiple, config.objective
-    path = allocation_path(layers.spectra, multiple=multiple, objective=objective)
+    table = seconds = None
+    if objective == "latency":
+        table = LatencyTable(cache_path())
+        seconds = layer_seconds(layers.spectra, multiple, table, on_latency)
+        clock.lap("latency")
+    path = allocation_path(layers.spectra, multiple=multiple, objective=objective, seconds=seconds)
     prober = _Prober(model, factorize, calibration, config, path, on_step)
     if config.budget is not None:
         best = most_accurate_within(path, config.budget)
@@ -183,6 +198,10 @@ def choose_ranks(
     clock.lap("bisection")
     prober.done()
     measured = next((s.measured_error for s in prober.steps if s.index == best), 0.0)
+    latency = None
+    if table is not None:
+        shapes = len({(s.k, s.n, s.rows, s.dtype) for s in layers.spectra})
+        latency = estimate(table, path[best].dense_cost, path[best].cost, shapes)
     return AutoResult(
         dict(path[best].ranks),
         prober.tolerance,
@@ -194,6 +213,7 @@ def choose_ranks(
         layers.seconds | clock.seconds,
         len(calibration.feeds),
         calibration.held_back,
+        latency,
     )
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -40,10 +40,14 @@ StepCallback = Callable[[int, int, str], None]
 
 
 def layer_spectra(
-    groups: Sequence[WeightGroup], factorize: FactorizeLowRankPass
+    groups: Sequence[WeightGroup],
+    factorize: FactorizeLowRankPass,
+    rows: Mapping[str, int] | None = None,
 ) -> list[LayerSpectrum]:
-    """The (whitened) squared singular values of every group whose spec is ``auto``; their
-    factors land in ``factorize``'s cache (a weight already there is not read again)."""
+    """The (whitened) squared singular values of every group whose spec is ``auto``, with its
+    ``rows`` per batch (by group key) and dtype; their factors land in ``factorize``'s cache (a
+    weight already there is not read again)."""
+    rows = rows or {}
     spectra = []
     for group in groups:
         if factorize.spec_for(group).kind != "auto":
@@ -53,7 +57,11 @@ def layer_spectra(
             continue
         k, n = group.shape
         energies = np.square(cached.spectrum)
-        spectra.append(LayerSpectrum(group.key, k, n, energies, len(group.nodes)))
+        dtype = (group.cast or group.tensor.dtype).numpy().name
+        layer = LayerSpectrum(
+            group.key, k, n, energies, len(group.nodes), rows=rows.get(group.key, 1)
+        )
+        spectra.append(dataclasses.replace(layer, dtype=dtype))
     return spectra
 
 

@@ -1,4 +1,4 @@
-"""Side-by-side timing for benchmarks: interleaved runs, median per variant."""
+"""Side-by-side timing: interleaved runs, median per variant (benchmarks, the latency table)."""
 
 from __future__ import annotations
 
