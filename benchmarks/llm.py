@@ -12,6 +12,7 @@ and the compiled model, their KL and top-1 changes, and ONNX Runtime CPU prefill
 on 2 cores, each setting several more; pick settings with the flags.
 
     python benchmarks/llm.py WORKDIR [--tolerances 0.02 0.05 0.1] [--budgets 0.9 0.8]
+        [--latency-budgets 0.9 0.8 0.6]    # budgets of measured latency (--objective latency)
 
 WORKDIR holds lm.onnx, calib.npz and heldout.npz (``examples/llm/prepare.py``).
 """
@@ -60,10 +61,12 @@ class StageMemory:
             self.stages.append((stage, time.perf_counter() - self.start, *_peak_mib()))
 
 
-def settings_of(tolerances, budgets) -> dict[str, dict]:
+def settings_of(tolerances, budgets, latency_budgets=()) -> dict[str, dict]:
     """Setting name -> the ``compile_sweep`` fields it varies."""
     settings = {f"kl{t:g}": {"tolerance": t} for t in tolerances}
-    return settings | {f"budget{b:g}": {"budget": b, "tolerance": 1.0} for b in budgets}
+    settings |= {f"budget{b:g}": {"budget": b, "tolerance": 1.0} for b in budgets}
+    latency = {"tolerance": 1.0, "objective": "latency"}
+    return settings | {f"latency{b:g}": {"budget": b} | latency for b in latency_budgets}
 
 
 def report_compile(name: str, result, memory: StageMemory, shown: int) -> int:
@@ -76,6 +79,8 @@ def report_compile(name: str, result, memory: StageMemory, shown: int) -> int:
         )
     print(f"  {name}: peak {_peak_mib()[1]} MiB so far; seconds {result.seconds}")
     print(f"  {name}: auto seconds {result.auto.seconds}")
+    if result.auto.latency is not None:
+        print(f"  {name}: latency {result.auto.latency.to_dict()}")
     if result.verification is not None:
         logits = result.verification.outputs[0]
         print(
@@ -108,9 +113,12 @@ def main() -> None:
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--tolerances", type=float, nargs="*", default=[0.02, 0.05, 0.1])
     parser.add_argument("--budgets", type=float, nargs="*", default=[0.9, 0.8])
+    parser.add_argument(
+        "--latency-budgets", type=float, nargs="*", default=[], help="--objective latency"
+    )
     args = parser.parse_args()
     evaluate, workdir = example_module("evaluate"), args.workdir
-    settings = settings_of(args.tolerances, args.budgets)
+    settings = settings_of(args.tolerances, args.budgets, args.latency_budgets)
     ids = np.load(workdir / "heldout.npz")["input_ids"]
     with tempfile.TemporaryDirectory(prefix="lrcompile-eval-") as scratch:
         dense = evaluate.run(workdir / "lm.onnx", ids, Path(scratch), reference=True)
