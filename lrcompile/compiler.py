@@ -193,7 +193,7 @@ def compile_sweep(
 def _load(input_path: Path, config: CompileConfig, outputs: list[Path]):
     """(factorize pass, prepared model, held-out check feeds or None), all checked up front."""
     factorize = factorize_pass(config)  # validates the spec and overrides first
-    _check_device(config.device)
+    stages.check_device(config.device)
     prepared = stages.load(input_path, config, outputs)
     return factorize, prepared, _verification_feeds(config, prepared)  # bad data fails early
 
@@ -258,9 +258,13 @@ def _checked(plan, config, auto, result, output_path: Path, timer, check_feeds) 
 
 def _verify(input_path: Path, output_path: Path, config: CompileConfig, feeds) -> VerifyResult:
     return verify(
-        input_path, output_path, tolerance=config.tolerance, metric=config.metric, feeds=feeds,
+        input_path,
+        output_path,
+        tolerance=config.tolerance,
+        metric=config.metric,
+        feeds=feeds,
         labels=config.labels,
-    )  # fmt: skip
+    )
 
 
 def _rewrite_and_save(plan, config, factorize, output_path: Path, timer, progress):
@@ -295,20 +299,6 @@ class _Timer:
             yield
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-
-def _check_device(device: str) -> None:
-    """Checks that torch can reach a GPU when ``device`` is ``cuda``."""
-    if device == "cuda":
-        try:
-            import torch
-        except ImportError:
-            torch = None
-        if torch is None or not torch.cuda.is_available():
-            raise LrcompileError(
-                "--device cuda needs torch with a CUDA GPU; none is available here"
-                " (the CPU path, --device cpu, needs no torch)"
-            )
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from lrcompile.calibration.ranges import RangeCalibration
 from lrcompile.calibration.statistics import Calibration
 from lrcompile.check.verify import check_labels
 from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
+from lrcompile.errors import LrcompileError
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
 from lrcompile.io.spill import Spill
@@ -59,6 +60,20 @@ def load(path: Path, config: CompileConfig, outputs: Sequence[Path] = ()) -> Pre
         model = with_fp8_opset(model, path)
     groups, skipped = find_candidates(model.graph, model.functions.values())
     return Prepared(path, model, inputs, groups, skipped, ops_left_alone(model))
+
+
+def check_device(device: str) -> None:
+    """Checks that torch can reach a GPU when ``device`` is ``cuda``."""
+    if device == "cuda":
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is None or not torch.cuda.is_available():
+            raise LrcompileError(
+                "--device cuda needs torch with a CUDA GPU; none is available here"
+                " (the CPU path, --device cpu, needs no torch)"
+            )
 
 
 def plan_calibration(
@@ -166,10 +181,16 @@ def choose(
 
 def timed(plan: Calibrated, auto: AutoResult | None, output: Path) -> AutoResult | None:
     """``auto`` with, under the latency objective, the original and the written model measured
-    side by side on the first calibration batch (the rows the table was measured at)."""
+    side by side on the largest fitted calibration batch (the rows the table was measured at).
+    The timing only informs: when ONNX Runtime cannot time a model it is logged, not raised."""
     if auto is None or auto.latency is None:
         return auto
-    dense, compiled = model_latencies([plan.prepared.path, output], plan.fitted_feeds()[0])
+    feed = max(plan.fitted_feeds(), key=lambda feed: sum(v.size for v in feed.values()))
+    try:
+        dense, compiled = model_latencies([plan.prepared.path, output], feed)
+    except LrcompileError as e:
+        logger.warning("the whole-model timing failed, no measured speedup: %s", e)
+        return auto
     latency = dataclasses.replace(auto.latency, model_dense=dense, model=compiled)
     return dataclasses.replace(auto, latency=latency)
 

@@ -12,6 +12,7 @@ import click
 from lrcompile.check.verify import VerifyResult
 from lrcompile.compiler import CompileResult
 from lrcompile.report import LayerReport, totals
+from lrcompile.search.latency import LatencyEstimate
 
 _COLUMNS = ("layer", "shape", "rank", "energy", "W err", "params", "bytes", "FLOPs", "status")
 
@@ -181,21 +182,20 @@ def _print_auto(result: CompileResult) -> None:
         _print_latency(auto.latency)
 
 
-def _print_latency(latency) -> None:
+def _print_latency(latency: LatencyEstimate) -> None:
+    """One line: where the table came from and, once timed, the whole model before and after."""
     cached = latency.shapes - latency.measured
     line = (
         f"latency: {latency.shapes} layer shapes timed on {latency.target}"
         f" ({latency.measured} measured now, {cached} from {latency.cache or 'no cache'})"
     )
-    if latency.model_dense is not None:
-        predicted = latency.predicted_speedup
+    if latency.measured_speedup is not None:
         line += (
             f"; whole model on a calibration batch {latency.model_dense * 1e3:.3g} ms ->"
-            f" {latency.model * 1e3:.3g} ms: measured x{latency.measured_speedup:.3f},"
-            f" predicted x{predicted:.3f}"
-            if predicted
-            else ""
+            f" {latency.model * 1e3:.3g} ms: measured x{latency.measured_speedup:.3f}"
         )
+        predicted = latency.predicted_speedup
+        line += f", predicted x{predicted:.3f}" if predicted else ", no prediction"
     click.echo(line)
 
 

@@ -5,10 +5,15 @@
       even when one output is fetched), timed interleaved (median), in between: linear
       -> cached on disk by shape, rows, rank grid, runtime and machine (``LatencyTable``)
 
-The FLOP ratio is a prediction: on ONNX Runtime CPU a factored layer reaches 0.72-1.0 of it
-depending on shape and rows, and a small layer at one row about half (README), so a layer whose
-factored form is not faster must stay dense, which only a measurement can tell. The timing is of
-the MatMuls alone; a whole model's speedup is measured by ``model_latencies``.
+The FLOP ratio is a prediction: on ONNX Runtime CPU a factored layer reaches 0.45-1.05x of it
+depending on shape, rank and rows, one row getting about half (README), so a layer whose factored
+form is not faster must stay dense, which only a measurement can tell. The timing is of the
+MatMuls alone; a whole model's speedup is measured by ``model_latencies``. The sessions run
+without thread spinning (``sessions.session_options``), all of one shape's alive at once: for an
+LM head (896 x 151,936 at 256 rows) about 4.4 GB while it is timed.
+
+Timings are noisy, so the ranks chosen from a fresh table may differ from run to run; with the
+cache they are reproducible (a compile with a warm cache measures nothing).
 
 The cache is a JSON file (``cache_path``: ``$LRCOMPILE_CACHE_DIR/latency.json``, default
 ``~/.cache/lrcompile/latency.json``), written atomically; one that cannot be read is measured
@@ -21,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -31,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lrcompile.runtime.sessions import create_session, onnxruntime
+from lrcompile.runtime.sessions import create_session, onnxruntime, runtime_errors
 from lrcompile.runtime.timing import interleaved_medians
 
 logger = logging.getLogger(__name__)
@@ -51,9 +57,12 @@ class Curve:
     factored: tuple[float, ...]
 
     def seconds(self, rank: int | None) -> float:
-        """Dense (None) or factored at ``rank``, linear between the measured ranks."""
+        """Dense (None) or factored at ``rank``, linear between the measured ranks (infinite
+        when none was measured: never faster)."""
         if rank is None:
             return self.dense
+        if not self.ranks:
+            return math.inf
         return float(np.interp(rank, self.ranks, self.factored))
 
 
@@ -91,7 +100,8 @@ def target() -> str:
             line for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line
         ]
         cpu = names[0].split(":", 1)[1].strip() if names else cpu
-    return f"onnxruntime {ort.__version__} CPUExecutionProvider; {cpu}; {os.cpu_count()} cpus"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"onnxruntime {ort.__version__} CPUExecutionProvider; {cpu}; {cpus} cpus"
 
 
 def cache_path() -> Path:
@@ -117,7 +127,7 @@ class LatencyTable:
         self, shapes: Sequence[Shape], on_step: Callable[[int, int, str], None] | None = None
     ) -> dict[str, Curve]:
         """The curve of each shape (by ``Shape.key``), measuring those not cached; saves them."""
-        missing = list(dict.fromkeys(s for s in shapes if s.key not in self._curves))
+        missing = [s for s in dict.fromkeys(shapes) if not self._holds(s)]
         for index, shape in enumerate(missing):
             if on_step is not None:
                 on_step(index, len(missing), shape.key)
@@ -128,6 +138,11 @@ class LatencyTable:
         if missing and self.path is not None:
             self._save()
         return {shape.key: self._curves[shape.key] for shape in shapes}
+
+    def _holds(self, shape: Shape) -> bool:
+        """Whether the table has a usable curve of ``shape`` (measured at its rank grid)."""
+        curve = self._curves.get(shape.key)
+        return curve is not None and curve.ranks == grid(shape.k, shape.n, shape.multiple)
 
     def _save(self) -> None:
         data = _read(self.path)  # another process may have added its own machine's since
@@ -142,23 +157,31 @@ class LatencyTable:
             },
             indent=1,
         )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             staging.write_text(text + "\n", encoding="utf-8")
             staging.replace(self.path)
         except OSError as e:  # a cache that cannot be written costs a re-measurement, no more
             logger.warning("latency cache %s not written: %s", self.path, e)
         finally:
-            staging.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                staging.unlink(missing_ok=True)
 
 
 def measure(shape: Shape, budget_s: float = SECONDS_PER_SHAPE) -> Curve:
-    """Seconds per run of the dense and the factored MatMuls of ``shape`` (interleaved)."""
+    """Seconds per run of the dense and the factored MatMuls of ``shape`` (interleaved).
+
+    Raises:
+        LrcompileError: ONNX Runtime cannot build or run them (the shape is named).
+    """
     ranks = grid(shape.k, shape.n, shape.multiple)
     dtype = np.dtype(shape.dtype)
     x = np.full((shape.rows, shape.k), 0.5, dtype)
-    with tempfile.TemporaryDirectory(prefix="lrcompile-latency-") as folder:
+    with (
+        tempfile.TemporaryDirectory(prefix="lrcompile-latency-") as folder,
+        runtime_errors(f"timing a {shape.key} MatMul"),
+    ):
         sessions = [_session(Path(folder), shape, rank) for rank in (None, *ranks)]
         runs = [lambda s=s: s.run(None, {"x": x}) for s in sessions]
         times = interleaved_medians(runs, budget_s=budget_s)
@@ -169,10 +192,16 @@ def measure(shape: Shape, budget_s: float = SECONDS_PER_SHAPE) -> Curve:
 def model_latencies(
     models: Sequence[str | Path], feed: dict[str, np.ndarray], budget_s: float = 2.0
 ) -> list[float]:
-    """Median seconds per run of each model on ``feed``, interleaved, default session options:
-    how a deployment runs them."""
+    """Median seconds per run of each model on ``feed``, interleaved, with the default session
+    options but thread spinning off (see ``sessions.session_options``).
+
+    Raises:
+        LrcompileError: ONNX Runtime cannot load or run one of them.
+    """
     sessions = [create_session(model, spinning=False) for model in models]
-    return interleaved_medians([lambda s=s: s.run(None, feed) for s in sessions], budget_s=budget_s)
+    with runtime_errors("timing the models"):
+        runs = [lambda s=s: s.run(None, feed) for s in sessions]
+        return interleaved_medians(runs, budget_s=budget_s)
 
 
 def _session(folder: Path, shape: Shape, rank: int | None):
@@ -210,15 +239,14 @@ def _read(path: Path) -> dict[str, dict[str, Curve]]:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("version") != VERSION:
             return {}
-        return {
-            name: {
-                key: Curve(
-                    float(c["dense"]), tuple(map(int, c["ranks"])), tuple(map(float, c["factored"]))
-                )
-                for key, c in curves.items()
-            }
-            for name, curves in data["targets"].items()
-        }
+        targets: dict[str, dict[str, Curve]] = {}
+        for name, curves in data["targets"].items():
+            targets[name] = {}
+            for key, c in curves.items():
+                ranks, factored = tuple(map(int, c["ranks"])), tuple(map(float, c["factored"]))
+                if len(ranks) == len(factored):  # else measured afresh
+                    targets[name][key] = Curve(float(c["dense"]), ranks, factored)
+        return targets
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:

@@ -183,10 +183,10 @@ def choose_ranks(
     """
     clock = _Clock()
     multiple, objective = factorize.rank_multiple, config.objective
-    table = seconds = None
+    table = seconds = shapes = None
     if objective == "latency":
         table = LatencyTable(cache_path())
-        seconds = layer_seconds(layers.spectra, multiple, table, on_latency)
+        seconds, shapes = layer_seconds(layers.spectra, multiple, table, on_latency)
         clock.lap("latency")
     path = allocation_path(layers.spectra, multiple=multiple, objective=objective, seconds=seconds)
     prober = _Prober(model, factorize, calibration, config, path, on_step)
@@ -200,7 +200,6 @@ def choose_ranks(
     measured = next((s.measured_error for s in prober.steps if s.index == best), 0.0)
     latency = None
     if table is not None:
-        shapes = len({(s.k, s.n, s.rows, s.dtype) for s in layers.spectra})
         latency = estimate(table, path[best].dense_cost, path[best].cost, shapes)
     return AutoResult(
         dict(path[best].ranks),

@@ -14,7 +14,7 @@ output (``LatencyEstimate.measured_speedup``), so the report shows how far the t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lrcompile.numerics.allocate import LayerSpectrum, Seconds
@@ -44,10 +44,11 @@ class LatencyEstimate:
         if self.model_dense is None:
             return None
         rest = self.model_dense - (self.layers_dense - self.layers)
-        return self.model_dense / rest if rest > 0 else None
+        return self.model_dense / rest if rest > 0 else None  # the table outran the model
 
     @property
     def measured_speedup(self) -> float | None:
+        """The whole model's measured speedup (needs both times)."""
         if self.model_dense is None or not self.model:
             return None
         return self.model_dense / self.model
@@ -62,10 +63,13 @@ class LatencyEstimate:
 
 
 def layer_seconds(
-    spectra: Sequence[LayerSpectrum], multiple: int, table: LatencyTable, on_step=None
-) -> dict[str, Seconds]:
-    """Each layer's measured seconds per node run (dense: ``rank=None``), by layer name;
-    ``on_step(done, total, shape)`` reports the shapes being measured."""
+    spectra: Sequence[LayerSpectrum],
+    multiple: int,
+    table: LatencyTable,
+    on_step: Callable[[int, int, str], None] | None = None,
+) -> tuple[dict[str, Seconds], int]:
+    """Each layer's measured seconds per node run (dense: ``rank=None``), by layer name, and how
+    many distinct shapes they are; ``on_step(done, total, shape)`` reports the shapes measured."""
     shapes = {
         layer.name: Shape(
             layer.k,
@@ -77,10 +81,12 @@ def layer_seconds(
         for layer in spectra
     }
     curves = table.curves(list(shapes.values()), on_step)
-    return {name: curves[shape.key].seconds for name, shape in shapes.items()}
+    return {name: curves[shape.key].seconds for name, shape in shapes.items()}, len(curves)
 
 
-def estimate(table: LatencyTable, layers_dense: float, layers: float, shapes: int):
+def estimate(
+    table: LatencyTable, layers_dense: float, layers: float, shapes: int
+) -> LatencyEstimate:
     """The estimate of an allocation costing ``layers`` of the ``layers_dense`` seconds."""
     cache = str(table.path) if table.path is not None else None
     return LatencyEstimate(layers_dense, layers, table.target, shapes, table.measured, cache)
