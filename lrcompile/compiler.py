@@ -107,7 +107,8 @@ def compile_model(
         output_path: Where to write; ``<input>.lr.onnx`` by default. Must differ from the input.
         config: The options; alternatively pass ``CompileConfig`` fields as keyword arguments.
         progress: Called as ``progress(stage, done, total, detail)`` during long stages
-            (``calibrating``, ``sensitivity``, ``searching``, ``compensating``, ``factoring``).
+            (``calibrating``, ``sensitivity``, ``timing``, ``searching``, ``compensating``,
+            ``factoring``).
 
     Returns:
         The result. ``output_path`` is None when no layer was factored (nothing is written).

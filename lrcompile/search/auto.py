@@ -1,7 +1,8 @@
 """``--rank auto``: the cheapest ranks whose outputs stay within the tolerance on calibration data.
 
     whitened spectra -> per-layer sensitivity (``lrcompile.search.sensitivity``)
-      -> allocation path (``lrcompile.numerics.allocate``: all-dense ... cheapest)
+      -> allocation path (``lrcompile.numerics.allocate``: all-dense ... cheapest), its cost
+         per-row FLOPs, parameters, or seconds measured on ONNX Runtime (``search.latency``)
       -> bisection over the path, each probe compiled by the same pipeline as the output
          (``lrcompile.pipeline``, FP8 included) and run end to end in ONNX Runtime
 
