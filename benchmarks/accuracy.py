@@ -45,7 +45,7 @@ HEADER = f"{'budget':>6} {'method':<24} {'params':>6} {'flops':>6}"
 
 
 def speed(original: Path, candidate: Path, feed: dict[str, np.ndarray]) -> float:
-    dense, compiled = model_latencies([original, candidate], feed, budget_s=3.0)
+    [[dense, compiled]] = model_latencies([original, candidate], [feed], budget_s=3.0)
     return dense / compiled
 
 

