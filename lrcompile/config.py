@@ -21,6 +21,7 @@ from lrcompile.runtime.metrics import METRICS
 DEFAULT_TOLERANCE = 0.05
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_ITERATIONS = 8  # batches of synthetic data
+DEFAULT_PADDING_MASK = "attention_mask"  # Hugging Face exports' name
 DEVICES = ("cpu", "cuda")
 
 # The valid values of every field that has a fixed set of them.
@@ -100,6 +101,11 @@ class CompileConfig:
             fitted calibration data (blocks whose statistics would not fit the calibration memory
             budget are split further). Under ``auto`` the ranks are searched without it. Off by
             default: on MiniLM's held-out sentences it lost to plain whitening (README).
+        padding_mask: The input whose zero entries mark padding (``[batch, sequence]``, as
+            Hugging Face exports' ``attention_mask``): activation rows at those positions stay
+            out of the calibration statistics the factors are fitted to, so that they fit the
+            real tokens; ``""`` counts every row. Used when the model has that input; a name
+            other than the default that the model lacks is refused.
     """
 
     rank: str
@@ -124,6 +130,7 @@ class CompileConfig:
     validation: float = 0.25
     budget: float | None = None
     compensate: int = 0
+    padding_mask: str = DEFAULT_PADDING_MASK
     fp8: bool = False
     fp8_weights: str = "per-tensor"
     fp8_scope: str = "factored"

@@ -93,6 +93,7 @@ class Calibrated:
                 block,
                 self.fitted_feeds(),
                 data_folder=self.prepared.path.parent,
+                mask=self.source.mask,
             )
             yield frozenset(group.key for group in block), white
         report(len(self.blocks), len(self.blocks), "")

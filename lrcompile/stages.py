@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
 from lrcompile.calibration import chunks as calibration_chunks
@@ -24,8 +25,8 @@ from lrcompile.calibration import refusals
 from lrcompile.calibration.ranges import RangeCalibration
 from lrcompile.calibration.statistics import Calibration
 from lrcompile.check.verify import check_labels
-from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
-from lrcompile.errors import LrcompileError
+from lrcompile.config import DEFAULT_ITERATIONS, DEFAULT_PADDING_MASK, CompileConfig
+from lrcompile.errors import DataError, LrcompileError
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
 from lrcompile.io.spill import Spill
@@ -273,10 +274,42 @@ def _cache_chunk(plan, statistics: Calibration, chunk, factorize) -> dict:
 def calibration_source(prepared: Prepared, config: CompileConfig) -> data_lib.FeedSource:
     """The calibration feeds ``config`` names (synthetic when it names none).
 
+    Its ``mask`` is ``config.padding_mask`` when the model has that input as ``[batch,
+    sequence]``.
+
     Raises:
-        DataError: The data does not fit the model.
+        DataError: The data does not fit the model, or ``--padding-mask`` names an input it
+            lacks (the default name is used only where it exists).
     """
-    return feeds(prepared, config, config.calib, config.calib_script)
+    source = feeds(prepared, config, config.calib, config.calib_script)
+    mask = padding_mask(prepared.inputs, config.padding_mask)
+    if mask is None:
+        return source
+    positions = [np.asarray(feed[mask]) for feed in source.feeds if mask in feed]
+    padding = sum(int(np.sum(p == 0)) for p in positions) / max(sum(p.size for p in positions), 1)
+    what = (
+        f"{source.description} (its padding, {mask} == 0 at {padding:.0%} of positions, left"
+        " out of the statistics)"
+    )
+    return dataclasses.replace(source, description=what, mask=mask)
+
+
+def padding_mask(inputs: Sequence[data_lib.InputSpec], name: str) -> str | None:
+    """``name`` when it is a 2-D model input (a ``[batch, sequence]`` padding mask), else None.
+
+    Raises:
+        DataError: ``name`` is not the default and not a 2-D input.
+    """
+    spec = next((spec for spec in inputs if spec.name == name), None)
+    if spec is not None and len(spec.shape) == 2:
+        return name
+    if name and name != DEFAULT_PADDING_MASK:
+        found = f"of shape {list(spec.shape)}" if spec is not None else "not an input"
+        raise DataError(
+            f"--padding-mask {name!r}: {found} of the model; expected a [batch, sequence] input"
+            f' (inputs: {", ".join(s.name for s in inputs)}), or "" to count every row'
+        )
+    return None
 
 
 def _warn_if_synthetic(source: data_lib.FeedSource) -> None:

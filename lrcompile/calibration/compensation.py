@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from lrcompile.calibration.statistics import activation_key
+from lrcompile.calibration.statistics import activation_key, real_rows
 from lrcompile.io.data import Feed
 from lrcompile.io.model import runnable_proto
 from lrcompile.io.spill import OutputStore
@@ -37,10 +37,12 @@ class PairedStats:
     cross: np.ndarray | None = None
     rows: int = 0
 
-    def add(self, current: np.ndarray, original: np.ndarray) -> None:
+    def add(self, current: np.ndarray, original: np.ndarray, keep: np.ndarray | None) -> None:
         width = current.shape[-1]
         now = np.asarray(current, dtype=np.float64).reshape(-1, width)
         before = np.asarray(original, dtype=np.float64).reshape(-1, width)
+        if keep is not None:  # padding rows left out, as in the plain statistics
+            now, before = now[keep], before[keep]
         gram, cross = now.T @ now, now.T @ before
         self.gram = gram if self.gram is None else self.gram + gram
         self.cross = cross if self.cross is None else self.cross + cross
@@ -54,11 +56,13 @@ def compensating_whitenings(
     feeds: Sequence[Feed],
     *,
     data_folder: str | Path | None = None,
+    mask: str | None = None,
 ) -> dict[str, Whitening]:
     """Each group's compensating whitening (by ``group.key``): fitted to the outputs the
     ``original`` model's inputs give (its external data in ``data_folder``), for the inputs the
     ``current`` model gives it on ``feeds``. Groups reading one activation (Q, K, V) share one;
-    groups that multiply a constant are left out (they have no activations)."""
+    groups that multiply a constant are left out (they have no activations). Rows where the
+    feed ``mask`` is zero (padding) are left out (``statistics.real_rows``)."""
     constants = {tensor.name for tensor in original.graph.initializer}
     groups = [g for g in groups if not {node.inputs[0].name for node in g.nodes} & constants]
     keys = sorted({activation_key(node) for group in groups for node in group.nodes})
@@ -69,9 +73,10 @@ def compensating_whitenings(
         proto, folder = runnable_proto(current)
         stats = {key: PairedStats() for key in keys}
         now = _activations(proto, keys, feeds, folder)
-        for values, before in zip(now, store, strict=True):
+        for values, before, feed in zip(now, store, feeds, strict=True):
             for key, stat in stats.items():
-                stat.add(values[_name(key)], before[_name(key)])
+                x = values[_name(key)]
+                stat.add(x, before[_name(key)], real_rows(x, feed, mask))
     finally:
         store.close()
     shared: dict[tuple, Whitening] = {}

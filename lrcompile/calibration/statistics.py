@@ -46,16 +46,32 @@ class ActivationStats:
 
     gram: np.ndarray | None = None
     amax: float = 0.0
-    rows: int = 0
-    batch_rows: int = 0  # the most rows of one batch
+    rows: int = 0  # rows in the Gram matrix
+    batch_rows: int = 0  # the most rows of one batch, padding included
 
-    def add(self, x: np.ndarray) -> None:
-        self.gram = accumulate_gram(self.gram, x)
+    def add(self, x: np.ndarray, keep: np.ndarray | None = None) -> None:
+        """Adds one batch; ``keep`` (a boolean per row, ``real_rows``) selects the rows that
+        enter the Gram matrix. The amax is over every row: padding runs, too."""
+        rows = np.reshape(x, (-1, x.shape[-1]))
+        self.batch_rows = max(self.batch_rows, len(rows))
         if x.size:
             self.amax = max(self.amax, float(np.max(np.abs(x))))
-        rows = int(np.prod(x.shape[:-1]))
-        self.rows += rows
-        self.batch_rows = max(self.batch_rows, rows)
+        if keep is not None:
+            rows = rows[keep]
+        self.gram = accumulate_gram(self.gram, rows)
+        self.rows += len(rows)
+
+
+def real_rows(x: np.ndarray, feed: Feed, mask: str | None) -> np.ndarray | None:
+    """Which rows of activation ``x`` are real tokens, not padding: where ``feed[mask]``
+    (``[batch, sequence]``) is nonzero, when ``x`` is ``[batch, sequence, K]`` or
+    ``[batch * sequence, K]`` (flattened in that order); None (every row) when ``x``'s rows do
+    not line up with the mask (a KV cache's mask also spans past tokens)."""
+    if mask is None or mask not in feed:
+        return None
+    positions = np.asarray(feed[mask])
+    lined_up = x.shape[:-1] == positions.shape or (x.ndim == 2 and x.shape[0] == positions.size)
+    return positions.reshape(-1) != 0 if lined_up else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,13 +232,14 @@ def calibrate(
     stats = {key: ActivationStats() for key in activations}
     kept = outputs if keep_reference else []
     with runtime_errors("calibration"):
-        reference = _accumulate(session, names, kept, run, stats, on_batch, fitted)
+        reference = _accumulate(session, names, kept, run, stats, on_batch, fitted, source.mask)
     return Calibration(stats, feeds, reference, source.description, source.synthetic, fitted)
 
 
-def _accumulate(session, names, outputs, feeds, stats, on_batch, fitted) -> OutputStore:
+def _accumulate(session, names, outputs, feeds, stats, on_batch, fitted, mask) -> OutputStore:
     """Runs every feed, adding each activation of the first ``fitted`` (all: None) to its
-    statistics; returns the model's outputs."""
+    statistics, padding rows (zeros of the feed ``mask``) left out of the Gram matrices;
+    returns the model's outputs."""
     reference = OutputStore(prefix="lrcompile-calibration-")
     fitted = len(feeds) if fitted is None else fitted
     for index, feed in enumerate(feeds):
@@ -231,8 +248,8 @@ def _accumulate(session, names, outputs, feeds, stats, on_batch, fitted) -> Outp
         values = dict(zip(names, session.run(names, feed), strict=True)) | feed
         if index < fitted:
             for (name, transposed), stat in stats.items():
-                x = values[name]
-                stat.add(x.T if transposed else x)
+                x = values[name].T if transposed else values[name]
+                stat.add(x, real_rows(x, feed, mask))
         reference.append({name: values[name] for name in outputs})
     if on_batch is not None:
         on_batch(len(feeds), len(feeds), "")

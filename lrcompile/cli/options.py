@@ -159,6 +159,13 @@ COMPILE_OPTIONS = [
         " to the original outputs from the compressed model's inputs (0: off).",
     ),
     config_option(
+        "--padding-mask",
+        field="padding_mask",
+        metavar="INPUT",
+        help="Input whose zeros mark padding: those rows stay out of the calibration statistics"
+        ' (used when the model has it; "" counts every row).',
+    ),
+    config_option(
         "--fp8",
         field="fp8",
         is_flag=True,

@@ -294,6 +294,9 @@ class FeedSource:
     feeds: list[Feed]
     description: str
     synthetic: bool
+    mask: str | None = (
+        None  # the feed whose zeros mark padding rows (``CompileConfig.padding_mask``)
+    )
 
 
 def warn_if_synthetic(source: FeedSource, doing: str, why: str, fix: str) -> None:
