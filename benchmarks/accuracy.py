@@ -9,6 +9,9 @@ For each budget B (default 0.9, 0.8, 0.6):
 - ``auto latency``: ``--rank auto --objective latency --budget B``: B of the searched layers'
   latency measured on ONNX Runtime CPU at the calibration batches' rows; layers whose factored
   form is not faster stay dense;
+- ``auto flops, all rows`` (MiniLM, whose batches are padded): ``auto flops`` with
+  ``--padding-mask ""``, the statistics of every row, padding included, as before padding was
+  left out;
 - MiniLM with ``--compensate N``: the whitened ones again with error compensation in N blocks.
 
 Every row is measured on held-out data: MiniLM's held-out sentences (embedding cosine mean and
@@ -41,6 +44,7 @@ from lrcompile.demo.minilm import embed, prepare
 from lrcompile.runtime.latency import model_latencies
 
 METHODS = ("plain uniform", "whitened uniform", "auto flops", "auto latency")
+EVERY_ROW = "auto flops, all rows"  # MiniLM only: the LM has no padding
 HEADER = f"{'budget':>6} {'method':<24} {'params':>6} {'flops':>6}"
 
 
@@ -55,13 +59,15 @@ def options_for(method: str, budget: float, calib: Path) -> dict:
         return {"rank": str(budget)}
     options = {"rank": str(budget), "calib": str(calib)}
     if method.startswith("auto"):
-        objective = method.split()[1]
+        objective = method.split()[1].rstrip(",")
         options |= {"rank": "auto", "budget": budget, "tolerance": 1.0, "objective": objective}
+    if method == EVERY_ROW:
+        options["padding_mask"] = ""
     return options
 
 
 def minilm(args) -> None:
-    methods = list(args.methods)
+    methods = list(args.methods or [*METHODS, EVERY_ROW])
     if args.compensate:
         methods += ["whitened uniform + comp", "auto flops + comp"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,11 +166,13 @@ def main() -> None:
     parser.add_argument("model", choices=("minilm", "lm"))
     parser.add_argument("workdir", type=Path, nargs="?", help="lm: from examples/llm/prepare.py")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.6])
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, EVERY_ROW])
     parser.add_argument("--compensate", type=int, default=0, metavar="BLOCKS", help="minilm")
     args = parser.parse_args()
     if args.model == "lm" and args.workdir is None:
         parser.error("lm needs WORKDIR (examples/llm/prepare.py writes it)")
+    if args.model == "lm":
+        args.methods = args.methods or list(METHODS)
     (minilm if args.model == "minilm" else lm)(args)
 
 
