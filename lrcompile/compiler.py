@@ -238,7 +238,7 @@ def _checked(plan, config, auto, result, output_path: Path, timer, check_feeds) 
     """The result of a rewrite: verified (unless ``config`` says not to) when it factored any
     layer, else with no output."""
     prepared = plan.prepared
-    source = plan.source.description if plan.source is not None else None
+    source = stages.statistics_description(plan.source) if plan.source is not None else None
     compiled = CompileResult(
         prepared.path, None, result.layers, None, config, auto, source, timer.seconds, result.fp8,
         tuple(prepared.left_alone),

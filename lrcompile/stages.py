@@ -287,11 +287,18 @@ def calibration_source(prepared: Prepared, config: CompileConfig) -> data_lib.Fe
         return source
     positions = [np.asarray(feed[mask]) for feed in source.feeds if mask in feed]
     padding = sum(int(np.sum(p == 0)) for p in positions) / max(sum(p.size for p in positions), 1)
-    what = (
-        f"{source.description} (its padding, {mask} == 0 at {padding:.0%} of positions, left"
-        " out of the statistics)"
+    return dataclasses.replace(source, mask=mask, padding=padding)
+
+
+def statistics_description(source: data_lib.FeedSource) -> str:
+    """What calibration statistics of ``source``'s feeds are of: its description, and the
+    padding they leave out."""
+    if source.mask is None:
+        return source.description
+    return (
+        f"{source.description} (its padding, {source.mask} == 0 at {source.padding:.0%} of"
+        " positions, left out of the statistics)"
     )
-    return dataclasses.replace(source, description=what, mask=mask)
 
 
 def padding_mask(inputs: Sequence[data_lib.InputSpec], name: str) -> str | None:

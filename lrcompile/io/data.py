@@ -289,14 +289,14 @@ def load_script(spec: str, inputs: Sequence[InputSpec]) -> list[Feed]:
 
 @dataclasses.dataclass(frozen=True)
 class FeedSource:
-    """Feeds and where they came from."""
+    """Feeds, where they came from, and the feed whose zeros mark padding rows (with the share
+    of its positions that are; ``CompileConfig.padding_mask``)."""
 
     feeds: list[Feed]
     description: str
     synthetic: bool
-    mask: str | None = (
-        None  # the feed whose zeros mark padding rows (``CompileConfig.padding_mask``)
-    )
+    mask: str | None = None
+    padding: float = 0.0
 
 
 def warn_if_synthetic(source: FeedSource, doing: str, why: str, fix: str) -> None:
