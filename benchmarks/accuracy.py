@@ -58,12 +58,13 @@ def options_for(method: str, budget: float, calib: Path) -> dict:
     if method == "plain uniform":
         return {"rank": str(budget)}
     options = {"rank": str(budget), "calib": str(calib)}
-    if method.startswith("auto"):
-        objective = method.split()[1].rstrip(",")
-        options |= {"rank": "auto", "budget": budget, "tolerance": 1.0, "objective": objective}
-    if method == EVERY_ROW:
-        options["padding_mask"] = ""
-    return options
+    auto = {"rank": "auto", "budget": budget, "tolerance": 1.0}
+    extra = {
+        "auto flops": auto | {"objective": "flops"},
+        "auto latency": auto | {"objective": "latency"},
+        EVERY_ROW: auto | {"objective": "flops", "padding_mask": ""},
+    }
+    return options | extra.get(method, {})
 
 
 def minilm(args) -> None:

@@ -139,7 +139,7 @@ def inspect_model(
                 sensitivity=by_key[group.key].sensitivity,
             )
     curve = _curve(prepared, weighted, factorize, calibration, curve_points, config)
-    return Inspection(tuple(layers), notes, curve, calibration.source)
+    return Inspection(tuple(layers), notes, curve, stages.statistics_description(plan.source))
 
 
 def _layer_info(group, factorize) -> LayerInfo:

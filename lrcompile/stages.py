@@ -17,13 +17,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
 from lrcompile.calibration import chunks as calibration_chunks
 from lrcompile.calibration import refusals
 from lrcompile.calibration.ranges import RangeCalibration
-from lrcompile.calibration.statistics import Calibration
+from lrcompile.calibration.statistics import Calibration, padding_share
 from lrcompile.check.verify import check_labels
 from lrcompile.config import DEFAULT_ITERATIONS, DEFAULT_PADDING_MASK, CompileConfig
 from lrcompile.errors import DataError, LrcompileError
@@ -285,19 +284,35 @@ def calibration_source(prepared: Prepared, config: CompileConfig) -> data_lib.Fe
     mask = padding_mask(prepared.inputs, config.padding_mask)
     if mask is None:
         return source
-    positions = [np.asarray(feed[mask]) for feed in source.feeds if mask in feed]
-    padding = sum(int(np.sum(p == 0)) for p in positions) / max(sum(p.size for p in positions), 1)
-    return dataclasses.replace(source, mask=mask, padding=padding)
+    padding = padding_share(source.feeds, mask)
+    if padding is None:
+        if config.padding_mask != DEFAULT_PADDING_MASK:
+            raise DataError(
+                f"--padding-mask {mask!r}: the calibration data holds values other than 0 and 1"
+                ' in it; expected 1 at real tokens and 0 at padding (pass "" to count every row)'
+            )
+        logger.warning(
+            "%s holds values other than 0 and 1 (an additive mask?): padding is not left out of"
+            " the calibration statistics; --padding-mask names a 0/1 mask",
+            mask,
+        )
+        return source
+    if padding >= 1.0:
+        raise DataError(
+            f"--padding-mask {mask!r}: every position of the calibration data is padding (0):"
+            ' no rows to fit the factors to; pass "" to count every row'
+        )
+    return dataclasses.replace(source, mask=mask, padding=padding) if padding else source
 
 
 def statistics_description(source: data_lib.FeedSource) -> str:
     """What calibration statistics of ``source``'s feeds are of: its description, and the
-    padding they leave out."""
+    padding they leave out where activations line up with the mask."""
     if source.mask is None:
         return source.description
     return (
         f"{source.description} (its padding, {source.mask} == 0 at {source.padding:.0%} of"
-        " positions, left out of the statistics)"
+        " positions, left out of the statistics of activations that line up with it)"
     )
 
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import lrcompile
-from lrcompile import cli
+from lrcompile import cli, stages
 from lrcompile.calibration.compensation import compensating_whitenings
 from lrcompile.calibration.statistics import ActivationStats, calibrate, real_rows
 from lrcompile.io import data as data_lib
@@ -155,3 +155,41 @@ def test_compensation_statistics_leave_padding_out_too(padded, tmp_path, rng):
     real = x[mask == 1].astype(np.float64)
     lower = np.linalg.cholesky(real.T @ real / len(real))
     np.testing.assert_allclose(white[groups[0].key].lower, lower, rtol=1e-6, atol=1e-9)
+
+
+def _compile(padded, tmp_path, *extra):
+    out = tmp_path / "out.onnx"
+    args = [str(padded), "-o", str(out), "--rank", "0.5", "--rank-multiple", "4"]
+    args += ["--calib", str(tmp_path / "calib.npz")]
+    return CliRunner().invoke(cli.main, [*args, *extra]), out
+
+
+def test_a_mask_with_no_real_token_exits_2(padded, tmp_path, rng):
+    x, mask = _tokens(rng, batches=8)
+    np.savez(tmp_path / "calib.npz", x=x, attention_mask=np.zeros_like(mask))
+    result, out = _compile(padded, tmp_path)
+    assert result.exit_code == 2 and not out.exists()
+    assert "every position of the calibration data is padding" in result.output
+    # Counting every row is the way out (no check: the outputs, zeroed by the mask, are all 0).
+    result, out = _compile(padded, tmp_path, "--padding-mask", "", "--no-verify")
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+
+
+def test_an_additive_mask_is_not_read_inverted(padded, tmp_path, rng, caplog):
+    x, mask = _tokens(rng, batches=8)
+    additive = np.where(mask == 1, 0, -10000).astype(np.int64)  # 0 where tokens attend
+    np.savez(tmp_path / "calib.npz", x=x, attention_mask=additive)
+    config = lrcompile.CompileConfig(rank="0.5", calib=str(tmp_path / "calib.npz"))
+    prepared = stages.load(padded, config)
+    assert stages.calibration_source(prepared, config).mask is None  # every row, warned
+    assert "values other than 0 and 1" in caplog.text
+
+
+def test_no_padding_no_note(padded, tmp_path, rng):
+    x, mask = _tokens(rng, batches=8)
+    np.savez(tmp_path / "calib.npz", x=x, attention_mask=np.ones_like(mask))
+    result = lrcompile.compile_model(
+        padded, tmp_path / "out.onnx", rank="0.5", calib=str(tmp_path / "calib.npz"), verify=False
+    )
+    assert result.calibration == str(tmp_path / "calib.npz")

@@ -37,7 +37,11 @@ class PairedStats:
     cross: np.ndarray | None = None
     rows: int = 0
 
-    def add(self, current: np.ndarray, original: np.ndarray, keep: np.ndarray | None) -> None:
+    def add(
+        self, current: np.ndarray, original: np.ndarray, keep: np.ndarray | None = None
+    ) -> None:
+        """Adds one batch of the activation now (``current``) and in the original model;
+        ``keep`` as in ``ActivationStats.add``."""
         width = current.shape[-1]
         now = np.asarray(current, dtype=np.float64).reshape(-1, width)
         before = np.asarray(original, dtype=np.float64).reshape(-1, width)

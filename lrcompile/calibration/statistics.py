@@ -74,6 +74,16 @@ def real_rows(x: np.ndarray, feed: Feed, mask: str | None) -> np.ndarray | None:
     return positions.reshape(-1) != 0 if lined_up else None
 
 
+def padding_share(feeds: Sequence[Feed], mask: str) -> float | None:
+    """The share of the feeds' ``mask`` positions that are padding (zero); None when the mask
+    holds values other than 0 and 1 (an additive mask, 0 where tokens attend, would read
+    inverted)."""
+    positions = [np.asarray(feed[mask]) for feed in feeds if mask in feed]
+    if not positions or any(not np.isin(p, (0, 1)).all() for p in positions):
+        return None
+    return sum(int(np.sum(p == 0)) for p in positions) / sum(p.size for p in positions)
+
+
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """Statistics per activation, the feeds they came from, and the model's outputs on them."""
@@ -232,11 +242,13 @@ def calibrate(
     stats = {key: ActivationStats() for key in activations}
     kept = outputs if keep_reference else []
     with runtime_errors("calibration"):
-        reference = _accumulate(session, names, kept, run, stats, on_batch, fitted, source.mask)
+        reference = _accumulate(
+            session, names, kept, run, stats, on_batch, fitted, mask=source.mask
+        )
     return Calibration(stats, feeds, reference, source.description, source.synthetic, fitted)
 
 
-def _accumulate(session, names, outputs, feeds, stats, on_batch, fitted, mask) -> OutputStore:
+def _accumulate(session, names, outputs, feeds, stats, on_batch, fitted, *, mask) -> OutputStore:
     """Runs every feed, adding each activation of the first ``fitted`` (all: None) to its
     statistics, padding rows (zeros of the feed ``mask``) left out of the Gram matrices;
     returns the model's outputs."""

@@ -205,6 +205,12 @@ def build_command(
     "--calib-script", field="calib_script", metavar="FILE.py[:FUNC]", help="Or a script."
 )
 @config_option(
+    "--padding-mask",
+    field="padding_mask",
+    metavar="INPUT",
+    help='Input whose zeros mark padding, left out of the statistics ("" counts every row).',
+)
+@config_option(
     "--input-shapes",
     field="input_shapes",
     multiple=True,
