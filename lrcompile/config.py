@@ -104,8 +104,9 @@ class CompileConfig:
         padding_mask: The input whose zero entries mark padding (``[batch, sequence]``, as
             Hugging Face exports' ``attention_mask``): activation rows at those positions stay
             out of the calibration statistics the factors are fitted to, so that they fit the
-            real tokens; ``""`` counts every row. Used when the model has that input; a name
-            other than the default that the model lacks is refused.
+            real tokens; ``""`` counts every row. Used when the model has that input as 2-D and
+            the calibration data (not synthetic) holds 0 and 1 in it; a name other than the
+            default that is not such an input is refused, as is data that is all padding.
     """
 
     rank: str

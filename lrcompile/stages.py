@@ -274,7 +274,7 @@ def calibration_source(prepared: Prepared, config: CompileConfig) -> data_lib.Fe
     """The calibration feeds ``config`` names (synthetic when it names none).
 
     Its ``mask`` is ``config.padding_mask`` when the model has that input as ``[batch,
-    sequence]``.
+    sequence]``, the data is not synthetic, and the mask holds padding (zeros; only 0 and 1).
 
     Raises:
         DataError: The data does not fit the model, or ``--padding-mask`` names an input it
@@ -282,8 +282,8 @@ def calibration_source(prepared: Prepared, config: CompileConfig) -> data_lib.Fe
     """
     source = feeds(prepared, config, config.calib, config.calib_script)
     mask = padding_mask(prepared.inputs, config.padding_mask)
-    if mask is None:
-        return source
+    if mask is None or source.synthetic:
+        return source  # a synthetic mask's zeros are random, not padding
     padding = padding_share(source.feeds, mask)
     if padding is None:
         if config.padding_mask != DEFAULT_PADDING_MASK:

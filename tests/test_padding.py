@@ -193,3 +193,10 @@ def test_no_padding_no_note(padded, tmp_path, rng):
         padded, tmp_path / "out.onnx", rank="0.5", calib=str(tmp_path / "calib.npz"), verify=False
     )
     assert result.calibration == str(tmp_path / "calib.npz")
+
+
+def test_a_synthetic_mask_is_not_padding(padded):
+    config = lrcompile.CompileConfig(rank="0.5", calib="synthetic")
+    source = stages.calibration_source(stages.load(padded, config), config)
+    assert source.synthetic and source.mask is None
+    assert any(not feed["attention_mask"].all() for feed in source.feeds)  # random zeros
