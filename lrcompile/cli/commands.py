@@ -22,6 +22,7 @@ from lrcompile.cli import render
 from lrcompile.cli.options import (
     CHECK_OPTIONS,
     COMPILE_OPTIONS,
+    PADDING_MASK_OPTION,
     PATH,
     config_option,
     with_options,
@@ -204,12 +205,7 @@ def build_command(
 @config_option(
     "--calib-script", field="calib_script", metavar="FILE.py[:FUNC]", help="Or a script."
 )
-@config_option(
-    "--padding-mask",
-    field="padding_mask",
-    metavar="INPUT",
-    help='Input whose zeros mark padding, left out of the statistics ("" counts every row).',
-)
+@PADDING_MASK_OPTION
 @config_option(
     "--input-shapes",
     field="input_shapes",

@@ -75,6 +75,15 @@ CHECK_OPTIONS = [
     config_option("--batch-size", field="batch_size", type=int, help="Rows per batch."),
 ]
 
+# Shared by compile and inspect.
+PADDING_MASK_OPTION = config_option(
+    "--padding-mask",
+    field="padding_mask",
+    metavar="INPUT",
+    help="Input whose zeros mark padding: those rows stay out of the calibration statistics"
+    ' (used when the model has it; "" counts every row).',
+)
+
 COMPILE_OPTIONS = [
     config_option(
         "--rank",
@@ -158,13 +167,7 @@ COMPILE_OPTIONS = [
         help="Error compensation when calibrating: factor in BLOCKS blocks of layers, each fitted"
         " to the original outputs from the compressed model's inputs (0: off).",
     ),
-    config_option(
-        "--padding-mask",
-        field="padding_mask",
-        metavar="INPUT",
-        help="Input whose zeros mark padding: those rows stay out of the calibration statistics"
-        ' (used when the model has it; "" counts every row).',
-    ),
+    PADDING_MASK_OPTION,
     config_option(
         "--fp8",
         field="fp8",
