@@ -21,11 +21,9 @@ from lrcompile.config import CompileConfig
 from lrcompile.errors import LrcompileError
 from lrcompile.numerics.allocate import allocation_path
 from lrcompile.numerics.ranks import break_even_rank
-from lrcompile.passes.factor_cache import FactorCache
 from lrcompile.passes.low_rank import effective_weight, release_weight
 from lrcompile.pipeline import build_pipeline, factorize_pass
 from lrcompile.runtime.metrics import measure_error
-from lrcompile.search.sensitivity import layer_spectra, measure_sensitivities
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,19 +121,15 @@ def inspect_model(
         return Inspection(tuple(layers), notes, (), None)
     plan = stages.plan_calibration(prepared, config, factorize)
     calibration, groups = plan.statistics, prepared.groups
-    whitening = {}
-    for chunk, statistics in zip(plan.chunks, plan.chunk_statistics(), strict=True):
-        whitening |= statistics.whitening(chunk)
-    factorize = dataclasses.replace(factorize, whitening=whitening, cache=FactorCache())
-    weighted = measure_sensitivities(
-        prepared.model, layer_spectra(groups, factorize), groups, factorize, calibration
-    )
+    # What a compile's search starts from: cached factors, held-out energies, sensitivities.
+    factorize, measured = stages.measure(plan, factorize)
+    weighted = measured.spectra
     by_key = {spectrum.name: spectrum for spectrum in weighted}
     for index, group in enumerate(groups):
         if group.key in by_key:
             layers[index] = dataclasses.replace(
                 layers[index],
-                whitened=np.sqrt(by_key[group.key].energies),
+                whitened=factorize.cache.get(group.key).spectrum,
                 sensitivity=by_key[group.key].sensitivity,
             )
     curve = _curve(prepared, weighted, factorize, calibration, curve_points, config)

@@ -71,8 +71,16 @@ class Calibrated:
             yield frozenset(group.key for group in self.prepared.groups), None
             return
         for chunk, statistics in zip(self.chunks, self.chunk_statistics(progress), strict=True):
-            # whitening() frees the Gram matrices: only the Cholesky factors are kept.
-            yield frozenset(group.key for group in chunk), statistics.whitening(chunk)
+            # The layers reading one activation at a time: whitenings() frees each Gram matrix
+            # once its readers have their Cholesky factor, which goes once they are factored.
+            whitened: set[str] = set()
+            for members, white in statistics.whitenings(chunk):
+                keys = frozenset(group.key for group in members)
+                whitened |= keys
+                yield keys, dict.fromkeys(keys, white)
+            rest = frozenset(group.key for group in chunk) - whitened  # without statistics
+            if rest:
+                yield rest, {}
 
     def _compensated(self, progress: ProgressCallback | None) -> Iterator[Chunk]:
         """The blocks in turn: the first as without compensation (under ``auto``, the search's

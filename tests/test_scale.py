@@ -121,7 +121,7 @@ def test_auto_calibrates_in_chunks_with_the_output_of_one_pass(tmp_path, monkeyp
     digests, errors = [], []
     # Smallest budget: a chunk per activation (q, k, v share one, gate and up one) and lm_head.
     for fraction, expected_runs in ((10.0, 1), (1e-9, 9)):
-        monkeypatch.setattr(chunks, "AUTO_CALIBRATION_MEMORY_FRACTION", fraction)
+        monkeypatch.setattr(chunks, "CALIBRATION_MEMORY_FRACTION", fraction)
         calls: list[bool] = []
 
         def counting(*args, calls=calls, **kwargs):

@@ -11,37 +11,34 @@ from lrcompile.calibration.statistics import activation_key
 from lrcompile.io import model as model_io
 from lrcompile.passes.candidates import WeightGroup
 
-# Calibrating without auto holds the Gram matrices (and their Cholesky factors) of at most this
-# fraction of the model's weight bytes at a time (but at least one layer's).
-CALIBRATION_MEMORY_FRACTION = 0.25
-# Under auto only the Gram matrices of a chunk are held at once (each is whitened, its layers'
-# factors cached and freed in turn), up to this fraction; each further chunk is one more pass of
-# the original model over the calibration data.
-AUTO_CALIBRATION_MEMORY_FRACTION = 1.0
+# The Gram matrices of one chunk, up to this fraction of the model's weight bytes (but at least
+# one layer's), are held at once: each is whitened, its layers factored (or, under auto, their
+# factors cached) and freed in turn, so only one Cholesky factor lives beside them. Each further
+# chunk is one more pass of the original model over the calibration data.
+CALIBRATION_MEMORY_FRACTION = 1.0
 
 
 def memory_chunks(
     model: ir.Model,
     groups: Sequence[WeightGroup],
     *,
-    auto: bool = False,
+    held_out: bool = False,
 ) -> tuple[tuple, ...]:
-    """Groups of layers whose Gram matrices together fit a fraction of the model's weight
-    bytes (at least one layer each): ``CALIBRATION_MEMORY_FRACTION`` counting their Cholesky
-    factors too, or under ``auto`` ``AUTO_CALIBRATION_MEMORY_FRACTION``, the Gram matrices alone.
-    Layers reading one activation (Q, K, V) count it once.
+    """Groups of layers whose Gram matrices together fit ``CALIBRATION_MEMORY_FRACTION`` of the
+    model's weight bytes (at least one layer each), two per activation with ``held_out`` (auto's:
+    of the fitted and of the held-back batches). Layers reading one activation (Q, K, V) count
+    it once.
 
     A Gram matrix is K x K float64: for a 4096 x 11008 down projection 970 MB, ten times its fp16
     weight, so holding every layer's at once would cost far more than the model.
     """
-    fraction = AUTO_CALIBRATION_MEMORY_FRACTION if auto else CALIBRATION_MEMORY_FRACTION
-    budget = max(int(model_io.tensor_bytes(model) * fraction), 1)
+    budget = max(int(model_io.tensor_bytes(model) * CALIBRATION_MEMORY_FRACTION), 1)
     chunks: list[list] = [[]]
     used = 0
     counted: set[tuple[str, bool]] = set()
     for group in groups:
         reads = {activation_key(node) for node in group.nodes}
-        cost = 8 * group.shape[0] ** 2 * (1 if auto else 2) * len(reads - counted)
+        cost = 8 * group.shape[0] ** 2 * (2 if held_out else 1) * len(reads - counted)
         counted |= reads
         if cost and chunks[-1] and used + cost > budget:
             chunks.append([])
