@@ -53,18 +53,6 @@ def speed(original: Path, candidate: Path, feed: dict[str, np.ndarray]) -> float
     return dense / compiled
 
 
-def pricing(result) -> str:
-    """Whose allocation path auto's answer is on, and each pricing's measured error there:
-    ``held-out (held-out 0.012, fitted 0.013)``; ``-`` without auto."""
-    if result.auto is None:
-        return "-"
-    errors = {}
-    for step in result.auto.steps:  # the last probe of each pricing: where its search ended
-        errors[step.pricing] = step.measured_error
-    measured = ", ".join(f"{name} {error:.4g}" for name, error in errors.items())
-    return f"{result.auto.pricing} ({measured})"
-
-
 def options_for(method: str, budget: float, calib: Path) -> dict:
     """The ``compile_model`` options of ``method`` at ``budget``."""
     if method == "plain uniform":
@@ -89,10 +77,7 @@ def minilm(args) -> None:
         original, calib, heldout = prepared.model, prepared.calib, prepared.heldout_feeds()
         feed = {name: array[:8] for name, array in np.load(calib).items()}
         reference = embed(original, heldout)
-        print(
-            f"{HEADER} {'cos mean':>8} {'cos min':>8} {'NN agree':>8} {'speed':>6} {'s':>5}"
-            f" {'pricing':<8}"
-        )
+        print(f"{HEADER} {'cos mean':>8} {'cos min':>8} {'NN agree':>8} {'speed':>6} {'s':>5}")
         for budget in args.budgets:
             uniform_flops = budget
             for method in methods:
@@ -113,8 +98,7 @@ def minilm(args) -> None:
                 print(
                     f"{budget:>6.2f} {method:<24} {result.totals.params_ratio:>6.3f}"
                     f" {result.totals.flop_ratio:>6.3f} {cos.mean():>8.4f} {cos.min():>8.4f}"
-                    f" {agree:>8.3f} {speed(original, out, feed):>6.2f} {seconds:>5.0f}"
-                    f" {pricing(result)}",
+                    f" {agree:>8.3f} {speed(original, out, feed):>6.2f} {seconds:>5.0f}",
                     flush=True,
                 )
 
@@ -132,10 +116,7 @@ def lm(args) -> None:
     original, calib = workdir / "lm.onnx", workdir / "calib.npz"
     ids = np.load(workdir / "heldout.npz")["input_ids"]
     feed = {"input_ids": np.load(calib)["input_ids"][:1]}
-    print(
-        f"{HEADER} {'ppl':>6} {'KL':>7} {'top-1 chg':>9} {'speed':>6} {'min':>5} {'pricing':<8}",
-        flush=True,
-    )
+    print(f"{HEADER} {'ppl':>6} {'KL':>7} {'top-1 chg':>9} {'speed':>6} {'min':>5}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lrcompile-eval-") as scratch:
         dense = evaluate.run(original, ids, Path(scratch), reference=True)
 
@@ -146,7 +127,7 @@ def lm(args) -> None:
                 f" {result.totals.flop_ratio:>6.3f}"
                 f" {compiled['perplexity'] / dense['perplexity']:>6.3f} {compiled['kl']:>7.4f}"
                 f" {compiled['top1_changed']:>9.3f} {speed(original, out, feed):>6.2f}"
-                f" {seconds / 60:>5.1f} {pricing(result)}",
+                f" {seconds / 60:>5.1f}",
                 flush=True,
             )
 

@@ -121,7 +121,7 @@ def inspect_model(
         return Inspection(tuple(layers), notes, (), None)
     plan = stages.plan_calibration(prepared, config, factorize)
     calibration, groups = plan.statistics, prepared.groups
-    # What a compile's search starts from: cached factors, held-out energies, sensitivities.
+    # What a compile's search starts from: cached factors, spectra, sensitivities.
     factorize, measured = stages.measure(plan, factorize)
     weighted = measured.spectra
     by_key = {spectrum.name: spectrum for spectrum in weighted}

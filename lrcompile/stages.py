@@ -94,8 +94,8 @@ def plan_calibration(
         _warn_if_synthetic(source)
         chunks = calibration_chunks.memory_chunks(model, groups)
         return Calibrated(prepared, source, chunks, blocks=blocks)
+    chunks = calibration_chunks.memory_chunks(model, groups)
     fitted = fitted_batches(source, config.validation)
-    chunks = calibration_chunks.memory_chunks(model, groups, held_out=fitted is not None)
     plan = Calibrated(prepared, source, chunks, fitted=fitted, blocks=blocks)
     on_batch = stage_callback(progress, "calibrating")
     statistics = plan._gather(chunks[0], keep_reference=True, on_batch=on_batch)
@@ -262,8 +262,7 @@ def _cache_chunk(plan, statistics: Calibration, chunk, factorize) -> dict:
         refusals.refuse_degenerate_input(
             statistics, plan.prepared.path, plan.source, members, whitening
         )
-        held_out = statistics.held_out_grams(members)
-        whitened = dataclasses.replace(factorize, whitening=whitening, held_out=held_out)
+        whitened = dataclasses.replace(factorize, whitening=whitening)
         for group in members:
             searched = factorize.spec_for(group).kind == "auto" and not factorize.refusal(group)
             if not (searched and whitened.cache_finite(group) is not None):

@@ -13,21 +13,19 @@ from lrcompile.passes.candidates import WeightGroup
 
 # The Gram matrices of one chunk, up to this fraction of the model's weight bytes (but at least
 # one layer's), are held at once: each is whitened, its layers factored (or, under auto, their
-# factors cached) and freed in turn, so only one Cholesky factor lives beside them. Each further
-# chunk is one more pass of the original model over the calibration data.
+# factors cached), and it and its Cholesky factor freed in turn, so Cholesky factors do not pile
+# up beside them. Each further chunk is one more pass of the original model over the calibration
+# data.
 CALIBRATION_MEMORY_FRACTION = 1.0
 
 
 def memory_chunks(
     model: ir.Model,
     groups: Sequence[WeightGroup],
-    *,
-    held_out: bool = False,
 ) -> tuple[tuple, ...]:
     """Groups of layers whose Gram matrices together fit ``CALIBRATION_MEMORY_FRACTION`` of the
-    model's weight bytes (at least one layer each), two per activation with ``held_out`` (auto's:
-    of the fitted and of the held-back batches). Layers reading one activation (Q, K, V) count
-    it once.
+    model's weight bytes (at least one layer each); layers reading one activation (Q, K, V)
+    count it once.
 
     A Gram matrix is K x K float64: for a 4096 x 11008 down projection 970 MB, ten times its fp16
     weight, so holding every layer's at once would cost far more than the model.
@@ -38,7 +36,7 @@ def memory_chunks(
     counted: set[tuple[str, bool]] = set()
     for group in groups:
         reads = {activation_key(node) for node in group.nodes}
-        cost = 8 * group.shape[0] ** 2 * (2 if held_out else 1) * len(reads - counted)
+        cost = 8 * group.shape[0] ** 2 * len(reads - counted)
         counted |= reads
         if cost and chunks[-1] and used + cost > budget:
             chunks.append([])

@@ -96,8 +96,6 @@ class Calibration:
     # The statistics are of the first ``fitted`` feeds (None: all); the others are held back, so
     # that ``auto`` measures its candidates on batches its factors were not fitted to.
     fitted: int | None = None
-    # The same statistics of the held-back feeds: what the allocation prices truncation by.
-    held_out: dict[tuple[str, bool], ActivationStats] = dataclasses.field(default_factory=dict)
 
     @property
     def held_back(self) -> int:
@@ -116,20 +114,13 @@ class Calibration:
             return self.feeds, self.reference
         return self.feeds[self.fitted :], self.reference[self.fitted :]
 
-    def gram(self, group: WeightGroup, *, held_out: bool = False) -> np.ndarray | None:
+    def gram(self, group: WeightGroup) -> np.ndarray | None:
         """``X^T X / rows`` of everything the group's weight multiplies (over all its nodes): a
-        mean, so that whitened factors do not depend on how many calibration rows there were;
-        ``held_out``: of the held-back feeds (None when there are none)."""
-        source = self.held_out if held_out else self.stats
-        stats = [source.get(activation_key(node), ActivationStats()) for node in group.nodes]
+        mean, so that whitened factors do not depend on how many calibration rows there were."""
+        stats = [self.stats.get(activation_key(node), ActivationStats()) for node in group.nodes]
         if any(stat.gram is None for stat in stats):
             return None
         return np.sum([stat.gram for stat in stats], axis=0) / max(sum(s.rows for s in stats), 1)
-
-    def held_out_grams(self, groups: Sequence[WeightGroup]) -> dict[str, np.ndarray]:
-        """``gram(group, held_out=True)`` by group key, for the groups that have one."""
-        grams = {group.key: self.gram(group, held_out=True) for group in groups}
-        return {key: gram for key, gram in grams.items() if gram is not None}
 
     def batch_rows(self, group: WeightGroup) -> int:
         """The most rows of activation one of the group's nodes multiplies in one batch (what
@@ -203,10 +194,8 @@ class Calibration:
                 yield tuple(members), white
             for key in inputs:
                 pending[key] -= 1
-                if pending[key] == 0:
-                    for stats in (self.stats, self.held_out):
-                        if key in stats:
-                            stats[key].gram = None
+                if pending[key] == 0 and key in self.stats:
+                    self.stats[key].gram = None
 
     def whitening(self, groups: Sequence[WeightGroup]) -> dict[str, Whitening]:
         """The Cholesky whitening of each group with statistics, keyed by ``group.key``; groups
@@ -228,8 +217,8 @@ def calibrate(
     """Runs the original ``model`` (external data in ``data_folder``) on ``source``'s feeds,
     accumulating the statistics of ``groups``' inputs; ``on_batch(done, total, "")`` reports
     progress. The model's outputs are kept (for ``auto``) unless ``keep_reference`` is off.
-    With ``fitted``, the first ``fitted`` feeds enter the statistics and the others the
-    ``held_out`` ones."""
+    With ``fitted``, only the first ``fitted`` feeds enter the statistics (without the reference
+    the others are not run)."""
     proto = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
     constants = {t.name for t in proto.graph.initializer}
     activations = {activation_key(n) for g in groups for n in g.nodes} - {
@@ -237,6 +226,7 @@ def calibrate(
     }
     feeds = source.feeds
     fed = set(feeds[0]) if feeds else set()
+    run = feeds if keep_reference or fitted is None else feeds[:fitted]
     needed = {name for name, _ in activations} - fed
     outputs = [o.name for o in proto.graph.output]
     if not keep_reference and needed:
@@ -250,30 +240,28 @@ def calibrate(
     session = create_session(proto, data_folder=data_folder, low_memory=True)
     names = outputs + exposed
     stats = {key: ActivationStats() for key in activations}
-    held_out = {key: ActivationStats() for key in activations} if fitted is not None else {}
     kept = outputs if keep_reference else []
     with runtime_errors("calibration"):
         reference = _accumulate(
-            session, names, kept, feeds, (stats, held_out), on_batch, fitted, mask=source.mask
+            session, names, kept, run, stats, on_batch, fitted, mask=source.mask
         )
-    return Calibration(
-        stats, feeds, reference, source.description, source.synthetic, fitted, held_out
-    )
+    return Calibration(stats, feeds, reference, source.description, source.synthetic, fitted)
 
 
 def _accumulate(session, names, outputs, feeds, stats, on_batch, fitted, *, mask) -> OutputStore:
-    """Runs every feed, adding each activation of the first ``fitted`` (all: None) to the first
-    of ``stats`` and of the others to the second, padding rows (zeros of the feed ``mask``)
-    left out of the Gram matrices; returns the model's outputs."""
+    """Runs every feed, adding each activation of the first ``fitted`` (all: None) to its
+    statistics, padding rows (zeros of the feed ``mask``) left out of the Gram matrices;
+    returns the model's outputs."""
     reference = OutputStore(prefix="lrcompile-calibration-")
     fitted = len(feeds) if fitted is None else fitted
     for index, feed in enumerate(feeds):
         if on_batch is not None:
             on_batch(index, len(feeds), "")
         values = dict(zip(names, session.run(names, feed), strict=True)) | feed
-        for (name, transposed), stat in stats[index >= fitted].items():
-            x = values[name].T if transposed else values[name]
-            stat.add(x, real_rows(x, feed, mask))
+        if index < fitted:
+            for (name, transposed), stat in stats.items():
+                x = values[name].T if transposed else values[name]
+                stat.add(x, real_rows(x, feed, mask))
         reference.append({name: values[name] for name in outputs})
     if on_batch is not None:
         on_batch(len(feeds), len(feeds), "")

@@ -45,51 +45,6 @@ class LayerSpectrum:
     sensitivity: float = 1.0
     rows: int = 1  # rows of activation each node multiplies per calibration batch
     dtype: str = "float32"
-    # Where ``energies`` are of the held-back batches (each component's energy on them, then the
-    # rest's), the squared singular values: the energies on the batches the factors fit.
-    fitted: np.ndarray | None = None
-    # The squared relative output error measured with this layer alone at ``probe_rank``, which
-    # ``sensitivity`` scales the energies' share at that rank to (``priced``).
-    probe_error: float | None = None
-    probe_rank: int | None = None
-
-
-# How ``priced`` prices truncation: by the held-back batches' energies, by the fitted batches'
-# (the discarded squared singular values), or per rank by the larger relative tail of the two.
-PRICINGS: tuple[str, ...] = ("held-out", "fitted", "larger")
-
-
-def relative_tail(energies: np.ndarray) -> np.ndarray:
-    """``tail[r] = sum_{i>=r} e_i / sum_i e_i`` for r = 0 .. len(energies) (all zeros: 0)."""
-    energies = np.asarray(energies, dtype=np.float64)
-    tail = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]])
-    return tail / tail[0] if tail[0] > 0 else tail
-
-
-def pricings(layers: Sequence[LayerSpectrum]) -> tuple[str, ...]:
-    """The pricings that differ for ``layers``: all of ``PRICINGS`` where some layer has
-    held-back energies, else the fitted one alone."""
-    return PRICINGS if any(layer.fitted is not None for layer in layers) else ("fitted",)
-
-
-def priced(layer: LayerSpectrum, pricing: str) -> LayerSpectrum:
-    """``layer`` with the energies of ``pricing`` (``PRICINGS``) and its sensitivity re-derived so
-    that at ``probe_rank`` it predicts the measured ``probe_error`` again."""
-    if pricing not in PRICINGS:
-        raise ValueError(f"pricing must be one of {PRICINGS}, got {pricing!r}")
-    energies = layer.energies
-    if layer.fitted is not None and pricing != "held-out":
-        energies = layer.fitted
-        if pricing == "larger":
-            held, fitted = relative_tail(layer.energies), relative_tail(layer.fitted)
-            length = min(len(held), len(fitted))  # the held-back energies end with the rest's
-            tail = np.maximum(held[:length], fitted[:length])
-            energies = np.append(-np.diff(tail), tail[-1])
-    sensitivity = layer.sensitivity
-    if layer.probe_error is not None and layer.probe_rank is not None:
-        share = float(relative_tail(energies)[min(layer.probe_rank, len(energies))])
-        sensitivity = max(layer.probe_error / share, 1e-12) if share > 0 else sensitivity
-    return dataclasses.replace(layer, energies=energies, sensitivity=sensitivity)
 
 
 @dataclasses.dataclass(frozen=True)

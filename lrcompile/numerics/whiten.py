@@ -34,7 +34,6 @@ from lrcompile.numerics.decompose import Factorization, compute_dtype, fix_signs
 
 _JITTER_START = 1e-8
 _JITTER_TRIES = 12
-_COLUMNS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,31 +97,6 @@ def compensating_whitening(gram: np.ndarray, cross: np.ndarray) -> Whitening:
         raise ValueError(f"cross term of shape {cross.shape} for a Gram matrix {np.shape(gram)}")
     white = whitening_from_gram(gram)
     return dataclasses.replace(white, transform=np.linalg.solve(white.lower, cross))
-
-
-def held_out_energies(
-    w: np.ndarray, left: np.ndarray, right: np.ndarray, gram: np.ndarray
-) -> np.ndarray:
-    """The squared output norm of each component of ``left @ right`` (a truncated whitened SVD of
-    ``w``, balanced or not) on OTHER activations, ``gram = X_h^T X_h``, then of the rest of ``w``.
-
-    The rows of ``right`` are orthogonal, so the output error of the rank-r truncation on those
-    activations is exactly the sum of the entries past ``r``:
-    ``||X_h (W - left_r right_r)||^2 = sum_{i>=r} e_i`` -- the held-out counterpart of the
-    discarded squared singular values, which are the error on the activations the SVD was
-    fitted to. The last entry is ``||X_h W||^2`` minus the components' sum (at least 0).
-    """
-    gram = np.asarray(gram, dtype=np.float64)
-    left = np.asarray(left, dtype=np.float64)
-    components = np.sum((gram @ left) * left, axis=0) * np.sum(
-        np.square(np.asarray(right, dtype=np.float64)), axis=1
-    )
-    total = 0.0
-    for start in range(0, w.shape[1], _COLUMNS):  # an lm_head's columns, a block at a time
-        block = np.asarray(w[:, start : start + _COLUMNS], dtype=np.float64)
-        total += float(np.sum((gram @ block) * block))
-    rest = max(total - float(np.sum(components)), 0.0)
-    return np.concatenate([np.maximum(components, 0.0), [rest]])
 
 
 def balance(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

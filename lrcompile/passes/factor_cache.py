@@ -28,14 +28,6 @@ class CachedFactors:
     right: np.ndarray
     spectrum: np.ndarray  # float64, every singular value
     method: str
-    # Each component's output energy on the batches held back from the statistics, then the
-    # rest's (``whiten.held_out_energies``); None without held-back batches.
-    held_out: np.ndarray | None = None
-
-    def energies(self) -> np.ndarray:
-        """What the allocation prices truncation by: ``held_out`` where there is one, else the
-        squared singular values (the error on the activations the factors were fitted to)."""
-        return self.held_out if self.held_out is not None else np.square(self.spectrum)
 
     def at_rank(self, rank: int) -> Factorization:
         """The factorization at ``rank`` (at most the cached width)."""
@@ -71,25 +63,15 @@ class FactorCache:
             return None
         index, method = self._index[key]
         arrays = self._store[index]
-        held_out = arrays.get("held_out")
-        return CachedFactors(arrays["left"], arrays["right"], arrays["spectrum"], method, held_out)
+        return CachedFactors(arrays["left"], arrays["right"], arrays["spectrum"], method)
 
-    def put(
-        self,
-        key: str,
-        factors: Factorization,
-        spectrum: np.ndarray,
-        held_out: np.ndarray | None = None,
-    ) -> CachedFactors:
-        """Stores ``factors`` (at the largest rank any candidate may use), the spectrum and the
-        components' held-out energies."""
+    def put(self, key: str, factors: Factorization, spectrum: np.ndarray) -> CachedFactors:
+        """Stores ``factors`` (at the largest rank any candidate may use) and the spectrum."""
         arrays = {
             "left": factors.left,
             "right": factors.right,
             "spectrum": np.asarray(spectrum, dtype=np.float64),
         }
-        if held_out is not None:
-            arrays["held_out"] = np.asarray(held_out, dtype=np.float64)
         with self._lock:
             self._index[key] = (self._store.append(arrays), factors.method)
         return self.get(key)

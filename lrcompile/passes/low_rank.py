@@ -64,9 +64,6 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
     seed: int = 0
     allow_no_saving: bool = False
     whitening: Mapping[str, Whitening] = dataclasses.field(default_factory=dict, repr=False)
-    # The Gram matrices of the batches auto holds back, by group key: the cache records each
-    # component's energy on them (``whiten.held_out_energies``), which the allocation prices.
-    held_out: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
     chosen_ranks: Mapping[str, int | None] = dataclasses.field(default_factory=dict, repr=False)
     cache: FactorCache | None = dataclasses.field(default=None, compare=False, repr=False)
     spill: Spill | None = dataclasses.field(default=None, compare=False, repr=False)
@@ -141,11 +138,7 @@ class FactorizeLowRankPass(ir.passes.InPlacePass):
             factors = decompose.factorize(weight, top, svd=svd, overwrite=True)
         spectrum = svd[1]
         del svd
-        gram = self.held_out.get(group.key)
-        held_out = None
-        if gram is not None and white is not None:
-            held_out = whiten.held_out_energies(weight, factors.left, factors.right, gram)
-        return self.cache.put(group.key, factors, spectrum, held_out)
+        return self.cache.put(group.key, factors, spectrum)
 
     def cache_finite(self, group: WeightGroup) -> CachedFactors | None:
         """``cached(group)`` when its weight is finite, else None; a weight not yet cached is

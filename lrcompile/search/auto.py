@@ -1,22 +1,16 @@
 """``--rank auto``: the cheapest ranks whose outputs stay within the tolerance on calibration data.
 
-    whitened factors, each component's energy on the fitted and on the held-back batches
-      -> per-layer sensitivity (``lrcompile.search.sensitivity``)
-      -> an allocation path per pricing of truncation (``numerics.allocate.PRICINGS``: by the
-         held-back energies, the fitted ones, the larger of the two; all-dense ... cheapest), its
-         cost per-row FLOPs, parameters, or seconds measured on ONNX Runtime (``search.latency``)
-      -> bisection over the paths, each probe compiled by the same pipeline as the output
+    whitened spectra -> per-layer sensitivity (``lrcompile.search.sensitivity``)
+      -> allocation path (``lrcompile.numerics.allocate``: all-dense ... cheapest), its cost
+         per-row FLOPs, parameters, or seconds measured on ONNX Runtime (``search.latency``)
+      -> bisection over the path, each probe compiled by the same pipeline as the output
          (``lrcompile.pipeline``, FP8 included) and run end to end in ONNX Runtime
-         (``search.probes``)
 
 The spectra are only an error model; the end-to-end measurement on the calibration data decides:
 on the batches held back from the statistics (``CompileConfig.validation``), which the factors
 were not fitted to.
-Which pricing predicts a model's error best differs by model and budget (on a 0.5B LM the
-held-back energies won at 0.9 of the FLOPs and lost at 0.8 and 0.6), so each gets its path and
-the measurement chooses. The search keeps the cheapest allocation it measured within the
-tolerance (all-dense, error 0, is always within it); within a budget, the one of least measured
-error. Bisection assumes the error grows along the path, which it does in practice
+The search keeps the cheapest allocation it measured within the tolerance (all-dense, error 0, is
+always within it). Bisection assumes the error grows along the path, which it does in practice
 but not by construction: every answer it returns was measured, so it may be conservative, never
 over the tolerance on the calibration data.
 
@@ -29,29 +23,50 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
+from lrcompile.calibration.ranges import RangeCalibration
 from lrcompile.calibration.statistics import Calibration
 from lrcompile.config import CompileConfig
+from lrcompile.io.spill import Spill
 from lrcompile.numerics.allocate import (
     Allocation,
     LayerSpectrum,
     allocation_path,
-    priced,
-    pricings,
+    most_accurate_within,
 )
 from lrcompile.passes.candidates import WeightGroup
 from lrcompile.passes.low_rank import FactorizeLowRankPass
+from lrcompile.pipeline import build_pipeline
 from lrcompile.runtime.latency import LatencyTable, cache_path
+from lrcompile.runtime.metrics import measure_error
 from lrcompile.search.latency import LatencyEstimate, estimate, layer_seconds
-from lrcompile.search.probes import Prober, SearchStep, search
 from lrcompile.search.sensitivity import StepCallback, layer_spectra, measure_sensitivities
 
 logger = logging.getLogger(__name__)
+
+# The bisection stops when the cheapest allocation measured within the tolerance and the most
+# expensive one measured over it differ by at most this fraction of the dense cost: the last
+# halvings of a 4,000-point path (a 0.5B LM) would each cost a full run over the calibration data
+# to gain less than this.
+RESOLUTION = 0.005
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchStep:
+    """One probe of the bisection: a point on the path and its measured output error."""
+
+    index: int
+    cost_ratio: float
+    predicted_error: float  # the allocation's predicted relative L2 (sqrt of its squared error)
+    measured_error: float
+    passed: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +84,6 @@ class AutoResult:
     batches: int = 0  # calibration batches in all
     held_back: int = 0  # of them, held back from the statistics: the ones measured on (0: all)
     latency: LatencyEstimate | None = None  # the latency objective's table and prediction
-    pricing: str = "fitted"  # whose path the ranks are on (``numerics.allocate.PRICINGS``)
 
     @property
     def dense_layers(self) -> int:
@@ -87,7 +101,6 @@ class AutoResult:
             "batches": self.batches,
             "held_back": self.held_back,
             "latency": self.latency.to_dict() if self.latency is not None else None,
-            "pricing": self.pricing,
             # A probe whose outputs went non-finite measured no error: null, never NaN/Infinity.
             "steps": [
                 dataclasses.asdict(step)
@@ -176,13 +189,16 @@ def choose_ranks(
         table = LatencyTable(cache_path())
         seconds, shapes = layer_seconds(layers.spectra, multiple, table, on_latency)
         clock.lap("latency")
-    paths = _paths(layers.spectra, multiple, objective, seconds)
-    prober = Prober(model, factorize, calibration, config, paths, on_step)
-    pricing, best = search(paths, prober, config.budget)
+    path = allocation_path(layers.spectra, multiple=multiple, objective=objective, seconds=seconds)
+    prober = _Prober(model, factorize, calibration, config, path, on_step)
+    if config.budget is not None:
+        best = most_accurate_within(path, config.budget)
+        prober(best)
+    else:
+        best = _bisect([allocation.cost_ratio for allocation in path], prober)
     clock.lap("bisection")
     prober.done()
-    path = paths[pricing]
-    measured = prober.error(pricing, best)
+    measured = next((s.measured_error for s in prober.steps if s.index == best), 0.0)
     latency = None
     if table is not None:
         latency = estimate(table, path[best].dense_cost, path[best].cost, shapes)
@@ -198,21 +214,7 @@ def choose_ranks(
         len(calibration.feeds),
         calibration.held_back,
         latency,
-        pricing,
     )
-
-
-def _paths(spectra, multiple, objective, seconds) -> dict[str, list[Allocation]]:
-    """The allocation path of each pricing (``numerics.allocate.pricings``) of ``spectra``."""
-    return {
-        pricing: allocation_path(
-            [priced(layer, pricing) for layer in spectra],
-            multiple=multiple,
-            objective=objective,
-            seconds=seconds,
-        )
-        for pricing in pricings(spectra)
-    }
 
 
 class _Clock:
@@ -226,3 +228,72 @@ class _Clock:
         now = time.perf_counter()
         self.seconds[stage] = now - self._last
         self._last = now
+
+
+class _Prober:
+    """Compiles the allocation at a path index like the output, measures it, records the step."""
+
+    def __init__(self, model, factorize, calibration, config, path, on_step) -> None:
+        self.model, self.factorize = model, factorize
+        self.calibration, self.config, self.path, self.on_step = calibration, config, path, on_step
+        self.tolerance = config.tolerance * (1.0 - config.headroom)
+        # FP8 ranges from the fitted batches only, as in the output (``stages.rewrite``).
+        self.ranges = RangeCalibration(calibration.fitted_feeds(), config.fp8_calib)
+        span = path[0].cost_ratio - path[-1].cost_ratio if path else 0.0
+        self.expected = int(np.ceil(np.log2(max(min(len(path), span / RESOLUTION), 2)))) + 1
+        self.steps: list[SearchStep] = []
+
+    def __call__(self, index: int) -> bool:
+        allocation = self.path[index]
+        if self.on_step is not None:
+            self.on_step(len(self.steps), self.expected, f"cost x{allocation.cost_ratio:.3f}")
+        predicted = math.sqrt(allocation.predicted_error)  # relative L2, as measured (rel-l2)
+        calibration = self.calibration
+        # The probe's factors wait on disk, and its unchanged weights stay where they are (the
+        # clone shares them): the session holds about one copy of the model.
+        with tempfile.TemporaryDirectory(prefix="lrcompile-probe-") as folder:
+            candidate = self.model.clone()
+            probe = dataclasses.replace(
+                self.factorize,
+                chosen_ranks=allocation.ranks,
+                progress=None,
+                spill=Spill(folder),
+                weight_errors=False,
+            )
+            build_pipeline(probe, self.config).run(candidate, ranges=self.ranges)
+            feeds, reference = calibration.measured()  # batches the factors were not fitted to
+            config = self.config
+            error = measure_error(candidate, feeds, reference, config.metric, labels=config.labels)
+            del candidate
+        passed = error <= self.tolerance
+        self.steps.append(SearchStep(index, allocation.cost_ratio, predicted, error, passed))
+        logger.info(
+            "auto probe %d/%d: cost x%.3f, predicted %.3g, measured %.4f (%s)",
+            index,
+            len(self.path) - 1,
+            allocation.cost_ratio,
+            predicted,
+            error,
+            "within" if passed else "over",
+        )
+        return passed
+
+    def done(self) -> None:
+        if self.on_step is not None:
+            self.on_step(self.expected, self.expected, "done")
+
+
+def _bisect(costs: Sequence[float], passes: Callable[[int], bool]) -> int:
+    """The largest index in [0, len(costs)) with ``passes(index)``, index 0 assumed to pass,
+    to within ``RESOLUTION`` of the cost: it stops once the passing and failing ends of the
+    bracket differ by at most that (``costs`` falls along the path)."""
+    low, high = 0, len(costs) - 1
+    if high == 0 or passes(high):
+        return high
+    while high - low > 1 and costs[low] - costs[high] > RESOLUTION:
+        middle = (low + high) // 2
+        if passes(middle):
+            low = middle
+        else:
+            high = middle
+    return low

@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from lrcompile.calibration.statistics import Calibration
 from lrcompile.io.spill import Spill
-from lrcompile.numerics.allocate import LayerSpectrum, priced
+from lrcompile.numerics.allocate import LayerSpectrum
 from lrcompile.passes.candidates import WeightGroup
 from lrcompile.passes.low_rank import FactorizeLowRankPass
 from lrcompile.passes.probe_graph import PROBE_INPUT, probe_model
@@ -44,8 +44,7 @@ def layer_spectra(
     factorize: FactorizeLowRankPass,
     rows: Mapping[str, int] | None = None,
 ) -> list[LayerSpectrum]:
-    """The energies (``CachedFactors.energies``: on the held-back batches where there are some,
-    else the whitened squared singular values) of every group whose spec is ``auto``, with its
+    """The (whitened) squared singular values of every group whose spec is ``auto``, with its
     ``rows`` per batch (by group key) and dtype; their factors land in ``factorize``'s cache (a
     weight already there is not read again)."""
     rows = rows or {}
@@ -57,21 +56,11 @@ def layer_spectra(
         if cached is None:
             continue
         k, n = group.shape
-        energies = cached.energies()
-        fitted = np.square(cached.spectrum) if cached.held_out is not None else None
+        energies = np.square(cached.spectrum)
         dtype = (group.cast or group.tensor.dtype).numpy().name
         per_batch = rows.get(group.key, 1)
         spectra.append(
-            LayerSpectrum(
-                group.key,
-                k,
-                n,
-                energies,
-                len(group.nodes),
-                rows=per_batch,
-                dtype=dtype,
-                fitted=fitted,
-            )
+            LayerSpectrum(group.key, k, n, energies, len(group.nodes), rows=per_batch, dtype=dtype)
         )
     return spectra
 
@@ -111,19 +100,13 @@ def measure_sensitivities(
             if on_step is not None:
                 on_step(index, len(order), key)
             error = meter(feeds, reference, extra={PROBE_INPUT: np.array(index, np.int64)})
-            measured[key] = error**2
-            logger.debug("%s: sensitivity %.3g", key, error**2 / predicted[key])
+            measured[key] = max(error**2 / predicted[key], 1e-12)
+            logger.debug("%s: sensitivity %.3g", key, measured[key])
         del meter
     if on_step is not None:
         on_step(len(order), len(order), "")
-    multiple = factorize.rank_multiple
     return [
-        priced(
-            dataclasses.replace(
-                layer, probe_error=measured[layer.name], probe_rank=probe_rank(layer, multiple)
-            ),
-            "held-out",
-        )
+        dataclasses.replace(layer, sensitivity=measured[layer.name])
         if layer.name in measured
         else layer
         for layer in spectra
