@@ -90,11 +90,10 @@ def plan_calibration(
     model, groups = prepared.model, prepared.groups
     compensate = config.compensate and groups
     blocks = calibration_chunks.blocks(model, groups, config.compensate) if compensate else None
+    chunks = calibration_chunks.memory_chunks(model, groups)
     if not auto:
         _warn_if_synthetic(source)
-        chunks = calibration_chunks.memory_chunks(model, groups)
         return Calibrated(prepared, source, chunks, blocks=blocks)
-    chunks = calibration_chunks.memory_chunks(model, groups)
     fitted = fitted_batches(source, config.validation)
     plan = Calibrated(prepared, source, chunks, fitted=fitted, blocks=blocks)
     on_batch = stage_callback(progress, "calibrating")
