@@ -1,6 +1,5 @@
 """Global allocation: the sweep's order, monotonicity, and budget selection."""
 
-import dataclasses
 import itertools
 
 import numpy as np
@@ -65,16 +64,3 @@ def test_most_accurate_within_budget():
     index = allocate.most_accurate_within(path, 0.5)
     assert path[index].cost_ratio <= 0.5 < path[index - 1].cost_ratio
     assert allocate.most_accurate_within(path, 0.0) == len(path) - 1
-
-
-def test_sensitivity_curve_scales_each_rank_between_its_measured_points():
-    base = _layer("a", 0.97, k=128, n=128)  # ranks 8 ... 56 save
-    curved = dataclasses.replace(base, curve=((16, 2.0), (32, 8.0)))
-    plain = allocate.layer_options(base, 8, "flops")  # sensitivity 1
-    options = allocate.layer_options(curved, 8, "flops")
-    ratio = dict(zip(options.ranks[1:], options.errors[1:] / plain.errors[1:], strict=True))
-    # Measured at 16 and 32, geometric in between, the nearest measurement beyond.
-    assert ratio[16] == pytest.approx(2.0) and ratio[32] == pytest.approx(8.0)
-    assert ratio[24] == pytest.approx(4.0) and ratio[8] == pytest.approx(2.0)
-    assert max(ratio) == 56 and ratio[56] == pytest.approx(8.0)
-    assert list(options.costs) == list(plain.costs)

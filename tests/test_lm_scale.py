@@ -21,7 +21,6 @@ from lrcompile.passes.low_rank import FactorizeLowRankPass
 from lrcompile.passes.probe_graph import PROBE_INPUT, probe_model
 from lrcompile.runtime import metrics
 from lrcompile.runtime.metrics import ErrorAccumulator, ErrorMeter, measure_error
-from lrcompile.search.sensitivity import layer_spectra, measure_sensitivities, probe_rank
 from lrcompile.tools.synthetic import lm_like
 
 
@@ -118,35 +117,6 @@ def test_probe_model_measures_each_layer_as_a_model_with_that_layer_factored(lm)
         assert alone > 1e-5
         assert probed == pytest.approx(alone, rel=1e-3)
     assert len(model.graph) == len(ir.load(path).graph)  # the original is not touched
-
-
-def test_sensitivities_at_two_ranks_are_each_layer_alone_factored_there(lm):
-    path, feeds = lm
-    model = ir.load(path)
-    groups, _ = find_candidates(model.graph, ())
-    calibration = calibrate(
-        ir.serde.serialize_model(model),
-        groups,
-        FeedSource(feeds, "test", False),
-        data_folder=path.parent,
-        fitted=1,
-    )
-    factorize = FactorizeLowRankPass(RankSpec.parse("auto"), rank_multiple=8, cache=FactorCache())
-    spectra = layer_spectra(groups, factorize)
-    measured = measure_sensitivities(
-        model, spectra, groups, factorize, calibration, fractions=(0.5, 0.25)
-    )
-    feed, reference = calibration.measured()
-    for layer in (measured[0], measured[5], measured[-1]):  # q, a down projection, lm_head
-        ranks = [probe_rank(layer, 8, 0.25), probe_rank(layer, 8, 0.5)]
-        assert [rank for rank, _ in layer.curve] == ranks and ranks[0] < ranks[1]
-        assert layer.sensitivity == layer.curve[1][1]  # reported: the one at half
-        for rank, sensitivity in layer.curve:
-            candidate = model.clone()
-            dataclasses.replace(factorize, chosen_ranks={layer.name: rank})(candidate)
-            error = measure_error(candidate, feed, reference)
-            share = layer.energies[rank:].sum() / layer.energies.sum()
-            assert sensitivity == pytest.approx(error**2 / share, rel=1e-3)
 
 
 def test_outputs_compared_in_slices_give_the_unsliced_statistics(rng, monkeypatch):

@@ -43,9 +43,6 @@ class LayerSpectrum:
     energies: np.ndarray
     nodes: int = 1
     sensitivity: float = 1.0
-    # (rank, sensitivity) measured at a few ranks, interpolated between them in log space and
-    # constant beyond; empty: ``sensitivity`` at every rank.
-    curve: tuple[tuple[int, float], ...] = ()
     rows: int = 1  # rows of activation each node multiplies per calibration batch
     dtype: str = "float32"
 
@@ -94,20 +91,10 @@ def layer_options(
     energies = np.asarray(layer.energies, dtype=np.float64)
     total = float(energies.sum())
     tail = np.concatenate([np.cumsum(energies[::-1])[::-1], [0.0]])  # tail[r] = sum_{i>=r}
-    scale = _sensitivities(layer, ranks) / total if total else np.zeros(len(ranks))
-    errors = [
-        0.0,
-        *(tail[np.minimum(np.asarray(ranks, dtype=int), len(energies))] * scale).tolist(),
-    ]
+    scale = layer.sensitivity / total if total else 0.0
+    errors = [0.0] + [float(tail[min(r, len(energies))]) * scale for r in ranks]
     costs = [cost * weight for cost in unit]
     return _Options([None, *ranks], np.asarray(costs, float), np.asarray(errors, float))
-
-
-def _sensitivities(layer: LayerSpectrum, ranks: Sequence[int]) -> np.ndarray:
-    if not layer.curve:
-        return np.full(len(ranks), layer.sensitivity)
-    at, values = zip(*layer.curve, strict=True)
-    return np.exp(np.interp(ranks, at, np.log(values)))
 
 
 def allocation_path(

@@ -34,8 +34,6 @@ from lrcompile.runtime.metrics import ErrorMeter
 logger = logging.getLogger(__name__)
 
 SENSITIVITY_BATCHES = 2
-# Fractions of its break-even rank at which each layer is probed alone (the first is reported).
-PROBE_FRACTIONS = (0.5, 0.25)
 
 # on_step(done, total, description)
 StepCallback = Callable[[int, int, str], None]
@@ -75,57 +73,48 @@ def measure_sensitivities(
     calibration: Calibration,
     *,
     on_step: StepCallback | None = None,
-    fractions: Sequence[float] = PROBE_FRACTIONS,
 ) -> list[LayerSpectrum]:
-    """``spectra`` with each layer's measured sensitivity at each of ``fractions`` of its
-    break-even rank (see the module docstring): one probe model and session per fraction."""
+    """``spectra`` with each layer's measured sensitivity (see the module docstring)."""
     feeds, reference = calibration.measured()
     feeds, reference = feeds[:SENSITIVITY_BATCHES], reference[:SENSITIVITY_BATCHES]
     by_key = {group.key: group for group in groups}
-    curves: dict[str, list[tuple[int, float]]] = {}
-    total = len(spectra) * len(fractions)
+    predicted: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lrcompile-probes-") as folder:
         probe = dataclasses.replace(
             factorize, spill=Spill(folder), progress=None, weight_errors=False
         )
-        for fraction in fractions:
-            factors, predicted = {}, {}
-            for layer in spectra:
-                rank = probe_rank(layer, factorize.rank_multiple, fraction)
-                if rank is None or any(r == rank for r, _ in curves.get(layer.name, ())):
-                    continue
-                share = float(layer.energies[rank:].sum() / max(layer.energies.sum(), 1e-300))
-                if share <= 0.0:
-                    continue  # nothing to learn at this rank
-                one = dataclasses.replace(probe, chosen_ranks={layer.name: rank})
-                _, pair = one.compute(by_key[layer.name])
-                if pair is not None:
-                    factors[layer.name], predicted[layer.name] = pair, (rank, share)
-            order = list(factors)
-            meter = ErrorMeter(probe_model(model, factors, order)) if order else None
-            done = sum(len(curve) for curve in curves.values())
-            for index, key in enumerate(order):
-                if on_step is not None:
-                    on_step(done + index, total, key)
-                error = meter(feeds, reference, extra={PROBE_INPUT: np.array(index, np.int64)})
-                rank, share = predicted[key]
-                curves.setdefault(key, []).append((rank, max(error**2 / share, 1e-12)))
-                logger.debug("%s: sensitivity %.3g at rank %d", key, curves[key][-1][1], rank)
-            del meter, factors
+        factors = {}
+        for layer in spectra:
+            rank = probe_rank(layer, factorize.rank_multiple)
+            share = float(layer.energies[rank:].sum() / max(layer.energies.sum(), 1e-300))
+            if rank is None or share <= 0.0:
+                continue  # nothing to learn: the layer keeps the neutral sensitivity
+            one = dataclasses.replace(probe, chosen_ranks={layer.name: rank})
+            _, pair = one.compute(by_key[layer.name])
+            if pair is not None:
+                factors[layer.name], predicted[layer.name] = pair, share
+        order = list(factors)
+        meter = ErrorMeter(probe_model(model, factors, order)) if order else None
+        measured = {}
+        for index, key in enumerate(order):
+            if on_step is not None:
+                on_step(index, len(order), key)
+            error = meter(feeds, reference, extra={PROBE_INPUT: np.array(index, np.int64)})
+            measured[key] = max(error**2 / predicted[key], 1e-12)
+            logger.debug("%s: sensitivity %.3g", key, measured[key])
+        del meter
     if on_step is not None:
-        on_step(total, total, "")
-    return [_with_curve(layer, curves.get(layer.name)) for layer in spectra]
+        on_step(len(order), len(order), "")
+    return [
+        dataclasses.replace(layer, sensitivity=measured[layer.name])
+        if layer.name in measured
+        else layer
+        for layer in spectra
+    ]
 
 
-def _with_curve(layer: LayerSpectrum, curve: list[tuple[int, float]] | None) -> LayerSpectrum:
-    if not curve:
-        return layer  # the neutral sensitivity
-    # The reported sensitivity: the first one measured (at half the break-even rank).
-    return dataclasses.replace(layer, sensitivity=curve[0][1], curve=tuple(sorted(curve)))
-
-
-def probe_rank(layer: LayerSpectrum, multiple: int, fraction: float = 0.5) -> int | None:
-    """``fraction`` of the break-even rank, a multiple of ``multiple``; None when no rank saves."""
-    rank = layer.k * layer.n / (layer.k + layer.n) * fraction
-    rank = max(multiple, int(rank) // multiple * multiple)
+def probe_rank(layer: LayerSpectrum, multiple: int) -> int | None:
+    """Half the break-even rank, a multiple of ``multiple``; None when no rank saves."""
+    half = layer.k * layer.n / (layer.k + layer.n) / 2
+    rank = max(multiple, int(half) // multiple * multiple)
     return rank if rank * (layer.k + layer.n) < layer.k * layer.n else None
