@@ -106,7 +106,8 @@ class CompileConfig:
             out of the calibration statistics the factors are fitted to, so that they fit the
             real tokens; ``""`` counts every row. Used when the model has that input as 2-D and
             the calibration data (not synthetic) holds 0 and 1 in it; a name other than the
-            default that is not such an input is refused, as is data that is all padding.
+            default that is not such an input is refused, as is data that is all padding, and
+            any other value without calibration data (it would change nothing).
     """
 
     rank: str
@@ -165,6 +166,12 @@ class CompileConfig:
                 "--objective latency measures ONNX Runtime CPU's float MatMuls; an --fp8 or"
                 " --plugin model's speed is TensorRT's, which is not measured here: use"
                 " --objective flops"
+            )
+        if self.padding_mask != DEFAULT_PADDING_MASK and not self.calibrated:
+            raise LrcompileError(
+                f"--padding-mask {self.padding_mask!r} names the padding of calibration data,"
+                " and none was given: pass --calib FILE.npz or --calib-script FILE.py, or leave"
+                " --padding-mask out"
             )
         if self.compensate and not self.calibrated:
             raise LrcompileError(

@@ -143,6 +143,20 @@ def test_a_padding_mask_the_model_lacks_exits_2(padded, tmp_path, rng):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("rank", ["0.5", "auto"])
+def test_a_padding_mask_without_calibration_data_exits_2(padded, tmp_path, rank):
+    out = tmp_path / "out.onnx"
+    args = [str(padded), "-o", str(out), "--rank", rank, "--padding-mask", ""]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--padding-mask '' names the padding of calibration data" in lines[0]
+    assert not out.exists()
+    # The default name is no request: without calibration data it compiles.
+    result = CliRunner().invoke(cli.main, [*args[:-2], "--no-verify"])
+    assert result.exit_code == 0, result.output
+
+
 def test_compensation_statistics_leave_padding_out_too(padded, tmp_path, rng):
     x, mask = _tokens(rng, batches=8)
     model = load_model(padded)
