@@ -93,6 +93,33 @@ def test_calibration_gram_is_of_the_real_tokens_only(padded, tmp_path, rng):
     assert calibration.stats[("x", False)].batch_rows == 4 * 12
 
 
+# The same rows reaching a Gemm transposed ([K, batch * sequence], transA = 1).
+GEMM_T = """
+padded_t (float[B, S, 32] x, int64[B, S] attention_mask) => (float[R, 32] y) {
+    shape = Constant<value = int64[2] {-1, 32}>()
+    flat = Reshape(x, shape)
+    xt = Transpose<perm = [1, 0]>(flat)
+    y = Gemm<transA = 1>(xt, W)
+}
+"""
+
+
+def test_a_transposed_gemm_input_leaves_padding_out_too(tmp_path, rng):
+    w = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+    path = save(make_model(GEMM_T, {"W": w}), tmp_path / "padded_t.onnx")
+    x, mask = _tokens(rng, batches=4)
+    model = load_model(path)
+    groups, _ = find_candidates(model.graph)
+    source = data_lib.FeedSource(
+        [{"x": x, "attention_mask": mask}], "calib", False, mask="attention_mask"
+    )
+    calibration = calibrate(onnx.load(str(path)), groups, source)
+    real = x[mask == 1].astype(np.float64)
+    assert list(calibration.stats) == [("xt", True)]
+    np.testing.assert_allclose(calibration.gram(groups[0]), real.T @ real / len(real), rtol=1e-9)
+    assert calibration.stats[("xt", True)].rows == int(mask.sum()) < x.shape[0] * x.shape[1]
+
+
 def _real_token_error(original, compiled, x, mask) -> float:
     (expected,) = run(original, {"x": x, "attention_mask": mask})
     (got,) = run(compiled, {"x": x, "attention_mask": mask})
