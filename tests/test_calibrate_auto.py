@@ -49,7 +49,6 @@ def test_calibration_gram_equals_direct_computation(deep, tmp_path, rng):
         calibration.gram(by_name["W1"]), x.T.astype(np.float64) @ x / 50, rtol=1e-9
     )
     assert calibration.stats[("a2", False)].rows == 50
-    assert calibration.stats[("a2", False)].amax == pytest.approx(np.abs(a2).max(), rel=1e-5)
     assert len(calibration.feeds) == 8  # 7 + 7 + ... + 1 rows
     (y,) = run(deep, {"x": x})
     # Calibration runs without pre-packed weights, like every auto probe (the same kernels for

@@ -73,7 +73,6 @@ def test_stats_fit_real_rows_and_count_every_row_as_run():
     rows = x.reshape(-1, 4)[keep].astype(np.float64)
     np.testing.assert_array_equal(stats.gram, rows.T @ rows)
     assert (stats.rows, stats.batch_rows) == (3, 6)
-    assert stats.amax == 23.0  # a padding row's: FP8 ranges cover what runs
 
 
 def test_calibration_gram_is_of_the_real_tokens_only(padded, tmp_path, rng):

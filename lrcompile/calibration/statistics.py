@@ -45,17 +45,14 @@ class ActivationStats:
     """Streaming statistics of one activation, as ``[rows, K]``."""
 
     gram: np.ndarray | None = None
-    amax: float = 0.0
     rows: int = 0  # rows in the Gram matrix
     batch_rows: int = 0  # the most rows of one batch, padding included
 
     def add(self, x: np.ndarray, keep: np.ndarray | None = None) -> None:
         """Adds one batch; ``keep`` (a boolean per row, ``real_rows``) selects the rows that
-        enter the Gram matrix. The amax is over every row: padding runs, too."""
+        enter the Gram matrix."""
         rows = np.reshape(x, (-1, x.shape[-1]))
         self.batch_rows = max(self.batch_rows, len(rows))
-        if x.size:
-            self.amax = max(self.amax, float(np.max(np.abs(x))))
         if keep is not None:
             rows = rows[keep]
         self.gram = accumulate_gram(self.gram, rows)
