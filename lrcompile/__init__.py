@@ -15,7 +15,7 @@ One call of the API alone compiles at several ``auto`` settings from one calibra
 """
 
 from lrcompile.check.verify import VerifyResult, verify
-from lrcompile.compiler import CompileResult, compile_model, compile_sweep
+from lrcompile.compiler import CompileResult, compile_model
 from lrcompile.config import CompileConfig
 from lrcompile.errors import (
     DataError,
@@ -25,6 +25,7 @@ from lrcompile.errors import (
     RankSpecError,
 )
 from lrcompile.inspection import Inspection, inspect_model
+from lrcompile.sweep import compile_sweep
 from lrcompile.trt.build import build_engine
 
 __version__ = "0.1.0"

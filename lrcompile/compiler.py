@@ -1,7 +1,10 @@
 """``compile_model``: the library's main entry point, the stages of ``lrcompile.stages`` in order.
 
-load -> find candidates -> calibrate -> search -> rewrite -> save (atomic) -> verify
-(``compile_sweep``: calibrate and measure once, then search -> ... -> verify per setting)
+    load -> calibrate (and cache the SVDs) -> search (the plan) -> rewrite -> save (atomic)
+      -> verify
+
+``lrcompile.sweep.compile_sweep`` calibrates and measures once, then runs search -> ... -> verify
+per setting, with the helpers here.
 """
 
 from __future__ import annotations
@@ -10,29 +13,35 @@ import contextlib
 import dataclasses
 import json
 import logging
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lrcompile import stages
 from lrcompile.check.verify import VerifyResult, verify, warn_if_synthetic
 from lrcompile.config import CompileConfig
-from lrcompile.errors import LrcompileError, OutputPathError
+from lrcompile.errors import LrcompileError
+from lrcompile.factors.provider import FactorProvider, ProgressCallback
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
-from lrcompile.passes.low_rank import ProgressCallback
-from lrcompile.pipeline import Fp8Report, factorize_pass
+from lrcompile.pipeline import Fp8Report
+from lrcompile.plan import Plan
+from lrcompile.profile import Profile
 from lrcompile.report import LayerReport, Totals, totals
 from lrcompile.search.auto import AutoResult
+from lrcompile.stages import load as load_stage
+from lrcompile.stages import search as search_stage
+from lrcompile.stages.calibrate import Calibrated, calibrate_and_cache, statistics_description
+from lrcompile.stages.load import Prepared
+from lrcompile.stages.rewrite import Rewritten, rewrite
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class CompileResult:
-    """What ``compile_model`` did: the output (None when nothing was factored), the per-layer
-    report, and the verification verdict (None when verification was off or nothing was written)."""
+    """What ``compile_model`` did: the output (None when nothing was factored), the plan and the
+    per-layer report, and the verification verdict (None when verification was off or nothing
+    was written)."""
 
     input_path: Path
     output_path: Path | None
@@ -44,6 +53,8 @@ class CompileResult:
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     fp8: Fp8Report | None = None
     left_alone: tuple[tuple[str, str, int], ...] = ()  # (op, why, count): not MatMul/Gemm
+    plan: Plan | None = None
+    peak_mib: dict[str, float] = dataclasses.field(default_factory=dict)  # per stage
 
     @property
     def totals(self) -> Totals:
@@ -59,11 +70,13 @@ class CompileResult:
             "output": str(self.output_path) if self.output_path else None,
             "config": self.config.to_dict(),
             "totals": self.totals.to_dict(),
+            "plan": self.plan.to_dict() if self.plan is not None else None,
             "layers": [layer.to_dict() for layer in self.layers],
             "verification": self.verification.to_dict() if self.verification else None,
             "calibration": self.calibration,
             "auto": self.auto.to_dict() if self.auto else None,
             "seconds": self.seconds,
+            "peak_mib": self.peak_mib,
             "fp8": self.fp8.to_dict() if self.fp8 else None,
             "left_alone": [
                 {"op": op, "reason": why, "count": count} for op, why, count in self.left_alone
@@ -119,187 +132,110 @@ def compile_model(
     config = config if config is not None else CompileConfig(**options)
     input_path = Path(input_path)
     output_path = Path(output_path) if output_path else default_output_path(input_path)
-    timer = _Timer()
-    with timer("load"):
-        factorize, prepared, check_feeds = _load(input_path, config, [output_path])
+    profile = Profile()
+    with profile("load"):
+        prepared, check_feeds = load_checked(input_path, config, [output_path])
+    provider = factor_provider(config)
     with contextlib.ExitStack() as scratch:  # temporary files: reference outputs, factor cache
-        with timer("calibrate"):
-            plan = stages.plan_calibration(prepared, config, factorize, progress)
-            scratch.callback(plan.close)
-        with timer("auto search"):
-            factorize, auto = stages.search(plan, config, factorize, progress)
-        result = _rewrite_and_save(plan, config, factorize, output_path, timer, progress)
-    return _checked(plan, config, auto, result, output_path, timer, check_feeds)
-
-
-# What ``compile_sweep`` may vary between its outputs: only the choice of ranks and the final
-# check read them, so the calibration, factors and sensitivities serve every setting.
-SWEEP_FIELDS = ("tolerance", "budget", "headroom", "objective")
-
-
-def compile_sweep(
-    input_path: str | Path,
-    settings: Mapping[str | Path, Mapping[str, Any]],
-    config: CompileConfig | None = None,
-    *,
-    progress: ProgressCallback | None = None,
-    **options: Any,
-) -> Iterator[tuple[Path, CompileResult]]:
-    """Compiles one model with ``--rank auto`` at several tolerances, budgets or objectives.
-
-    The calibration, the factors and the sensitivities are computed once; each setting then gets
-    its own search, output and check. Each result is what ``compile_model`` gives with that
-    setting alone (the same ranks and output); its ``seconds`` count the shared stages too.
-
-    Example: ``compile_sweep("lm.onnx", {"a.onnx": {"tolerance": 0.05}, "b.onnx": {"budget":
-    0.8}}, rank="auto", calib="calib.npz")``; nothing runs until it is iterated.
-
-    Args:
-        input_path: The ONNX model; never modified.
-        settings: Output path -> the ``SWEEP_FIELDS`` whose values differ from ``config``'s.
-        config: As for ``compile_model``; its rank spec must make some layer ``auto``.
-        progress: As for ``compile_model``.
-
-    Returns:
-        An iterator of (output path, result), each yielded once its output is written and checked.
-
-    Raises:
-        LrcompileError: As ``compile_model`` (bad data while iterating), or a setting varies
-            another field, or no layer is ``auto`` (raised by the call, before anything runs).
-    """
-    config = config if config is not None else CompileConfig(**options)
-    resolved = [Path(output).resolve() for output in settings]
-    twice = next(
-        (o for o, r in zip(settings, resolved, strict=True) if resolved.count(r) > 1), None
-    )
-    if twice is not None:
-        raise OutputPathError(f"{twice}: compile_sweep names this output for two settings")
-    configs = {
-        Path(output): _sweep_setting(config, output, setting)
-        for output, setting in settings.items()
-    }
-    timer = _Timer()
-    with timer("load"):
-        factorize, prepared, check_feeds = _load(Path(input_path), config, list(configs))
-        if not configs:
-            raise LrcompileError("compile_sweep: no settings given (output path -> fields)")
-        if not stages.uses_auto(factorize, prepared.groups):
-            raise LrcompileError(
-                f"compile_sweep: rank {config.rank!r} (with the overrides) makes no layer"
-                " 'auto'; a sweep shares auto's measurements, so it needs --rank auto"
-            )
-    return _sweep(prepared, configs, config, factorize, check_feeds, timer, progress)
-
-
-def _load(input_path: Path, config: CompileConfig, outputs: list[Path]):
-    """(factorize pass, prepared model, held-out check feeds or None), all checked up front."""
-    factorize = factorize_pass(config)  # validates the spec and overrides first
-    stages.check_device(config.device)
-    prepared = stages.load(input_path, config, outputs)
-    return factorize, prepared, _verification_feeds(config, prepared)  # bad data fails early
-
-
-def _sweep_setting(config: CompileConfig, output, setting: Mapping[str, Any]) -> CompileConfig:
-    if not isinstance(setting, Mapping):
-        raise LrcompileError(
-            f"compile_sweep: the setting for {output} is {setting!r}; expected a mapping of"
-            f" fields ({', '.join(SWEEP_FIELDS)}) to values"
+        scratch.callback(provider.close)
+        calibrated = calibrate_and_cache(prepared, config, provider, profile, progress)
+        scratch.callback(calibrated.close)
+        with profile("search"):
+            plan, auto = search_stage.search(prepared, calibrated, config, provider, progress)
+        rewritten = rewrite_and_save(
+            prepared, calibrated, plan, config, provider, output_path, profile, progress
         )
-    varied = sorted(set(setting) - set(SWEEP_FIELDS))
-    if varied:
-        raise LrcompileError(
-            f"compile_sweep: the setting for {output} varies {', '.join(varied)}; only"
-            f" {', '.join(SWEEP_FIELDS)} may differ between outputs (the rest is shared)"
-        )
-    return dataclasses.replace(config, **setting)
-
-
-def _sweep(prepared, configs, config, factorize, check_feeds, timer, progress):
-    """``compile_sweep`` once its inputs are checked: the shared stages, then each setting."""
-    with contextlib.ExitStack() as scratch:  # temporary files: reference outputs, factor cache
-        with timer("calibrate"):
-            plan = stages.plan_calibration(prepared, config, factorize, progress)
-            scratch.callback(plan.close)
-        with timer("auto search"):
-            factorize, layers = stages.measure(plan, factorize, progress)
-        for output, setting in configs.items():
-            own = _Timer(timer.seconds)  # the shared stages' seconds, then this setting's
-            with own("auto search"):  # on the original model, still unchanged
-                chosen, auto = stages.choose(plan, setting, factorize, layers, progress)
-            with own("load"):  # a fresh copy to rewrite in place
-                fresh = dataclasses.replace(plan, prepared=stages.load(prepared.path, setting))
-            result = _rewrite_and_save(fresh, setting, chosen, output, own, progress)
-            compiled = _checked(fresh, setting, auto, result, output, own, check_feeds)
-            del fresh, result  # the rewritten model: not kept while the caller looks at it
-            yield output, compiled
-
-
-def _checked(plan, config, auto, result, output_path: Path, timer, check_feeds) -> CompileResult:
-    """The result of a rewrite: verified (unless ``config`` says not to) when it factored any
-    layer, else with no output."""
-    prepared = plan.prepared
-    source = stages.statistics_description(plan.source) if plan.source is not None else None
-    compiled = CompileResult(
-        prepared.path, None, result.layers, None, config, auto, source, timer.seconds, result.fp8,
-        tuple(prepared.left_alone),
-    )  # fmt: skip
-    if not any(layer.status == "factored" for layer in result.layers):
-        logger.info("%s: nothing to factor; no output written", prepared.path)
-        return compiled
-    verification = None
-    if config.verify:
-        feeds = check_feeds or _calibration_or_synthetic(plan, config, prepared)
-        with timer("verify"), _removed_on_error(output_path):
-            verification = _verify(prepared.path, output_path, config, feeds)
-    if config.objective == "latency":
-        with timer("timing"):  # the latency table's prediction against a measurement
-            compiled = dataclasses.replace(compiled, auto=stages.timed(plan, auto, output_path))
-    return dataclasses.replace(compiled, output_path=output_path, verification=verification)
-
-
-def _verify(input_path: Path, output_path: Path, config: CompileConfig, feeds) -> VerifyResult:
-    return verify(
-        input_path,
-        output_path,
-        tolerance=config.tolerance,
-        metric=config.metric,
-        feeds=feeds,
-        labels=config.labels,
+    return checked(
+        prepared, calibrated, config, (plan, auto), rewritten, output_path, profile, check_feeds
     )
 
 
-def _rewrite_and_save(plan, config, factorize, output_path: Path, timer, progress):
+def load_checked(input_path: Path, config: CompileConfig, outputs: list[Path]):
+    """(prepared model, held-out check feeds or None), all checked up front."""
+    load_stage.check_device(config.device)
+    prepared = load_stage.load(input_path, config, outputs)
+    return prepared, _verification_feeds(config, prepared)  # bad data fails early
+
+
+def factor_provider(config: CompileConfig) -> FactorProvider:
+    """The provider of the factors ``config`` asks for."""
+    return FactorProvider(
+        decomposition=config.decomposition,
+        seed=config.seed,
+        jobs=config.jobs,
+        device=config.device,
+        allow_no_saving=config.allow_no_saving,
+    )
+
+
+def rewrite_and_save(
+    prepared: Prepared,
+    calibrated: Calibrated,
+    plan: Plan,
+    config: CompileConfig,
+    provider: FactorProvider,
+    output_path: Path,
+    profile: Profile,
+    progress: ProgressCallback | None,
+) -> Rewritten:
     """Rewrites the model and saves it atomically, unless no layer was factored.
 
     Large models (external data in or out) spill each layer's factors to the staging folder as
     they are made; saving then copies file to file.
     """
-    model = plan.prepared.model
+    model = prepared.model
     external = config.external_data or model_io.needs_external_data(model)
     with model_io.write_errors(output_path), model_io.staging_folder(output_path.parent) as scratch:
-        with timer("factorize"):
-            result = stages.rewrite(
-                plan, config, factorize, scratch if external else None, progress
-            )
-        if any(layer.status == "factored" for layer in result.layers):
-            with timer("save"):
+        rewritten = rewrite(
+            prepared, calibrated, plan, config, provider, profile,
+            scratch if external else None, progress,
+        )  # fmt: skip
+        if rewritten.factored:
+            with profile("save"):
                 model_io.save_model(model, output_path, external_data=external)
-    return result
+    return rewritten
 
 
-class _Timer:
-    """Seconds spent in each stage (``with timer("load"): ...``), from ``seconds`` on."""
-
-    def __init__(self, seconds: dict[str, float] | None = None) -> None:
-        self.seconds: dict[str, float] = dict(seconds or {})
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+def checked(
+    prepared: Prepared,
+    calibrated: Calibrated,
+    config: CompileConfig,
+    searched: tuple[Plan, AutoResult | None],
+    rewritten: Rewritten,
+    output_path: Path,
+    profile: Profile,
+    check_feeds: data_lib.FeedSource | None,
+) -> CompileResult:
+    """The result of a rewrite: verified (unless ``config`` says not to) when it factored any
+    layer, else with no output."""
+    (plan, auto), source = searched, calibrated.source
+    described = statistics_description(source) if source is not None else None
+    result = CompileResult(
+        prepared.path, None, rewritten.layers, None, config, auto, described, profile.seconds,
+        rewritten.fp8, tuple(prepared.left_alone), plan, profile.peaks,
+    )  # fmt: skip
+    if not rewritten.factored:
+        logger.info("%s: nothing to factor; no output written", prepared.path)
+        return result
+    verification = None
+    if config.verify:
+        feeds = check_feeds or _calibration_or_synthetic(calibrated, config, prepared)
+        with profile("verify"), _removed_on_error(output_path):
+            verification = verify(
+                prepared.path,
+                output_path,
+                tolerance=config.tolerance,
+                metric=config.metric,
+                feeds=feeds,
+                labels=config.labels,
+            )
+    if config.objective == "latency":
+        with profile("timing"):  # the latency table's prediction against a measurement
+            auto = search_stage.timed(calibrated, prepared, auto, output_path)
+    return dataclasses.replace(
+        result, output_path=output_path, verification=verification, auto=auto,
+        seconds=profile.seconds, peak_mib=profile.peaks,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -321,13 +257,16 @@ def _verification_feeds(config: CompileConfig, prepared) -> data_lib.FeedSource 
     data_lib.resolve_shapes(prepared.inputs, config.input_shapes, config.batch_size)
     if not config.verify or config.verify_data is None:
         return None
-    return stages.feeds(prepared, config, str(config.verify_data))
+    return load_stage.feeds(prepared, config, str(config.verify_data))
 
 
-def _calibration_or_synthetic(plan, config: CompileConfig, prepared) -> data_lib.FeedSource:
-    """Without ``--verify-data``: the calibration batches auto held back from fitting (data the
+def _calibration_or_synthetic(
+    calibrated: Calibrated, config: CompileConfig, prepared: Prepared
+) -> data_lib.FeedSource:
+    """Without ``verify_data``: the calibration batches auto held back from fitting (data the
     factors never saw), else all the calibration data, else synthetic data (warned)."""
-    source, held = plan.source, plan.held_back_feeds() if plan.source is not None else []
+    source = calibrated.source
+    held = calibrated.held_back_feeds() if source is not None else []
     if held:
         what = f"{source.description} (the {len(held)} calibration batches held back from fitting)"
         return data_lib.FeedSource(held, what, source.synthetic)
@@ -335,6 +274,6 @@ def _calibration_or_synthetic(plan, config: CompileConfig, prepared) -> data_lib
         return data_lib.FeedSource(
             source.feeds, f"{source.description} (the calibration data)", source.synthetic
         )
-    feeds = stages.feeds(prepared, config, None)
+    feeds = load_stage.feeds(prepared, config, None)
     warn_if_synthetic(feeds, "checking the output")
     return feeds

@@ -155,28 +155,28 @@ class CompileConfig:
         if self.labels is not None:
             object.__setattr__(self, "labels", parse_labels(self.labels))
         if self.metric == "ppl" and self.labels is None:
-            raise LrcompileError("--metric ppl needs --labels INPUT:OUTPUT (e.g. input_ids:logits)")
+            raise LrcompileError("`metric=ppl` needs `labels` INPUT:OUTPUT (e.g. input_ids:logits)")
         if self.fp8 and self.calib is None and self.calib_script is None:
             raise LrcompileError(
-                "--fp8 needs calibration data for its scales: pass --calib FILE.npz or"
-                " --calib-script FILE.py (or --calib synthetic to accept scales from random data)"
+                "`fp8` needs calibration data for its scales: pass `calib` FILE.npz or"
+                " `calib_script` FILE.py (or `calib=synthetic` to accept scales from random data)"
             )
         if self.objective == "latency" and (self.fp8 or self.plugin):
             raise LrcompileError(
-                "--objective latency measures ONNX Runtime CPU's float MatMuls; an --fp8 or"
-                " --plugin model's speed is TensorRT's, which is not measured here: use"
-                " --objective flops"
+                "`objective=latency` measures ONNX Runtime CPU's float MatMuls; an `fp8` or"
+                " `plugin` model's speed is TensorRT's, which is not measured here: use"
+                " `objective=flops`"
             )
         if self.padding_mask != DEFAULT_PADDING_MASK and not self.calibrated:
             raise LrcompileError(
-                f"--padding-mask {self.padding_mask!r} names the padding of calibration data,"
-                " and none was given: pass --calib FILE.npz or --calib-script FILE.py, or leave"
-                " --padding-mask out"
+                f"`padding_mask` {self.padding_mask!r} names the padding of calibration data,"
+                " and none was given: pass `calib` FILE.npz or `calib_script` FILE.py, or leave"
+                " `padding_mask` out"
             )
         if self.compensate and not self.calibrated:
             raise LrcompileError(
-                "--compensate needs calibration data (it fits the layers to their activations):"
-                " pass --calib FILE.npz or --calib-script FILE.py"
+                "`compensate` needs calibration data (it fits the layers to their activations):"
+                " pass `calib` FILE.npz or `calib_script` FILE.py"
             )
 
     def _check_ranges(self) -> None:

@@ -16,14 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from lrcompile import stages
+from lrcompile import pipeline
+from lrcompile.compiler import factor_provider
 from lrcompile.config import CompileConfig
 from lrcompile.errors import LrcompileError
 from lrcompile.numerics.allocate import allocation_path
 from lrcompile.numerics.ranks import break_even_rank
-from lrcompile.passes.low_rank import effective_weight, release_weight
-from lrcompile.pipeline import build_pipeline, factorize_pass
+from lrcompile.passes.candidates import effective_weight, release_weight
+from lrcompile.passes.factored_graph import factor_names
+from lrcompile.profile import Profile
 from lrcompile.runtime.metrics import measure_error
+from lrcompile.stages import search as search_stage
+from lrcompile.stages.calibrate import calibrate_and_cache, statistics_description
+from lrcompile.stages.load import load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,36 +114,41 @@ def inspect_model(
     config = dataclasses.replace(config or CompileConfig(rank="auto"), rank="auto", overrides=None)
     if config.objective == "latency":
         raise LrcompileError(
-            "inspect's trade-off curve is of flops or params; --objective latency is measured"
-            " by a compile (lrcompile MODEL --rank auto --objective latency)"
+            "inspect's trade-off curve is of flops or params; `objective=latency` is measured"
+            " by a compile with `rank=auto`"
         )
     path = Path(path)
-    prepared = stages.load(path, config)
-    factorize = factorize_pass(config)
-    layers = [_layer_info(group, factorize if spectra else None) for group in prepared.groups]
+    prepared = load(path, config)
+    layers = [_layer_info(group, spectra) for group in prepared.groups]
     notes = tuple((s.node.name or "", s.reason) for s in prepared.skipped)
     if not config.calibrated:
         return Inspection(tuple(layers), notes, (), None)
-    plan = stages.plan_calibration(prepared, config, factorize)
-    calibration, groups = plan.statistics, prepared.groups
-    # What a compile's search starts from: cached factors, spectra, sensitivities.
-    factorize, measured = stages.measure(plan, factorize)
-    weighted = measured.spectra
-    by_key = {spectrum.name: spectrum for spectrum in weighted}
-    for index, group in enumerate(groups):
-        if group.key in by_key:
-            layers[index] = dataclasses.replace(
-                layers[index],
-                whitened=factorize.cache.get(group.key).spectrum,
-                sensitivity=by_key[group.key].sensitivity,
-            )
-    curve = _curve(prepared, weighted, factorize, calibration, curve_points, config)
-    return Inspection(tuple(layers), notes, curve, stages.statistics_description(plan.source))
+    provider = factor_provider(config)
+    calibrated = None
+    try:
+        # What a compile's search starts from: cached factors, spectra, sensitivities.
+        calibrated = calibrate_and_cache(prepared, config, provider, Profile())
+        measured = search_stage.measure(prepared, calibrated, config, provider)
+        by_key = {spectrum.name: spectrum for spectrum in measured.spectra}
+        for index, group in enumerate(prepared.groups):
+            if group.key in by_key:
+                layers[index] = dataclasses.replace(
+                    layers[index],
+                    whitened=provider.cached(group.key).spectrum,
+                    sensitivity=by_key[group.key].sensitivity,
+                )
+        curve = _curve(prepared, calibrated, measured.spectra, provider, config, curve_points)
+    finally:
+        provider.close()
+        if calibrated is not None:
+            calibrated.close()
+    description = statistics_description(calibrated.source)
+    return Inspection(tuple(layers), notes, curve, description)
 
 
-def _layer_info(group, factorize) -> LayerInfo:
+def _layer_info(group, spectra: bool) -> LayerInfo:
     plain = None
-    if factorize is not None:
+    if spectra:
         weight = effective_weight(group)
         if np.all(np.isfinite(weight)):
             plain = np.linalg.svd(weight.astype(np.float32), compute_uv=False)
@@ -154,20 +164,24 @@ def _layer_info(group, factorize) -> LayerInfo:
     )
 
 
-def _curve(prepared, spectra: Sequence, factorize, calibration, points: int, config):
+def _curve(prepared, calibrated, spectra: Sequence, provider, config, points: int):
     """The allocation path measured end to end at ``points`` costs spread over its range."""
-    path = allocation_path(spectra, multiple=factorize.rank_multiple, objective=config.objective)
+    plans = search_stage.planner(prepared, calibrated, config)
+    path = allocation_path(spectra, multiple=plans.multiple, objective=config.objective)
     if points <= 0 or len(path) < 2:
         return ()
     costs = np.array([allocation.cost_ratio for allocation in path])
     targets = np.linspace(costs[0], costs[-1], points)
     indices = sorted({int(np.argmin(np.abs(costs - target))) for target in targets})
+    plain = dataclasses.replace(config, fp8=False, plugin=False)  # the factors alone
     curve = []
     for index in indices:
         candidate = prepared.model.clone()
-        probe = dataclasses.replace(factorize, chosen_ranks=path[index].ranks)
-        build_pipeline(probe).run(candidate)
-        measured = measure_error(candidate, *calibration.measured())
+        plan = plans(path[index].ranks)
+        names = factor_names(candidate.graph, prepared.groups, plan.factored)
+        fitted = provider.fit(prepared.groups, plan, names, weight_errors=False)
+        pipeline.apply(candidate, plan, {key: f.pair for key, f in fitted.items()}, plain)
+        measured = measure_error(candidate, *calibrated.statistics.measured())
         predicted = float(np.sqrt(path[index].predicted_error))
         curve.append(CurvePoint(path[index].cost_ratio, predicted, measured))
     return tuple(curve)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -90,3 +91,44 @@ def deep(tmp_path, rng):
         weights,
     )
     return save(model, tmp_path / "deep.onnx")
+
+
+@dataclasses.dataclass(frozen=True)
+class Factored:
+    """What ``factorize`` did to an in-memory model: the plan, the report, whether it changed."""
+
+    plan: object
+    layers: tuple
+    modified: bool
+
+
+def factorize(ir_model, spec: str = "16", *, overrides=(), **options) -> Factored:
+    """Runs the compile's stages on an in-memory ``onnx_ir`` model (no calibration data): load's
+    candidates and specs (``overrides``: ``Override`` objects), calibrate (spectra of ``energy:``
+    specs), search, rewrite (factor passes, then cleanup). ``options`` are ``CompileConfig``
+    fields."""
+    from lrcompile.compiler import factor_provider
+    from lrcompile.config import CompileConfig
+    from lrcompile.io.data import model_inputs
+    from lrcompile.numerics.ranks import RankSpec
+    from lrcompile.passes.candidates import find_candidates
+    from lrcompile.profile import Profile
+    from lrcompile.search.decisions import rank_specs
+    from lrcompile.stages.calibrate import calibrate_and_cache
+    from lrcompile.stages.load import Prepared
+    from lrcompile.stages.rewrite import rewrite
+    from lrcompile.stages.search import search
+
+    config = CompileConfig(rank=spec, verify=False, **options)
+    groups, skipped = find_candidates(ir_model.graph, ir_model.functions.values())
+    specs = rank_specs(groups, RankSpec.parse(spec), overrides)
+    prepared = Prepared(Path("model.onnx"), ir_model, model_inputs(ir_model), groups, skipped,
+                        [], specs)  # fmt: skip
+    provider = factor_provider(config)
+    try:
+        calibrated = calibrate_and_cache(prepared, config, provider, Profile())
+        plan, _ = search(prepared, calibrated, config, provider)
+        rewritten = rewrite(prepared, calibrated, plan, config, provider, Profile())
+    finally:
+        provider.close()
+    return Factored(plan, rewritten.layers, rewritten.factored)

@@ -336,7 +336,7 @@ def test_bisection_stops_at_its_cost_resolution():
 
 
 def test_held_back_batches_are_the_rounded_up_fraction():
-    from lrcompile.stages import fitted_batches
+    from lrcompile.stages.calibrate import fitted_batches
 
     def source(batches):
         return data_lib.FeedSource([{}] * batches, "data.npz", False)

@@ -31,7 +31,7 @@ def test_compensation_lowers_the_error_on_the_data_it_fits(chain, tmp_path, monk
     runs = []
     real = compensation.compensating_whitenings
     monkeypatch.setattr(
-        "lrcompile.plan.compensating_whitenings",
+        "lrcompile.stages.rewrite.compensating_whitenings",
         lambda *args, **kwargs: runs.append(len(args[2])) or real(*args, **kwargs),
     )
     plain = _error(path, calib, tmp_path / "p.onnx")
@@ -60,6 +60,6 @@ def test_compensation_runs_models_whose_factors_wait_on_disk(tmp_path):
 
 def test_compensation_without_calibration_data_is_refused(chain, tmp_path):
     path, _ = chain
-    with pytest.raises(lrcompile.LrcompileError, match="--compensate needs calibration data"):
+    with pytest.raises(lrcompile.LrcompileError, match="`compensate` needs calibration data"):
         lrcompile.compile_model(path, tmp_path / "o.onnx", rank="16", compensate=2)
     assert not (tmp_path / "o.onnx").exists()

@@ -17,12 +17,10 @@ from lrcompile import cli
 from lrcompile.calibration.ranges import activation_ranges
 from lrcompile.config import CompileConfig
 from lrcompile.numerics.ranges import ActivationRange
-from lrcompile.numerics.ranks import RankSpec
 from lrcompile.passes.fp8 import QuantizeFp8Pass
-from lrcompile.passes.low_rank import FactorizeLowRankPass
-from lrcompile.pipeline import build_pipeline, factorize_pass
+from lrcompile.pipeline import finish_passes
 from lrcompile.runtime.sessions import create_session
-from tests.conftest import held_back, low_rank_matrix, make_model, save
+from tests.conftest import factorize, held_back, low_rank_matrix, make_model, save
 
 E4M3 = ml_dtypes.float8_e4m3fn
 FLOAT8 = onnx.TensorProto.FLOAT8E4M3FN
@@ -101,7 +99,7 @@ def test_qdq_follow_tensorrt_rules(layer, weights):
 def test_dequantized_weights_are_the_factors_rounded_to_e4m3(layer, rng):
     path, _, _ = layer
     model = ir.serde.deserialize_model(onnx.load(str(path)))
-    FactorizeLowRankPass(RankSpec.parse("8"), rank_multiple=8)(model)
+    factorize(model, "8", rank_multiple=8)
     factors = {
         name: value.const_value.numpy().copy()
         for name, value in model.graph.initializers.items()
@@ -158,33 +156,42 @@ def test_dynamic_dimensions_stay_dynamic(layer, rng):
         assert out.shape == (*shape[:2], 64)
 
 
-def test_pipeline_order_is_factor_then_fp8_then_plugin_then_cleanup():
-    config = CompileConfig(rank="8", fp8=True, calib="synthetic", plugin=True)
-    passes = build_pipeline(factorize_pass(config), config).passes
-    assert [type(p).__name__ for p in passes] == [
-        "FactorizeLowRankPass",
+def test_the_finish_passes_run_fp8_then_the_plugin_then_cleanup(layer):
+    path, calib, _ = layer
+    config = CompileConfig(rank="8", fp8=True, calib=str(calib), plugin=True)
+    assert [type(p).__name__ for p in finish_passes(config).passes] == [
         "QuantizeFp8Pass",
         "EmitLowRankGemmPass",
         "RemoveUnusedNodesPass",
     ]
-    plain = build_pipeline(factorize_pass(CompileConfig(rank="8")), CompileConfig(rank="8"))
-    assert [type(p).__name__ for p in plain.passes] == [
-        "FactorizeLowRankPass",
-        "RemoveUnusedNodesPass",
-    ]
+    # What that order leaves in a written model: the plugin's function body holds the FP8 Q/DQ
+    # (FP8 ran first), and no initializer is left unread (cleanup ran last).
+    out = path.with_name("ordered.onnx")
+    lrcompile.compile_model(path, out, config)
+    model = onnx.load(str(out))
+    (function,) = model.functions
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in function.node}
+    read = {name for node in model.graph.node for name in node.input}
+    assert {init.name for init in model.graph.initializer} <= read
 
 
 def test_the_fp8_pass_runs_no_model_it_needs_the_ranges_as_data(layer):
     model = ir.load(str(layer[0]))
-    FactorizeLowRankPass(rank=RankSpec("fixed", 8), rank_multiple=8)(model)
+    factorize(model, "8", rank_multiple=8)
     quantize = QuantizeFp8Pass()
     names = quantize.activation_names(model)
     assert names == ["x", "y_lr_mid"]
-    with pytest.raises(ValueError, match="no calibrated range for"):
+    with pytest.raises(ir.passes.PreconditionError, match="no calibrated range for"):
         quantize(model)
     ranges = {name: ActivationRange(1.0, 1.0) for name in names}
+    tensors, skipped = QuantizeFp8Pass(ranges=ranges).report(model)
+    assert {t.name for t in tensors} == {"x", "y_lr_mid", "W_lr_A", "W_lr_B"} and not skipped
     result = QuantizeFp8Pass(ranges=ranges)(model)
-    assert result.modified and {t.name for t in result.tensors} >= set(names)
+    assert result.modified
+    scales = {t.name: t.scale_max for t in tensors}
+    for name, scale in scales.items():  # the report's scales are the ones written
+        written = model.graph.initializers[f"{name}_fp8_scale"].const_value.numpy()
+        assert float(written.max()) == pytest.approx(scale, rel=1e-7)
 
 
 def test_opset_below_19_is_upgraded_with_a_warning(tmp_path, rng, caplog):
@@ -248,11 +255,14 @@ def test_scope_all_quantizes_dense_layers_and_refuses_quantized_ones(tmp_path, r
     # Write it anyway at a rank that factors nothing but with scope all on a saved model:
     ir_model = ir.serde.deserialize_model(model)
     ranges = {"x": ActivationRange(3.0, 3.0), "h": ActivationRange(3.0, 3.0)}
-    out = QuantizeFp8Pass(scope="all", ranges=ranges)(ir_model)
-    assert [t.name for t in out.tensors] == ["x", "W"]
-    assert out.skipped == [
+    quantize = QuantizeFp8Pass(scope="all", ranges=ranges)
+    tensors, skipped = quantize.report(ir_model)
+    assert [t.name for t in tensors] == ["x", "W"]
+    assert skipped == [
         ("int8_weight", "weight is already quantized (produced by DequantizeLinear)")
     ]
+    assert quantize(ir_model).modified
+    assert ir_model.graph.node(0).op_type == "QuantizeLinear"  # x, then W's DQ, then the MatMul
 
 
 def test_nodes_fed_by_dequantize_are_left_alone(rng):
@@ -266,11 +276,10 @@ def test_nodes_fed_by_dequantize_are_left_alone(rng):
         "s": np.array(0.1, np.float32),
     }
     model = ir.serde.deserialize_model(make_model(text, weights))
-    result = QuantizeFp8Pass(scope="all", ranges={"d": ActivationRange(1.0, 1.0)})(model)
-    assert not result.modified
-    assert [reason for _, reason in result.skipped] == [
-        "input is already quantized (DequantizeLinear)"
-    ]
+    quantize = QuantizeFp8Pass(scope="all", ranges={"d": ActivationRange(1.0, 1.0)})
+    _, skipped = quantize.report(model)
+    assert [reason for _, reason in skipped] == ["input is already quantized (DequantizeLinear)"]
+    assert not quantize(model).modified
 
 
 def test_percentile_ranges_and_the_outlier_warning(tmp_path, rng, caplog):

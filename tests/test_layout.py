@@ -15,17 +15,23 @@ KERNELS = {"lrcompile.plugins.kernel"}  # Triton kernels: one function per GPU p
 
 # The data flow, bottom up: a module may import its own layer and the layers below, never above.
 LAYERS = [
-    {"lrcompile.errors", "lrcompile.report", "lrcompile.numerics"},
+    {
+        "lrcompile.errors",
+        "lrcompile.report",
+        "lrcompile.numerics",
+        "lrcompile.plan",
+        "lrcompile.profile",
+    },
     {"lrcompile.io", "lrcompile.runtime"},
     {"lrcompile.passes"},
-    {"lrcompile.config", "lrcompile.pipeline"},
+    {"lrcompile.config", "lrcompile.pipeline", "lrcompile.factors"},
     {"lrcompile.calibration"},
     {"lrcompile.search"},
     {"lrcompile.check", "lrcompile.trt", "lrcompile.plugins"},
     {
-        "lrcompile.plan",
         "lrcompile.stages",
         "lrcompile.compiler",
+        "lrcompile.sweep",
         "lrcompile.inspection",
         "lrcompile",
     },

@@ -1,4 +1,5 @@
-"""FactorizeLowRankPass: op sequences, numerics against ONNX Runtime, refusals."""
+"""Factoring: the pass's op sequences and preconditions, numerics against ONNX Runtime, and the
+decisions of the stages around it (refusals, specs, overrides)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,18 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lrcompile.numerics import decompose
 from lrcompile.numerics.ranks import RankSpec
 from lrcompile.passes.low_rank import FactorizeLowRankPass
-from tests.conftest import low_rank_matrix, make_model, run, save
+from lrcompile.plan import Factor, Keep, Plan, WeightPlan
+from tests.conftest import factorize, low_rank_matrix, make_model, run, save
 
 
 def _apply(model: onnx.ModelProto, spec: str = "16", **options):
+    """The compile's stages on ``model`` (cleanup included), and the model they wrote."""
     ir_model = ir.serde.deserialize_model(model)
-    result = FactorizeLowRankPass(RankSpec.parse(spec), **options)(ir_model)
-    RemoveUnusedNodesPass()(ir_model)  # the pipeline's cleanup drops the replaced weights
+    result = factorize(ir_model, spec, **options)
     return result, ir.serde.serialize_model(ir_model)
 
 
@@ -302,12 +303,67 @@ def test_subgraph_nodes_are_skipped(rng):
     assert not result.modified
 
 
-def test_pass_options_are_validated():
-    with pytest.raises(ValueError, match="rank_multiple"):
-        FactorizeLowRankPass(RankSpec.parse("8"), rank_multiple=0)
-    with pytest.raises(ValueError, match="decomposition"):
-        FactorizeLowRankPass(RankSpec.parse("8"), decomposition="qr")
-    assert repr(FactorizeLowRankPass(RankSpec.parse("8"))).startswith("FactorizeLowRankPass(rank=")
+def _one_matmul(rng, k=16, n=12):
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    text = f"g (float[N, {k}] x) => (float[N, {n}] y) {{ y = MatMul(x, W) }}"
+    return ir.serde.deserialize_model(make_model(text, {"W": w})), w
+
+
+def _factors(rng, k, n, rank, names=("W_lr_A", "W_lr_B")):
+    arrays = rng.standard_normal((k, rank)), rng.standard_normal((rank, n))
+    pairs = zip(arrays, names, strict=True)
+    return tuple(ir.tensor(a.astype(np.float32), name=name) for a, name in pairs)
+
+
+def test_the_pass_writes_exactly_the_factors_it_is_given(tmp_path, rng):
+    # Before/Expected: the pass decides and computes nothing; the model reads the given A and B.
+    model, _ = _one_matmul(rng)
+    a, b = _factors(rng, 16, 12, 3)
+    plan = Plan((WeightPlan("W", "3", Factor(3)),))
+    result = FactorizeLowRankPass(plan, {"W": (a, b)})(model)
+    assert result.modified
+    assert [node.op_type for node in model.graph] == ["MatMul", "MatMul"]
+    assert [node.inputs[1].name for node in model.graph] == ["W_lr_A", "W_lr_B"]
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    (y,) = run(save(ir.serde.serialize_model(model), tmp_path / "o.onnx"), {"x": x})
+    np.testing.assert_allclose(y, x @ a.numpy() @ b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_pass_leaves_kept_weights_alone(rng):
+    model, _ = _one_matmul(rng)
+    result = FactorizeLowRankPass(Plan((WeightPlan("W", "8", Keep("why")),)), {})(model)
+    assert not result.modified
+    assert [node.inputs[1].name for node in model.graph] == ["W"]
+
+
+@pytest.mark.parametrize(
+    ("plan", "factors", "message"),
+    [
+        (Plan((WeightPlan("V", "3", Factor(3)),)), {}, "the plan factors 'V', not in the model"),
+        (Plan((WeightPlan("W", "3", Factor(3)),)), {}, "no factors given for 'W'"),
+        (Plan((WeightPlan("W", "4", Factor(4)),)), "rank 3", "expected rank 4 of 16x12"),
+        (Plan((WeightPlan("W", "3", Factor(3)),)), "taken", "already exist"),
+    ],
+)
+def test_the_pass_refuses_what_it_cannot_apply(rng, plan, factors, message):
+    model, _ = _one_matmul(rng)
+    if factors == "rank 3":
+        factors = {"W": _factors(rng, 16, 12, 3)}
+    elif factors == "taken":
+        factors = {"W": _factors(rng, 16, 12, 3, names=("W", "W_lr_B"))}
+    with pytest.raises(ir.passes.PreconditionError, match=message):
+        FactorizeLowRankPass(plan, factors)(model)
+    assert [node.inputs[1].name for node in model.graph] == ["W"]  # nothing rewritten
+
+
+def test_options_are_validated_before_anything_runs():
+    from lrcompile.config import CompileConfig
+    from lrcompile.errors import LrcompileError
+
+    with pytest.raises(LrcompileError, match="rank multiple must be >= 1, got 0"):
+        CompileConfig(rank="8", rank_multiple=0)
+    with pytest.raises(LrcompileError, match="decomposition 'qr' is not one of auto, exact"):
+        CompileConfig(rank="8", decomposition="qr")
 
 
 def test_weight_also_read_elsewhere_stays_dense_unless_forced_then_is_counted(tmp_path, rng):

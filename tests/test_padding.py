@@ -8,12 +8,14 @@ import pytest
 from click.testing import CliRunner
 
 import lrcompile
-from lrcompile import cli, stages
+from lrcompile import cli
 from lrcompile.calibration.compensation import compensating_whitenings
 from lrcompile.calibration.statistics import ActivationStats, calibrate, real_rows
 from lrcompile.io import data as data_lib
 from lrcompile.io.model import load_model
 from lrcompile.passes.candidates import find_candidates
+from lrcompile.stages.calibrate import calibration_source
+from lrcompile.stages.load import load
 from tests.conftest import make_model, run, save
 
 WIDTH = 32
@@ -221,8 +223,8 @@ def test_an_additive_mask_is_not_read_inverted(padded, tmp_path, rng, caplog):
     additive = np.where(mask == 1, 0, -10000).astype(np.int64)  # 0 where tokens attend
     np.savez(tmp_path / "calib.npz", x=x, attention_mask=additive)
     config = lrcompile.CompileConfig(rank="0.5", calib=str(tmp_path / "calib.npz"))
-    prepared = stages.load(padded, config)
-    assert stages.calibration_source(prepared, config).mask is None  # every row, warned
+    prepared = load(padded, config)
+    assert calibration_source(prepared, config).mask is None  # every row, warned
     assert "values other than 0 and 1" in caplog.text
 
 
@@ -237,6 +239,6 @@ def test_no_padding_no_note(padded, tmp_path, rng):
 
 def test_a_synthetic_mask_is_not_padding(padded):
     config = lrcompile.CompileConfig(rank="0.5", calib="synthetic")
-    source = stages.calibration_source(stages.load(padded, config), config)
+    source = calibration_source(load(padded, config), config)
     assert source.synthetic and source.mask is None
     assert any(not feed["attention_mask"].all() for feed in source.feeds)  # random zeros

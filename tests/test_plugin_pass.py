@@ -8,11 +8,9 @@ import onnx_ir as ir
 import pytest
 
 import lrcompile
-from lrcompile.numerics.ranks import RankSpec
-from lrcompile.passes.low_rank import FactorizeLowRankPass
 from lrcompile.passes.plugin import EmitLowRankGemmPass
 from lrcompile.runtime.sessions import create_session
-from tests.conftest import low_rank_matrix, make_model, save
+from tests.conftest import factorize, low_rank_matrix, make_model, save
 
 
 @pytest.fixture
@@ -116,7 +114,7 @@ def test_intermediate_read_elsewhere_is_left_alone(rng):
         {"W": low_rank_matrix(rng, 64, 64, 0.5)},
     )
     ir_model = ir.serde.deserialize_model(model)
-    FactorizeLowRankPass(RankSpec.parse("8"), rank_multiple=8)(ir_model)
+    factorize(ir_model, "8", rank_multiple=8)
     mid = next(n for n in ir_model.graph if n.name.endswith("_lr_A")).outputs[0]
     ir_model.graph.outputs.append(mid)  # now the intermediate is a model output too
     result = EmitLowRankGemmPass()(ir_model)
@@ -207,7 +205,7 @@ def test_a_full_matrix_gemm_bias_is_left_unfused_with_a_reason(rng):
         },
     )
     ir_model = ir.serde.deserialize_model(model)
-    FactorizeLowRankPass(RankSpec.parse("16"))(ir_model)
+    factorize(ir_model, "16")
     result = EmitLowRankGemmPass()(ir_model)
     assert not result.modified
     assert result.skipped == [

@@ -76,8 +76,8 @@ def test_device_cuda_without_a_gpu_is_one_error(tmp_path):
 def test_chunked_calibration_gives_the_same_model(tmp_path, monkeypatch):
     import numpy as np
 
-    from lrcompile import plan
     from lrcompile.calibration import chunks, statistics
+    from lrcompile.stages import calibrate as plan
 
     model = transformer_like(tmp_path, layers=2, hidden=128, ffn=256, dtype=np.float32)
     np.savez(
@@ -112,8 +112,8 @@ def test_auto_calibrates_in_chunks_with_the_output_of_one_pass(tmp_path, monkeyp
     # of the original model, and the output is the one of a single pass.
     import numpy as np
 
-    from lrcompile import plan
     from lrcompile.calibration import chunks, statistics
+    from lrcompile.stages import calibrate as plan
     from lrcompile.tools.synthetic import lm_like
 
     model = lm_like(tmp_path, layers=2, hidden=64, ffn=128, vocab=500)
@@ -142,27 +142,27 @@ def test_auto_calibrates_in_chunks_with_the_output_of_one_pass(tmp_path, monkeyp
 
 
 def test_calibrated_chunks_spill_their_factors_and_use_jobs(tmp_path, monkeypatch):
-    # The chunks of a calibrated compile are factored by the same configured pass as any other
-    # compile: factors spilled to the scratch file (external data), --jobs and --device honoured.
+    # Calibrated in one chunk per activation, a compile's factors still come from one provider:
+    # spilled to the scratch file (external data), with --jobs.
     import numpy as np
 
     from lrcompile.calibration import chunks
+    from lrcompile.factors.provider import FactorProvider
     from lrcompile.io.spill import Spill
-    from lrcompile.passes.low_rank import FactorizeLowRankPass
 
     monkeypatch.setattr(chunks, "CALIBRATION_MEMORY_FRACTION", 1e-9)  # one layer per chunk
-    seen, stored = [], []
-    original_call, original_store = FactorizeLowRankPass.call, Spill.store
+    fits, stored = [], []
+    original_fit, original_store = FactorProvider.fit, Spill.store
 
-    def call(self, model):
-        seen.append((self.jobs, self.spill is not None, self.only))
-        return original_call(self, model)
+    def fit(self, groups, plan, names, **kwargs):
+        fits.append((self.jobs, kwargs.get("spill") is not None, len(plan.factored)))
+        return original_fit(self, groups, plan, names, **kwargs)
 
     def store(self, array, name):
         stored.append(name)
         return original_store(self, array, name)
 
-    monkeypatch.setattr(FactorizeLowRankPass, "call", call)
+    monkeypatch.setattr(FactorProvider, "fit", fit)
     monkeypatch.setattr(Spill, "store", store)
     model = transformer_like(tmp_path, layers=1, hidden=128, ffn=256, dtype=np.float32)
     x = np.random.default_rng(0).standard_normal((8, 32, 128)).astype(np.float32)
@@ -171,9 +171,7 @@ def test_calibrated_chunks_spill_their_factors_and_use_jobs(tmp_path, monkeypatc
         model, tmp_path / "o.onnx", rank="0.5", calib=str(tmp_path / "c.npz"), jobs=2, verify=False
     )
     assert result.totals.factored == 6
-    chunks = [entry for entry in seen if entry[2]]
-    # One chunk per activation: q, k and v share one.
-    assert len(chunks) == 4 and all(jobs == 2 and spilled for jobs, spilled, _ in chunks)
+    assert fits == [(2, True, 6)]  # one fit of the whole plan, after every chunk
     assert len(stored) == 12  # two factors per layer, all through the scratch file
 
 

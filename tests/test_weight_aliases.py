@@ -8,19 +8,15 @@ import onnx
 import onnx_ir as ir
 import pytest
 from onnx import numpy_helper
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 import lrcompile
-from lrcompile.numerics.ranks import RankSpec
 from lrcompile.passes.candidates import find_candidates, ops_left_alone
-from lrcompile.passes.low_rank import FactorizeLowRankPass
-from tests.conftest import low_rank_matrix, make_model, run, save
+from tests.conftest import factorize, low_rank_matrix, make_model, run, save
 
 
 def _factor(model: onnx.ModelProto, spec: str = "8", **options):
     ir_model = ir.serde.deserialize_model(model)
-    result = FactorizeLowRankPass(RankSpec.parse(spec), rank_multiple=8, **options)(ir_model)
-    RemoveUnusedNodesPass()(ir_model)
+    result = factorize(ir_model, spec, rank_multiple=8, **options)
     out = ir.serde.serialize_model(ir_model)
     onnx.checker.check_model(out, full_check=True)
     return result, out

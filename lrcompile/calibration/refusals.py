@@ -17,7 +17,7 @@ def refuse_degenerate_output(statistics: Calibration, path, source) -> None:
     if output is not None:
         raise DataError(
             f"{path}: output {output[0]!r} is {output[1]} on the calibration data"
-            f" ({source.description}): --rank auto cannot measure errors against it; pass --calib"
+            f" ({source.description}): `rank=auto` cannot measure errors against it; pass `calib`"
             " with inputs the model is meant for"
         )
 
@@ -32,8 +32,8 @@ def refuse_degenerate_input(statistics: Calibration, path, source, groups, white
         raise DataError(
             f"{path}: the calibration activations {tensor!r} (input of {node}, {width}"
             f" wide) have numerical rank {rank} over {rows} rows{fitted} ({source.description}):"
-            f" too few or too alike for --rank auto; pass --calib with at least {width} varied"
+            f" too few or too alike for `rank=auto`; pass `calib` with at least {width} varied"
             " rows of real inputs"
-            + " beyond the held-back --validation batches" * bool(held)
-            + " (synthetic data only passes with larger --input-shapes, and is weak)"
+            + " beyond the held-back `validation` batches" * bool(held)
+            + " (synthetic data only passes with larger `input_shapes`, and is weak)"
         )

@@ -140,10 +140,10 @@ def _refuse_degenerate(reference, accumulators, feeds) -> None:
     for name, accumulator in accumulators.items():
         problem = accumulator.reference_problem()
         if problem is not None:
-            hint = ", or --val-range to keep synthetic inputs in range" if feeds.synthetic else ""
+            hint = ", or `val_ranges` to keep synthetic inputs in range" if feeds.synthetic else ""
             raise DataError(
                 f"{reference}: output {name!r} is {problem} on {feeds.description}: no verdict"
-                " can rest on it; pass --verify-data (or --calib) with inputs the model is meant"
+                " can rest on it; pass `verify_data` (or `calib`) with inputs the model is meant"
                 f" for{hint}"
             )
 
@@ -154,7 +154,7 @@ def warn_if_synthetic(feeds: data_lib.FeedSource, doing: str) -> None:
         feeds,
         doing,
         "random data says little about real inputs",
-        "--verify-data/--data FILE.npz, or at least --input-shapes with real sizes",
+        "`verify_data`/`data` FILE.npz, or at least `input_shapes` with real sizes",
     )
 
 
@@ -180,7 +180,7 @@ def _check_gate(tolerance: float, metric: str, labels: Labels | None) -> None:
     if metric not in METRICS:
         raise LrcompileError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
     if metric == "ppl" and labels is None:
-        raise LrcompileError("--metric ppl needs --labels INPUT:OUTPUT (e.g. input_ids:logits)")
+        raise LrcompileError("`metric=ppl` needs `labels` INPUT:OUTPUT (e.g. input_ids:logits)")
 
 
 def check_labels(path, model, labels: Labels | None) -> None:
@@ -195,17 +195,17 @@ def check_labels(path, model, labels: Labels | None) -> None:
     label_input, output = labels
     if label_input not in inputs:
         raise DataError(
-            f"{path}: --labels names no input {label_input!r} (inputs: {', '.join(inputs)})"
+            f"{path}: `labels` names no input {label_input!r} (inputs: {', '.join(inputs)})"
         )
     dtype = inputs[label_input].dtype
     if dtype is None or not dtype.is_integer():
         raise DataError(
-            f"{path}: --labels input {label_input!r} is {dtype}, expected integer token ids"
+            f"{path}: `labels` input {label_input!r} is {dtype}, expected integer token ids"
         )
     names = [value.name for value in model.graph.outputs]
     if output not in names:
         raise DataError(
-            f"{path}: --labels names no output {output!r} (outputs: {', '.join(names)})"
+            f"{path}: `labels` names no output {output!r} (outputs: {', '.join(names)})"
         )
 
 

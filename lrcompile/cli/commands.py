@@ -32,6 +32,7 @@ from lrcompile.cli.terminal import (
     EXIT_INTERNAL,
     EXIT_SIGINT,
     EXIT_USAGE,
+    FlagFormatter,
     Progress,
     on_sigterm,
     user_errors,
@@ -96,9 +97,9 @@ def main(verbose: int) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     _VERBOSITY[0] = verbose
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
-    logging.basicConfig(
-        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(FlagFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 @main.command("compile")

@@ -165,7 +165,7 @@ def resolve_shapes(
     for name in shapes:
         if name not in known:
             raise DataError(
-                f"--input-shapes: {name!r} is not a model input (inputs: {sorted(known)})"
+                f"`input_shapes`: {name!r} is not a model input (inputs: {sorted(known)})"
             )
     resolved = {}
     for spec in inputs:
@@ -188,7 +188,7 @@ def _check_given_shape(spec: InputSpec, shape: tuple[int, ...]) -> None:
     )
     if not fits:
         raise DataError(
-            f"--input-shapes: {spec.name}:{'x'.join(map(str, shape))} does not fit the model's"
+            f"`input_shapes`: {spec.name}:{'x'.join(map(str, shape))} does not fit the model's"
             f" input shape {_format_shape(spec.shape)}"
         )
 
@@ -216,7 +216,7 @@ def synthetic_feeds(
             raise DataError(
                 f"model input {spec.name!r} is {spec.dtype.name}: ONNX Runtime's Python API cannot"
                 " be fed such arrays, so no synthetic or .npz data can run this model here;"
-                " compile with --no-verify (factoring needs no data)"
+                " compile with `verify=False` (factoring needs no data)"
             )
         metadata.add(spec.name, spec.dtype, shapes[spec.name])
     ranges = {name: tuple(bounds) for name, bounds in (val_ranges or {}).items()}
@@ -346,5 +346,5 @@ def _synthetic(inputs, shapes, batch_size, iterations, seed, val_ranges) -> list
     resolved = resolve_shapes(inputs, shapes, batch_size)
     unknown = sorted(set(val_ranges or {}) - {spec.name for spec in inputs})
     if unknown:
-        raise DataError(f"--val-range: {unknown[0]!r} is not a model input")
+        raise DataError(f"`val_ranges`: {unknown[0]!r} is not a model input")
     return list(synthetic_feeds(inputs, resolved, iterations, seed, val_ranges))

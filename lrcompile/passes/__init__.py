@@ -1,5 +1,5 @@
 """Graph passes, one transformation per module; ``lrcompile.pipeline`` orders them."""
 
-from lrcompile.passes.low_rank import FactorizeLowRankPass, FactorizeResult
+from lrcompile.passes.low_rank import FactorizeLowRankPass
 
-__all__ = ["FactorizeLowRankPass", "FactorizeResult"]
+__all__ = ["FactorizeLowRankPass"]

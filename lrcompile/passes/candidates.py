@@ -14,8 +14,8 @@ its factors. MatMul/Gemm nodes in If/Loop/Scan bodies and in model-local functio
 skipped, with the reason. Other weight-bearing or quantized ops (LSTM, Conv, MatMulInteger, ...)
 are counted by ``ops_left_alone``.
 
-Reading weights is left to the pass: discovery never touches tensor data, so external weights
-stay on disk.
+Discovery never touches tensor data, so external weights stay on disk until the factor provider
+reads them (``effective_weight``) and unmaps them again (``release_weight``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx_ir as ir
+
+from lrcompile.numerics.decompose import compute_dtype
 
 FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -177,6 +179,24 @@ def read_weight(source: WeightSource) -> np.ndarray:
     array = source.tensor.numpy()
     array = array.T if source.transposed else array
     return array.astype(source.cast.numpy()) if source.cast is not None else array
+
+
+def effective_weight(group: WeightGroup) -> np.ndarray:
+    """``[K, N]`` with ``y = x @ W``: transposed under Gemm's transB, scaled by its alpha."""
+    weight = group.tensor.numpy()
+    if group.transposed:
+        weight = weight.T
+    if group.alpha != 1.0:
+        weight = weight.astype(compute_dtype(weight.dtype)) * group.alpha
+    return weight
+
+
+def release_weight(group: WeightGroup) -> None:
+    """Unmaps ``group``'s weight, once read, when it lies in external data: its pages would stay
+    resident for as long as the model lives (for a 0.5B LM, 2.4 GB through a whole search).
+    No view of it may be alive (the map refuses to close under one)."""
+    if isinstance(group.tensor, ir.ExternalTensor):
+        group.tensor.release()
 
 
 def has_live_readers(value: ir.Value, ignore: frozenset[ir.Node] = frozenset()) -> bool:

@@ -4,12 +4,15 @@
     MatMul(x, Cast(W))      -> MatMul(MatMul(x, Cast(A)), Cast(B))     (factors in W's dtype)
     Gemm(a, W, C; tA, tB)   -> Gemm(Gemm(a, A; tA), B, C; beta)
 
-Factors are initializers ``<weight>_lr_A`` / ``<weight>_lr_B``; nodes ``<node>_lr_A`` /
-``<node>_lr_B``, marked with the metadata ``FACTOR_KEY`` so that later passes find the pairs in
-any model. The last node keeps the original output name.
+Factors are initializers ``<weight>_lr_A`` / ``<weight>_lr_B`` (``factor_names`` makes them unique
+before anything is written); nodes ``<node>_lr_A`` / ``<node>_lr_B``, marked with the metadata
+``FACTOR_KEY`` so that later passes find the pairs in any model. The last node keeps the original
+output name.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
 
 import onnx_ir as ir
 
@@ -18,13 +21,31 @@ from lrcompile.passes.candidates import WeightGroup
 FACTOR_KEY = "lrcompile.factor"  # node metadata: "A" (x @ A) or "B" (mid @ B)
 
 
-def rewrite_group(graph: ir.Graph, group: WeightGroup, left, right) -> tuple[str, str]:
-    """Replaces the group's nodes by factored pairs; returns the factors' initializer names.
+def factor_names(
+    graph: ir.Graph, groups: Iterable[WeightGroup], keys: Iterable[str]
+) -> dict[str, tuple[str, str]]:
+    """The initializer names of the factors of the groups ``keys``, in group order:
+    ``<weight>_lr_A`` and ``_lr_B``, suffixed ``_1``, ``_2``... where the graph or an earlier group
+    holds the name (one weight read both ways is two groups)."""
+    wanted, taken = set(keys), set(graph.initializers)
+    names = {}
+    for group in groups:
+        if group.key not in wanted:
+            continue
+        pair = tuple(_unique(f"{group.name}_lr_{side}", taken) for side in "AB")
+        taken.update(pair)
+        names[group.key] = pair
+    return names
+
+
+def rewrite_group(graph: ir.Graph, group: WeightGroup, left, right) -> None:
+    """Replaces the group's nodes by factored pairs reading the factor tensors ``left`` and
+    ``right``, registered as initializers under their own names.
 
     Factors are stored in the weight's dtype; when the nodes read it through a Cast, the factors
     are read through one Cast each, to the same dtype.
     """
-    a, b, names = factor_values(graph, group, left, right)
+    a, b = factor_values(graph, group, left, right)
     for node in group.nodes:
         first, second = factored_nodes(node, a, b)
         # Saved with the model, so later passes (FP8, plugin) find the pairs in any model.
@@ -38,15 +59,12 @@ def rewrite_group(graph: ir.Graph, group: WeightGroup, left, right) -> tuple[str
         ir.convenience.replace_nodes_and_values(
             graph, node, [node], [first, second], [output], [second.outputs[0]]
         )
-    return names
 
 
-def factor_values(graph: ir.Graph, group: WeightGroup, left, right):
-    """The factors as initializers of ``graph`` (through a Cast each when the group reads its
-    weight through one): ``(A, B, initializer names)``."""
-    a = _initializer(graph, f"{group.name}_lr_A", left)
-    b = _initializer(graph, f"{group.name}_lr_B", right)
-    names = (a.name, b.name)
+def factor_values(graph: ir.Graph, group: WeightGroup, left, right) -> tuple[ir.Value, ir.Value]:
+    """The factor tensors as initializers of ``graph``, read through a Cast each when the group
+    reads its weight through one: the values the factored nodes read."""
+    a, b = _initializer(graph, left), _initializer(graph, right)
     if group.cast is not None:
         casts = [ir.node("Cast", [v], {"to": group.cast}, name=f"{v.name}_Cast") for v in (a, b)]
         for cast, v in zip(casts, (a, b), strict=True):
@@ -54,7 +72,7 @@ def factor_values(graph: ir.Graph, group: WeightGroup, left, right):
             cast.outputs[0].dtype, cast.outputs[0].shape = group.cast, v.shape
         graph.insert_before(group.nodes[0], casts)
         a, b = casts[0].outputs[0], casts[1].outputs[0]
-    return a, b, names
+    return a, b
 
 
 def factored_nodes(node: ir.Node, a: ir.Value, b: ir.Value) -> tuple[ir.Node, ir.Node]:
@@ -74,14 +92,26 @@ def factored_nodes(node: ir.Node, a: ir.Value, b: ir.Value) -> tuple[ir.Node, ir
     return first, second
 
 
-def _initializer(graph: ir.Graph, name: str, array) -> ir.Value:
-    """A new initializer named ``name`` (made unique) holding ``array`` or a spilled tensor."""
+def tensors(arrays: Mapping[str, tuple], names: Mapping[str, tuple[str, str]]) -> dict:
+    """``(left, right)`` arrays by group key as named tensors (``names``), ready to rewrite."""
+    return {
+        key: tuple(
+            ir.tensor(array, name=name) for array, name in zip(pair, names[key], strict=True)
+        )
+        for key, pair in arrays.items()
+    }
+
+
+def _unique(name: str, taken: set[str]) -> str:
     unique, suffix = name, 1
-    while unique in graph.initializers:
+    while unique in taken:
         unique, suffix = f"{name}_{suffix}", suffix + 1
-    tensor = array if isinstance(array, ir.ExternalTensor) else ir.tensor(array, name=unique)
-    tensor.name = unique
-    value = ir.Value(name=unique, const_value=tensor)
+    return unique
+
+
+def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+    """A new initializer holding ``tensor`` (an array's tensor or a spilled one), by its name."""
+    value = ir.Value(name=tensor.name, const_value=tensor)
     value.shape = ir.Shape([int(d) for d in tensor.shape])
     value.type = ir.TensorType(tensor.dtype)
     graph.register_initializer(value)

@@ -58,14 +58,6 @@ class QuantizedTensor:
     clipped: float = 0.0
 
 
-@dataclasses.dataclass
-class QuantizeResult(ir.passes.PassResult):
-    """The pass result: the tensors quantized, and the nodes left alone with reasons."""
-
-    tensors: list[QuantizedTensor] = dataclasses.field(default_factory=list)
-    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-
-
 @dataclasses.dataclass(frozen=True)
 class QuantizeFp8Pass(ir.passes.InPlacePass):
     """Adds FP8 E4M3 Q/DQ on the activation and weight inputs of MatMul/Gemm nodes."""
@@ -85,26 +77,39 @@ class QuantizeFp8Pass(ir.passes.InPlacePass):
         targets, _ = self._targets(model.graph)
         return sorted({node.inputs[0].name for node in targets})
 
+    def report(self, model: ir.Model) -> tuple[list[QuantizedTensor], list[tuple[str, str]]]:
+        """What the pass will do on ``model``, before it runs: the tensors it will quantize (with
+        their scales and ranges; weights are read) and the nodes it will leave alone, with why."""
+        targets, skipped = self._targets(model.graph)
+        tensors: dict[str, QuantizedTensor] = {}
+        for node in targets:
+            x, w = node.inputs[0], node.inputs[1]
+            if x.name not in tensors:
+                tensors[x.name] = _activation_scale(x, node, self.ranges[x.name])[1]
+            if w.name not in tensors:
+                tensors[w.name] = _weight_scales(node, self.weights)[1]
+        return list(tensors.values()), skipped
+
     def requires(self, model: ir.Model) -> None:
         opset = model.opset_imports.get("", 1)
         if opset < MIN_OPSET:
             raise ir.passes.PreconditionError(
                 f"FP8 Q/DQ needs opset >= {MIN_OPSET}, the model has {opset}"
             )
-
-    def call(self, model: ir.Model) -> QuantizeResult:
-        graph = model.graph
-        targets, skipped = self._targets(graph)
-        if not targets:
-            return QuantizeResult(model, False, [], skipped)
-        missing = sorted({n.inputs[0].name for n in targets} - set(self.ranges))
+        missing = sorted(set(self.activation_names(model)) - set(self.ranges))
         if missing:
-            raise ValueError(f"no calibrated range for {missing}: see activation_names()")
+            raise ir.passes.PreconditionError(
+                f"no calibrated range for {missing}: see activation_names()"
+            )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        targets, _ = self._targets(graph)
         rewriter = _Rewriter(graph, self.weights)
         for node in targets:
             rewriter.quantize_activation(node, self.ranges[node.inputs[0].name])
             rewriter.quantize_weight(node)
-        return QuantizeResult(model, True, rewriter.report, skipped)
+        return ir.passes.PassResult(model, bool(targets))
 
     def _targets(self, graph: ir.Graph) -> tuple[list[ir.Node], list[tuple[str, str]]]:
         """Nodes to quantize, in graph order, and those refused with reasons."""
@@ -138,13 +143,11 @@ class _Rewriter:
         self.graph = graph
         self.weights = weights
         self.done: dict[str, ir.Value] = {}
-        self.report: list[QuantizedTensor] = []
 
     def quantize_activation(self, node: ir.Node, limits: ActivationRange) -> None:
         x = node.inputs[0]
         if x.name not in self.done:
-            dtype = x.dtype or node.inputs[1].dtype or ir.DataType.FLOAT
-            scale_value = _scale(np.array(limits.value), dtype)
+            scale_value, report = _activation_scale(x, node, limits)
             scale = self._constant(f"{x.name}_fp8_scale", scale_value)
             zero = self._constant(f"{x.name}_fp8_zero", np.zeros((), ml_dtypes.float8_e4m3fn))
             q = ir.node("QuantizeLinear", [x, scale, zero], name=f"{x.name}_QuantizeLinear")
@@ -155,10 +158,6 @@ class _Rewriter:
             dq.outputs[0].shape = x.shape
             self.graph.insert_before(node, [q, dq])
             self.done[x.name] = dq.outputs[0]
-            value = float(scale_value.astype(np.float32))
-            self.report.append(
-                QuantizedTensor(x.name, "activation", value, value, limits.amax, limits.clipped)
-            )
             if limits.amax > OUTLIER_FACTOR * limits.value:
                 logger.warning(
                     "%s: calibration values reach %.4g, %.1fx beyond the FP8 range at scale %.3g;"
@@ -166,7 +165,7 @@ class _Rewriter:
                     x.name,
                     limits.amax,
                     limits.amax / limits.value,
-                    value,
+                    report.scale_max,
                     100 * limits.clipped,
                 )
         node.replace_input_with(0, self.done[x.name])
@@ -174,39 +173,20 @@ class _Rewriter:
     def quantize_weight(self, node: ir.Node) -> None:
         w = node.inputs[1]
         if w.name not in self.done:
-            source = resolve_weight(w)
-            weight = read_weight(source)  # what the node reads: through Transpose, Cast
-            dtype = source.cast or source.tensor.dtype
-            # Per output channel: W[K, N] for MatMul, B[N, K] for Gemm(transB=1) (DESIGN.md).
-            axis = 0 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 1
-            amax = np.max(
-                np.abs(weight.astype(np.float32)), axis=1 - axis if self._per_channel else None
-            )
-            scale_value = _scale(np.asarray(amax), dtype)
-            shaped = np.expand_dims(scale_value, 1 - axis) if self._per_channel else scale_value
-            quantized = _to_fp8(weight.astype(np.float32) / shaped.astype(np.float32))
+            scaled, _ = _weight_scales(node, self.weights)
+            quantized = _to_fp8(scaled.weight.astype(np.float32) / scaled.shaped)
             fp8 = self._constant(f"{w.name}_fp8", quantized)
-            scale = self._constant(f"{w.name}_fp8_scale", scale_value)
+            scale = self._constant(f"{w.name}_fp8_scale", scaled.scale)
             zero = self._constant(
-                f"{w.name}_fp8_zero", np.zeros(scale_value.shape, quantized.dtype)
+                f"{w.name}_fp8_zero", np.zeros(scaled.scale.shape, quantized.dtype)
             )
-            attributes = {"axis": axis} if self._per_channel else {}
+            attributes = {"axis": scaled.axis} if scaled.axis is not None else {}
             dq = ir.node("DequantizeLinear", [fp8, scale, zero], attributes, name=f"{w.name}_DQ")
             dq.outputs[0].name = f"{w.name}_fp8_dq"
-            dq.outputs[0].dtype, dq.outputs[0].shape = dtype, ir.Shape(weight.shape)
+            dq.outputs[0].dtype, dq.outputs[0].shape = scaled.dtype, ir.Shape(quantized.shape)
             self.graph.insert_before(node, [dq])
             self.done[w.name] = dq.outputs[0]
-            scales = scale_value.astype(np.float32)
-            self.report.append(
-                QuantizedTensor(
-                    w.name, "weight", float(scales.min()), float(scales.max()), float(amax.max())
-                )
-            )
         node.replace_input_with(1, self.done[w.name])
-
-    @property
-    def _per_channel(self) -> bool:
-        return self.weights == "per-channel"
 
     def _constant(self, name: str, array: np.ndarray) -> ir.Value:
         value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
@@ -214,6 +194,51 @@ class _Rewriter:
         value.type = ir.TensorType(value.const_value.dtype)
         self.graph.register_initializer(value)
         return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScaledWeight:
+    """A weight as its node reads it, with its FP8 scales (``shaped`` broadcasts over it)."""
+
+    weight: np.ndarray
+    dtype: ir.DataType
+    scale: np.ndarray
+    shaped: np.ndarray  # float32
+    axis: int | None  # the per-channel axis, None per tensor
+
+
+def _activation_scale(
+    x: ir.Value, node: ir.Node, limits: ActivationRange
+) -> tuple[np.ndarray, QuantizedTensor]:
+    """The scale of the activation ``x`` that ``node`` reads, and its report entry."""
+    dtype = x.dtype or node.inputs[1].dtype or ir.DataType.FLOAT
+    scale = _scale(np.array(limits.value), dtype)
+    value = float(scale.astype(np.float32))
+    return scale, QuantizedTensor(x.name, "activation", value, value, limits.amax, limits.clipped)
+
+
+def _weight_scales(node: ir.Node, mode: WeightMode) -> tuple[_ScaledWeight, QuantizedTensor]:
+    """The weight ``node`` reads (through Transpose, Cast) with its scales, and its report entry.
+
+    Per output channel: ``W[K, N]`` for MatMul, ``B[N, K]`` for Gemm(transB=1) (DESIGN.md).
+    """
+    w = node.inputs[1]
+    source = resolve_weight(w)
+    weight = read_weight(source)
+    dtype = source.cast or source.tensor.dtype
+    axis = 0 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 1
+    per_channel = mode == "per-channel"
+    amax = np.max(np.abs(weight.astype(np.float32)), axis=1 - axis if per_channel else None)
+    scale = _scale(np.asarray(amax), dtype)
+    shaped = np.expand_dims(scale, 1 - axis) if per_channel else scale
+    scales = scale.astype(np.float32)
+    report = QuantizedTensor(
+        w.name, "weight", float(scales.min()), float(scales.max()), float(np.max(amax))
+    )
+    scaled = _ScaledWeight(
+        weight, dtype, scale, shaped.astype(np.float32), axis if per_channel else None
+    )
+    return scaled, report
 
 
 def _scale(amax: np.ndarray, dtype: ir.DataType) -> np.ndarray:

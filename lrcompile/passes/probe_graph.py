@@ -20,8 +20,8 @@ PROBE_INPUT = "lrcompile_probe"
 
 
 def probe_model(model: ir.Model, factors: Mapping[str, tuple], order: Sequence[str]) -> ir.Model:
-    """A clone of ``model`` in which the groups keyed in ``factors`` (``(A, B)`` each) switch on
-    the probe input: the group ``order[i]`` runs factored when it is ``i``."""
+    """A clone of ``model`` in which the groups keyed in ``factors`` (named tensors ``(A, B)``)
+    switch on the probe input: the group ``order[i]`` runs factored when it is ``i``."""
     probe = model.clone()
     graph = probe.graph
     selector = ir.Value(name=PROBE_INPUT, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
@@ -37,7 +37,7 @@ def probe_model(model: ir.Model, factors: Mapping[str, tuple], order: Sequence[s
 def _switch(
     graph: ir.Graph, group: WeightGroup, left, right, selector: ir.Value, index: int
 ) -> None:
-    a, b, _ = factor_values(graph, group, left, right)
+    a, b = factor_values(graph, group, left, right)
     for node in group.nodes:
         output = node.outputs[0]
         name = output.name

@@ -250,7 +250,7 @@ def add_batch(
         DataError: The labels do not fit the labelled output.
     """
     if labels is not None and labels[1] not in reference:
-        raise DataError(f"--labels {labels[0]}:{labels[1]}: the model has no output {labels[1]!r}")
+        raise DataError(f"`labels` {labels[0]}:{labels[1]}: the model has no output {labels[1]!r}")
     for name, expected in reference.items():
         accumulator = sums.setdefault(name, ErrorAccumulator(classes))
         try:
@@ -261,7 +261,7 @@ def add_batch(
             try:
                 accumulator.add_labels(expected, candidate[name], feed[labels[0]])
             except ValueError as e:
-                raise DataError(f"--labels {labels[0]}:{labels[1]}: {e}") from None
+                raise DataError(f"`labels` {labels[0]}:{labels[1]}: {e}") from None
 
 
 class ErrorMeter:

@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from lrcompile import pipeline
 from lrcompile.calibration.ranges import RangeCalibration
 from lrcompile.calibration.statistics import Calibration
 from lrcompile.config import CompileConfig
+from lrcompile.factors.provider import FactorProvider
 from lrcompile.io.spill import Spill
 from lrcompile.numerics.allocate import (
     Allocation,
@@ -41,11 +43,10 @@ from lrcompile.numerics.allocate import (
     allocation_path,
     most_accurate_within,
 )
-from lrcompile.passes.candidates import WeightGroup
-from lrcompile.passes.low_rank import FactorizeLowRankPass
-from lrcompile.pipeline import build_pipeline
+from lrcompile.passes.factored_graph import factor_names
 from lrcompile.runtime.latency import LatencyTable, cache_path
 from lrcompile.runtime.metrics import measure_error
+from lrcompile.search.decisions import Planner
 from lrcompile.search.latency import LatencyEstimate, estimate, layer_seconds
 from lrcompile.search.sensitivity import StepCallback, layer_spectra, measure_sensitivities
 
@@ -130,8 +131,8 @@ class MeasuredLayers:
 
 def measure_layers(
     model: ir.Model,
-    groups: Sequence[WeightGroup],
-    factorize: FactorizeLowRankPass,
+    planner: Planner,
+    provider: FactorProvider,
     calibration: Calibration,
     on_sensitivity: StepCallback | None = None,
     rows: Mapping[str, int] | None = None,
@@ -140,18 +141,18 @@ def measure_layers(
 
     Args:
         model: The prepared model; it is not modified (one probe model holds every layer).
-        groups: Its candidate groups.
-        factorize: The configured pass (spec ``auto``, whitening, cache).
+        planner: The plan of its candidate groups for any ranks (specs, facts).
+        provider: Holds every ``auto`` layer's cached factors.
         calibration: Feeds and the original model's outputs on them.
         on_sensitivity: Called as ``on_sensitivity(layers_done, layers, layer)``.
         rows: Rows of activation per batch by group key (``Calibration.batch_rows``), what the
             latency objective measures at.
     """
     clock = _Clock()
-    spectra = layer_spectra(groups, factorize, rows)
+    spectra = layer_spectra(planner, provider, rows)
     clock.lap("spectra")
     spectra = measure_sensitivities(
-        model, spectra, groups, factorize, calibration, on_step=on_sensitivity
+        model, spectra, planner, provider, calibration, on_step=on_sensitivity
     )
     clock.lap("sensitivity")
     return MeasuredLayers(tuple(spectra), clock.seconds)
@@ -159,7 +160,8 @@ def measure_layers(
 
 def choose_ranks(
     model: ir.Model,
-    factorize: FactorizeLowRankPass,
+    planner: Planner,
+    provider: FactorProvider,
     calibration: Calibration,
     config: CompileConfig,
     layers: MeasuredLayers,
@@ -172,7 +174,8 @@ def choose_ranks(
 
     Args:
         model: The prepared model; it is not modified (probes run on clones).
-        factorize: The configured pass (spec ``auto``, whitening, cache); probes replace its ranks.
+        planner: The plan of its candidate groups for any ranks; a probe plans the path's ranks.
+        provider: Fits each probe's factors (``auto`` layers from its cache).
         calibration: Feeds and the original model's outputs on them.
         config: The target ``(1 - headroom) * tolerance``, the ``objective``, the ``budget``, and
             the passes every probe runs after factoring (FP8, plugin), so that what is measured
@@ -183,14 +186,14 @@ def choose_ranks(
             objective measures the layers' shapes not in its cache.
     """
     clock = _Clock()
-    multiple, objective = factorize.rank_multiple, config.objective
+    multiple, objective = planner.multiple, config.objective
     table = seconds = shapes = None
     if objective == "latency":
         table = LatencyTable(cache_path())
         seconds, shapes = layer_seconds(layers.spectra, multiple, table, on_latency)
         clock.lap("latency")
     path = allocation_path(layers.spectra, multiple=multiple, objective=objective, seconds=seconds)
-    prober = _Prober(model, factorize, calibration, config, path, on_step)
+    prober = _Prober(model, planner, provider, calibration, config, path, on_step)
     if config.budget is not None:
         best = most_accurate_within(path, config.budget)
         prober(best)
@@ -233,8 +236,8 @@ class _Clock:
 class _Prober:
     """Compiles the allocation at a path index like the output, measures it, records the step."""
 
-    def __init__(self, model, factorize, calibration, config, path, on_step) -> None:
-        self.model, self.factorize = model, factorize
+    def __init__(self, model, planner, provider, calibration, config, path, on_step) -> None:
+        self.model, self.planner, self.provider = model, planner, provider
         self.calibration, self.config, self.path, self.on_step = calibration, config, path, on_step
         self.tolerance = config.tolerance * (1.0 - config.headroom)
         # FP8 ranges from the fitted batches only, as in the output (``stages.rewrite``).
@@ -248,23 +251,21 @@ class _Prober:
         if self.on_step is not None:
             self.on_step(len(self.steps), self.expected, f"cost x{allocation.cost_ratio:.3f}")
         predicted = math.sqrt(allocation.predicted_error)  # relative L2, as measured (rel-l2)
-        calibration = self.calibration
         # The probe's factors wait on disk, and its unchanged weights stay where they are (the
         # clone shares them): the session holds about one copy of the model.
         with tempfile.TemporaryDirectory(prefix="lrcompile-probe-") as folder:
             candidate = self.model.clone()
-            probe = dataclasses.replace(
-                self.factorize,
-                chosen_ranks=allocation.ranks,
-                progress=None,
-                spill=Spill(folder),
-                weight_errors=False,
+            plan = self.planner(allocation.ranks)
+            names = factor_names(candidate.graph, self.planner.groups, plan.factored)
+            fitted = self.provider.fit(
+                self.planner.groups, plan, names, spill=Spill(folder), weight_errors=False
             )
-            build_pipeline(probe, self.config).run(candidate, ranges=self.ranges)
-            feeds, reference = calibration.measured()  # batches the factors were not fitted to
+            factors = {key: each.pair for key, each in fitted.items()}
+            pipeline.apply(candidate, plan, factors, self.config, self.ranges)
+            feeds, reference = self.calibration.measured()  # batches not fitted to
             config = self.config
             error = measure_error(candidate, feeds, reference, config.metric, labels=config.labels)
-            del candidate
+            del candidate, fitted, factors
         passed = error <= self.tolerance
         self.steps.append(SearchStep(index, allocation.cost_ratio, predicted, error, passed))
         logger.info(

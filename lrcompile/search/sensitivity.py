@@ -24,12 +24,13 @@ import numpy as np
 import onnx_ir as ir
 
 from lrcompile.calibration.statistics import Calibration
+from lrcompile.factors.provider import FactorProvider
 from lrcompile.io.spill import Spill
 from lrcompile.numerics.allocate import LayerSpectrum
-from lrcompile.passes.candidates import WeightGroup
-from lrcompile.passes.low_rank import FactorizeLowRankPass
+from lrcompile.passes.factored_graph import factor_names
 from lrcompile.passes.probe_graph import PROBE_INPUT, probe_model
 from lrcompile.runtime.metrics import ErrorMeter
+from lrcompile.search.decisions import Planner
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +41,18 @@ StepCallback = Callable[[int, int, str], None]
 
 
 def layer_spectra(
-    groups: Sequence[WeightGroup],
-    factorize: FactorizeLowRankPass,
+    planner: Planner,
+    provider: FactorProvider,
     rows: Mapping[str, int] | None = None,
 ) -> list[LayerSpectrum]:
-    """The (whitened) squared singular values of every group whose spec is ``auto``, with its
-    ``rows`` per batch (by group key) and dtype; their factors land in ``factorize``'s cache (a
-    weight already there is not read again)."""
+    """The (whitened) squared singular values of every group whose spec is ``auto`` and whose
+    factors the provider cached (its weight is finite), with its ``rows`` per batch (by group
+    key) and dtype."""
     rows = rows or {}
     spectra = []
-    for group in groups:
-        if factorize.spec_for(group).kind != "auto":
-            continue
-        cached = factorize.cache_finite(group)
-        if cached is None:
+    for group in planner.groups:
+        cached = provider.cached(group.key)
+        if planner.specs[group.key].kind != "auto" or cached is None:
             continue
         k, n = group.shape
         energies = np.square(cached.spectrum)
@@ -68,8 +67,8 @@ def layer_spectra(
 def measure_sensitivities(
     model: ir.Model,
     spectra: Sequence[LayerSpectrum],
-    groups: Sequence[WeightGroup],
-    factorize: FactorizeLowRankPass,
+    planner: Planner,
+    provider: FactorProvider,
     calibration: Calibration,
     *,
     on_step: StepCallback | None = None,
@@ -77,22 +76,19 @@ def measure_sensitivities(
     """``spectra`` with each layer's measured sensitivity (see the module docstring)."""
     feeds, reference = calibration.measured()
     feeds, reference = feeds[:SENSITIVITY_BATCHES], reference[:SENSITIVITY_BATCHES]
-    by_key = {group.key: group for group in groups}
     predicted: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lrcompile-probes-") as folder:
-        probe = dataclasses.replace(
-            factorize, spill=Spill(folder), progress=None, weight_errors=False
-        )
-        factors = {}
+        spill, factors = Spill(folder), {}
+        names = factor_names(model.graph, planner.groups, [layer.name for layer in spectra])
         for layer in spectra:
-            rank = probe_rank(layer, factorize.rank_multiple)
+            rank = probe_rank(layer, planner.multiple)
             share = float(layer.energies[rank:].sum() / max(layer.energies.sum(), 1e-300))
             if rank is None or share <= 0.0:
                 continue  # nothing to learn: the layer keeps the neutral sensitivity
-            one = dataclasses.replace(probe, chosen_ranks={layer.name: rank})
-            _, pair = one.compute(by_key[layer.name])
-            if pair is not None:
-                factors[layer.name], predicted[layer.name] = pair, share
+            plan = planner.only(layer.name, rank)
+            fitted = provider.fit(planner.groups, plan, names, spill=spill, weight_errors=False)
+            if layer.name in fitted:  # else the layer stays dense whatever its rank
+                factors[layer.name], predicted[layer.name] = fitted[layer.name].pair, share
         order = list(factors)
         meter = ErrorMeter(probe_model(model, factors, order)) if order else None
         measured = {}

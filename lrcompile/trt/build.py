@@ -48,15 +48,15 @@ def parse_profile_shapes(items: Sequence[str]) -> dict[str, ProfileShapes]:
             match = _PROFILE.match(entry)
             if not match:
                 raise DataError(
-                    f"invalid --input-shapes {entry!r}: expected name:MIN,OPT,MAX with shapes"
+                    f"invalid `input_shapes` {entry!r}: expected name:MIN,OPT,MAX with shapes"
                     " like 1x128, e.g. input_ids:1x1,8x128,32x512"
                 )
             name, *dims = match.groups()
             low, opt, high = (tuple(int(d) for d in shape.split("x")) for shape in dims)
             if not len(low) == len(opt) == len(high):
-                raise DataError(f"--input-shapes {name}: min, opt and max differ in rank")
+                raise DataError(f"`input_shapes` {name}: min, opt and max differ in rank")
             if not all(a <= b <= c for a, b, c in zip(low, opt, high, strict=True)):
-                raise DataError(f"--input-shapes {name}: expected min <= opt <= max per dimension")
+                raise DataError(f"`input_shapes` {name}: expected min <= opt <= max per dimension")
             shapes[name] = ProfileShapes(low, opt, high)
     return shapes
 

@@ -1,6 +1,8 @@
-"""The factors ``--rank auto`` reuses: each searched layer's factors at every rank, on disk.
+"""Each layer's factors at every rank, on disk: what the provider slices a planned rank from.
 
-``auto`` compiles many candidates from the same decompositions. For each layer the cache holds,
+``auto`` compiles many candidates from the same decompositions, and a rank chosen from a
+spectrum (``energy:``, ``auto``) needs the decomposition before the rank. For each layer the cache
+holds,
 once, its factors at the largest rank that saves (``left [K, m]``, ``right [m, N]``, balanced per
 component) and its whole spectrum. The factors at rank ``r`` are their first ``r`` columns and
 rows: truncating a (whitened) SVD keeps the leading components, and balancing scales each
@@ -49,7 +51,7 @@ class FactorCache:
     def __init__(self) -> None:
         self._store = OutputStore(prefix="lrcompile-factors-", mmap=True)
         self._index: dict[str, tuple[int, str]] = {}
-        self._lock = threading.Lock()  # the pass factors layers in threads
+        self._lock = threading.Lock()  # the provider factors layers in threads
 
     def close(self) -> None:
         """Removes the files now (else when the cache is collected, or at exit)."""

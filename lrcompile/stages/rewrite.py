@@ -1,0 +1,127 @@
+"""The rewrite stage: the plan's factors fitted, the passes run, the per-layer report rendered.
+
+    plan -> the provider's factors (spilled to the scratch folder for large models)
+      -> pipeline: factor passes, FP8 ranges measured on the factored model, finish passes
+      -> the report: the plan, the fitted factors, and which weights the written model still reads
+
+With error compensation the layers go in blocks, in graph order, each calibrated on the model as
+rewritten so far: the first block from the calibration's cache, each later one fitted to the
+ORIGINAL outputs given the inputs the model compressed so far gives it
+(``lrcompile.calibration.compensation``), then rewritten before the next is calibrated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+import onnx_ir as ir
+
+from lrcompile import pipeline
+from lrcompile.calibration.compensation import compensating_whitenings
+from lrcompile.calibration.ranges import RangeCalibration
+from lrcompile.config import CompileConfig
+from lrcompile.factors.provider import FactorProvider, Fitted, ProgressCallback
+from lrcompile.io.spill import Spill
+from lrcompile.passes.candidates import has_live_readers
+from lrcompile.passes.factored_graph import factor_names
+from lrcompile.pipeline import Fp8Report
+from lrcompile.plan import Plan
+from lrcompile.profile import Profile
+from lrcompile.report import LayerReport
+from lrcompile.stages.calibrate import Calibrated
+from lrcompile.stages.load import Prepared
+from lrcompile.stages.report import layer_reports
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewritten:
+    """Every layer's report (weight bytes counted as written) and the FP8 report, if any."""
+
+    layers: tuple[LayerReport, ...]
+    fp8: Fp8Report | None = None
+
+    @property
+    def factored(self) -> bool:
+        return any(layer.status == "factored" for layer in self.layers)
+
+
+def rewrite(
+    prepared: Prepared,
+    calibrated: Calibrated,
+    plan: Plan,
+    config: CompileConfig,
+    provider: FactorProvider,
+    profile: Profile,
+    scratch: Path | None = None,
+    progress: ProgressCallback | None = None,
+) -> Rewritten:
+    """Rewrites ``prepared.model`` in place as ``plan`` says (see the module docstring).
+
+    With a ``scratch`` folder (large models), each layer's factors are spilled there as they are
+    made, so memory holds a few weights at a time, not the model.
+    """
+    model, spill = prepared.model, Spill(scratch) if scratch is not None else None
+    names = factor_names(model.graph, prepared.groups, plan.factored)
+    if calibrated.blocks is not None and calibrated.source is not None:
+        fitted = _compensated(prepared, calibrated, plan, provider, profile, spill, names, progress)
+    else:
+        with profile("factors"):
+            fitted = provider.fit(prepared.groups, plan, names, spill=spill, progress=progress)
+        with profile("rewrite"):
+            pipeline.factor_passes(plan, _pairs(fitted))(model)
+    kept = {group.key for group in prepared.groups if has_live_readers(group.weight)}
+    ranges = None
+    if config.fp8:
+        ranges = _Timed(RangeCalibration(calibrated.fitted_feeds(), config.fp8_calib), profile)
+    with profile("rewrite"):
+        fp8 = pipeline.finish(model, config, ranges)
+    return Rewritten(layer_reports(prepared, plan, fitted, kept, fp8), fp8)
+
+
+def _compensated(prepared, calibrated, plan, provider, profile, spill, names, progress):
+    """The blocks in turn (see the module docstring); returns every block's factors."""
+    model, blocks, fitted = prepared.model, calibrated.blocks, {}
+    with profile("calibrate"):
+        original = ir.serde.serialize_model(model)  # before any block is rewritten
+    for index, block in enumerate(blocks):
+        block_plan, whitenings = plan.only(group.key for group in block), None
+        if index:
+            if progress is not None:
+                progress("compensating", index, len(blocks), f"{len(block)} layers")
+            with profile("calibrate"):
+                whitenings = compensating_whitenings(
+                    original,
+                    model,
+                    block,
+                    calibrated.fitted_feeds(),
+                    data_folder=prepared.path.parent,
+                    mask=calibrated.source.mask,
+                )
+        with profile("factors"):
+            own = provider.fit(
+                prepared.groups, block_plan, names, whitenings=whitenings, spill=spill
+            )
+        with profile("rewrite"):
+            pipeline.factor_passes(block_plan, _pairs(own))(model)
+        fitted |= own
+    if progress is not None:
+        progress("compensating", len(blocks), len(blocks), "")
+    return fitted
+
+
+def _pairs(fitted: Mapping[str, Fitted]) -> dict:
+    return {key: each.pair for key, each in fitted.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timed:
+    """A range finder whose runs count as calibration in the profile."""
+
+    finder: RangeCalibration
+    profile: Profile
+
+    def __call__(self, model, names):
+        with self.profile("calibrate"):
+            return self.finder(model, names)
