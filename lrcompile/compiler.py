@@ -19,7 +19,7 @@ from typing import Any
 
 from lrcompile.check.verify import VerifyResult, verify, warn_if_synthetic
 from lrcompile.config import CompileConfig
-from lrcompile.errors import LrcompileError
+from lrcompile.errors import InternalError, LrcompileError
 from lrcompile.factors.provider import FactorProvider, ProgressCallback
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
@@ -228,6 +228,7 @@ def checked(
                 metric=config.metric,
                 feeds=feeds,
                 labels=config.labels,
+                written=True,
             )
     if config.objective == "latency":
         with profile("timing"):  # the latency table's prediction against a measurement
@@ -240,10 +241,11 @@ def checked(
 
 @contextlib.contextmanager
 def _removed_on_error(output_path: Path) -> Iterator[None]:
-    """A check that cannot run (exit 2) leaves no output behind, as every exit 2 promises."""
+    """A check that cannot run leaves no output behind: bad data (exit 2), or an output that ONNX
+    Runtime rejects (exit 3; the check kept a copy for a bug report)."""
     try:
         yield
-    except LrcompileError:
+    except (LrcompileError, InternalError):
         output_path.unlink(missing_ok=True)
         output_path.with_name(f"{output_path.name}.data").unlink(missing_ok=True)
         raise

@@ -1,7 +1,9 @@
-"""Errors that are the user's problem.
+"""Errors, by whose fault they are.
 
-Anything raised as an ``LrcompileError`` is printed by the CLI as one line (exit code 2); any
-other exception is a bug and keeps its traceback.
+An ``LrcompileError`` is the user's problem (the model, data or options): the CLI prints it as one
+line, exit code 2. An ``InternalError`` is lrcompile's: something it made itself was rejected (ONNX
+Runtime or the ONNX checker failing on a model lrcompile wrote), exit code 3, with the model kept
+for a bug report. Any other exception is a bug too (exit 3) and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,3 +27,8 @@ class DataError(LrcompileError):
 
 class OutputPathError(LrcompileError):
     """The output path is not usable (for example it equals the input)."""
+
+
+class InternalError(Exception):
+    """A model lrcompile wrote was rejected: names the stage, the failure and where the model is
+    kept for a bug report. Never the user's fault."""

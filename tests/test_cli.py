@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import onnx
 import pytest
@@ -282,3 +283,41 @@ def test_a_check_on_synthetic_data_warns_loudly(mlp, caplog):
     assert result.exit_code in (0, 1)
     assert "checking the output on SYNTHETIC inputs (synthetic inputs (seed 0))" in caplog.text
     assert "batches of SYNTHETIC inputs (seed 0)" in result.stdout
+
+
+def test_the_library_names_fields_and_the_cli_spells_them_as_flags(mlp):
+    import lrcompile
+
+    with pytest.raises(lrcompile.LrcompileError) as library:
+        lrcompile.CompileConfig(rank="8", compensate=2)
+    assert str(library.value).startswith("`compensate` needs calibration data (it fits")
+    assert str(library.value).endswith("pass `calib` FILE.npz or `calib_script` FILE.py")
+    result = _invoke(str(mlp), "--rank", "8", "--compensate", "2")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "lrcompile: error: --compensate needs calibration data (it fits the layers to their"
+        " activations): pass --calib FILE.npz or --calib-script FILE.py"
+    )
+    result = _invoke(str(mlp), "--rank", "8", "--input-shapes", "y:4x64")  # no input named y
+    assert "--input-shapes: 'y' is not a model input" in result.stderr
+
+
+def test_every_field_a_library_message_names_is_an_option_of_the_cli():
+    # `name` and `name=value` in library strings are spelled as flags by the CLI; a name that
+    # no command has would reach the user as is.
+    import ast
+    import re
+
+    names = set()
+    package = Path(cli.__file__).parents[1]
+    for path in set(package.rglob("*.py")) - set((package / "cli").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                names |= set(re.findall(r"(?<!`)`([a-z][a-z0-9_]*)(?:=[^`]*)?`(?!`)", node.value))
+    options = {
+        param.name
+        for command in cli.main.commands.values()
+        for param in command.params
+        if isinstance(param, click.Option)
+    }
+    assert names and names <= options, sorted(names - options)

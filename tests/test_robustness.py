@@ -4,6 +4,7 @@ traceback, a hang or a partial output."""
 from __future__ import annotations
 
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
@@ -188,3 +190,70 @@ def test_a_model_onnx_runtime_cannot_run_is_one_error_and_no_output(tmp_path, rn
     assert result.exit_code == 2
     assert "ONNX Runtime failed" in result.stderr and "Relu" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "stage"),
+    [
+        (["--rank", "8"], "o.onnx: "),  # the check of the written output
+        (["--rank", "auto", "--calib", "CALIB"], "a candidate model"),  # a probe of the search
+        (["--rank", "8", "--fp8", "--calib", "CALIB"], "activation ranges"),  # FP8 ranges
+    ],
+)
+def test_a_model_lrcompile_wrote_that_onnx_runtime_rejects_is_an_internal_error(
+    tmp_path, rng, monkeypatch, args, stage
+):
+    # A bug in the rewrite (factor B stored transposed): ONNX Runtime rejects the model
+    # lrcompile wrote, never the user's. Exit 3, one line, the model kept for a bug report.
+    from lrcompile.passes import low_rank
+
+    def transposed(graph, group, left, right):
+        wrong = ir.tensor(np.ascontiguousarray(right.numpy().T), name=right.name)
+        return rewrite_group(graph, group, left, wrong)
+
+    rewrite_group = low_rank.rewrite_group
+    monkeypatch.setattr(low_rank, "rewrite_group", transposed)
+    model = make_model(
+        "g (float[N, 48] x) => (float[N, 32] y) { h = MatMul(x, W)  y = Relu(h) }",
+        {"W": low_rank_matrix(rng, 48, 32)},
+    )
+    path, out = save(model, tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((256, 48)).astype(np.float32))
+    args = [str(tmp_path / "c.npz") if a == "CALIB" else a for a in args]
+    result = CliRunner().invoke(cli.main, [str(path), "-o", str(out), "--rank-multiple", "8",
+                                           "--tolerance", "0.5", *args])  # fmt: skip
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("lrcompile: internal error: ") and stage in line
+    assert "a model lrcompile wrote was rejected: ONNX Runtime failed on it" in line
+    kept = Path(line.split("kept for a bug report at ")[1].split(" (a bug in lrcompile")[0])
+    assert kept.parent.name.startswith("lrcompile-bug-")
+    assert [n.op_type for n in onnx.load(str(kept)).graph.node][:2] == ["MatMul", "MatMul"]
+    assert not out.exists() and not out.with_name("o.onnx.data").exists()
+    shutil.rmtree(kept.parent)
+
+
+def test_an_output_the_onnx_checker_rejects_is_an_internal_error(tmp_path, rng, monkeypatch):
+    from lrcompile.passes import factored_graph
+
+    def with_a_stray_attribute(node, a, b):
+        first, second = factored_nodes(node, a, b)
+        second.attributes["bogus"] = ir.Attr("bogus", ir.AttributeType.INT, 1)
+        return first, second
+
+    factored_nodes = factored_graph.factored_nodes
+    monkeypatch.setattr(factored_graph, "factored_nodes", with_a_stray_attribute)
+    model = make_model(
+        "g (float[N, 48] x) => (float[N, 32] y) { y = MatMul(x, W) }",
+        {"W": low_rank_matrix(rng, 48, 32)},
+    )
+    path, out = save(model, tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    result = CliRunner().invoke(cli.main, [str(path), "-o", str(out), "--rank", "8"])
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert f"checking {out}: a model lrcompile wrote was rejected: {out}: fails the ONNX" in line
+    assert "bogus" in line and "kept for a bug report at " in line
+    assert not out.exists()
+    kept = Path(line.split("kept for a bug report at ")[1].split(" (a bug in lrcompile")[0])
+    assert onnx.load(str(kept)).graph.node[1].attribute[0].name == "bogus"
+    shutil.rmtree(kept.parent)

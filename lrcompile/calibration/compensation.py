@@ -76,7 +76,7 @@ def compensating_whitenings(
             store.append(values)
         proto, folder = runnable_proto(current)
         stats = {key: PairedStats() for key in keys}
-        now = _activations(proto, keys, feeds, folder)
+        now = _activations(proto, keys, feeds, folder, written=current)
         for values, before, feed in zip(now, store, feeds, strict=True):
             for key, stat in stats.items():
                 x = values[_name(key)]
@@ -102,18 +102,28 @@ def _name(key: tuple[str, bool]) -> str:
 
 
 def _activations(
-    model: onnx.ModelProto, keys: Sequence[tuple[str, bool]], feeds: Sequence[Feed], folder
+    model: onnx.ModelProto,
+    keys: Sequence[tuple[str, bool]],
+    feeds: Sequence[Feed],
+    folder,
+    written: ir.Model | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Each feed's activations ``keys`` (as ``[..., K]``), the model run with them as its only
-    outputs (those that are graph inputs come from the feed)."""
+    outputs (those that are graph inputs come from the feed); ``written``: the model as
+    lrcompile rewrote it (its failures are internal errors)."""
     proto = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
     fed = set(feeds[0]) if feeds else set()
     exposed = sorted({name for name, _ in keys} - fed)
     del proto.graph.output[:]
     proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in exposed)
-    session = create_session(proto, data_folder=folder, low_memory=True) if exposed else None
+    session = None
+    if exposed:
+        name = "the model rewritten so far (error compensation)" if written is not None else None
+        session = create_session(
+            proto, data_folder=folder, low_memory=True, written=written, name=name
+        )
     del proto
-    with runtime_errors("error compensation"):
+    with runtime_errors("error compensation", written):
         for feed in feeds:
             values = dict(feed)
             if session is not None:

@@ -26,7 +26,7 @@ from lrcompile.numerics.ranges import (
     parse_range_method,
     percentile_range,
 )
-from lrcompile.runtime.sessions import create_session
+from lrcompile.runtime.sessions import create_session, runtime_errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class RangeCalibration:
         proto, folder = runnable_proto(model)
         percentile = parse_range_method(self.method)
         return activation_ranges(
-            proto, names, self.feeds, data_folder=folder, percentile=percentile
+            proto, names, self.feeds, data_folder=folder, percentile=percentile, written=model
         )
 
 
@@ -56,36 +56,41 @@ def activation_ranges(
     *,
     data_folder: str | Path | None,
     percentile: float | None = None,
+    written: ir.Model | None = None,
 ) -> dict[str, ActivationRange]:
     """Ranges of the tensors ``names`` of ``model`` over ``feeds``: the max |x|, or (with
-    ``percentile``) a histogram's percentile in a second pass over the same feeds."""
-    session, fetch = _session(model, names, feeds, data_folder)
+    ``percentile``) a histogram's percentile in a second pass over the same feeds. ``written``:
+    lrcompile made the model (its failures are internal errors, ``sessions.runtime_errors``)."""
+    session, fetch = _session(model, names, feeds, data_folder, written)
     amax = dict.fromkeys(names, 0.0)
-    for values in _batches(session, fetch, feeds):
+    for values in _batches(session, fetch, feeds, written):
         for name in names:
             if values[name].size:
                 amax[name] = max(amax[name], float(np.max(np.abs(values[name]))))
     if percentile is None:
         return {name: ActivationRange(amax[name], amax[name]) for name in names}
     counts = {name: np.zeros(HISTOGRAM_BINS, np.int64) for name in names}
-    for values in _batches(session, fetch, feeds):
+    for values in _batches(session, fetch, feeds, written):
         for name in names:
             counts[name] += histogram(values[name], amax[name])
     return {name: percentile_range(amax[name], counts[name], percentile) for name in names}
 
 
-def _session(model, names, feeds, data_folder):
+def _session(model, names, feeds, data_folder, written):
     """A session of ``model`` with ``names`` exposed, and the names to fetch (those not fed)."""
     outputs = {o.name for o in model.graph.output}
     fed = set(feeds[0]) if feeds else set()
     exposed = sorted(set(names) - outputs - fed)
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never touch the caller's
     model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in exposed)
-    return create_session(model, data_folder=data_folder), sorted(set(names) - fed)
+    name = "the factored model (activation ranges)" if written is not None else None
+    session = create_session(model, data_folder=data_folder, written=written, name=name)
+    return session, sorted(set(names) - fed)
 
 
-def _batches(session, fetch, feeds) -> Iterator[dict[str, np.ndarray]]:
+def _batches(session, fetch, feeds, written) -> Iterator[dict[str, np.ndarray]]:
     """Per feed, the fetched values and the fed inputs."""
     for feed in feeds:
-        fetched = session.run(fetch, feed) if fetch else []  # run([]) returns everything
+        with runtime_errors("measuring activation ranges", written):
+            fetched = session.run(fetch, feed) if fetch else []  # run([]) returns everything
         yield dict(zip(fetch, fetched, strict=True)) | feed

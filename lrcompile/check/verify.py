@@ -35,7 +35,7 @@ from lrcompile.io.model import load_model
 from lrcompile.io.spill import OutputStore
 from lrcompile.passes.inputs import index_ranges
 from lrcompile.runtime.metrics import METRICS, ErrorAccumulator, Labels, OutputMetrics, add_batch
-from lrcompile.runtime.sessions import create_session, runtime_errors
+from lrcompile.runtime.sessions import create_session, internal_error, runtime_errors
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def verify(
     providers: Sequence[str] = ("cpu",),
     engine: bool | None = None,
     labels: Labels | None = None,
+    written: bool = False,
 ) -> VerifyResult:
     """Compares ``candidate`` against ``reference`` with Polygraphy and ONNX Runtime.
 
@@ -115,20 +116,22 @@ def verify(
         labels: ``(input, output)``: the output's logits predict the input's next entry (a
             causal LM's ``("input_ids", "logits")``); adds both perplexities (``ppl`` gates on
             their ratio).
+        written: lrcompile wrote ``candidate`` (a compile's check): its rejection is internal.
 
     Raises:
         LrcompileError: A model or the data is invalid, or the models' inputs/outputs differ.
+        InternalError: ``written``, and the candidate was rejected (kept for a bug report).
     """
     _check_gate(tolerance, metric, labels)
     engine = Path(candidate).suffix in (".engine", ".plan") if engine is None else engine
-    ref_model = _load_pair(reference, candidate, engine)
+    ref_model = _load_pair(reference, candidate, engine, written)
     if feeds is None:
         feeds = _feeds(ref_model, data, input_shapes, val_ranges, batch_size, iterations, seed)
     outputs = [value.name for value in ref_model.graph.outputs]
     check_labels(reference, ref_model, labels)
-    with _quiet_polygraphy(), runtime_errors(f"running {reference} and {candidate}"):
-        runners = _runners(reference, candidate, providers, engine)
-        batches = _run_pair(runners, feeds.feeds)
+    with _quiet_polygraphy():
+        runners = _runners(reference, candidate, providers, engine, written)
+        batches = _run_pair(runners, feeds.feeds, (reference, candidate), written)
         accumulators, count = _accumulate(batches, outputs, candidate, labels)
     _refuse_degenerate(reference, accumulators, feeds)
     metrics = tuple(accumulators[name].metrics(name, tolerance, metric) for name in outputs)
@@ -209,13 +212,19 @@ def check_labels(path, model, labels: Labels | None) -> None:
         )
 
 
-def _load_pair(reference, candidate, engine: bool):
+def _load_pair(reference, candidate, engine: bool, written: bool):
     """The reference model, after checking that the candidate exists and has its signature."""
     if engine and not Path(candidate).is_file():
         raise ModelLoadError(f"{candidate}: no such file, expected a TensorRT engine")
     ref_model = load_model(reference)
-    if not engine:
+    if engine:
+        return ref_model
+    try:
         _check_same_signature(reference, candidate, ref_model, load_model(candidate))
+    except LrcompileError as e:
+        if not written:
+            raise
+        raise internal_error(f"checking {candidate}", str(e), candidate) from e
     return ref_model
 
 
@@ -232,7 +241,7 @@ def _accumulate(batches, outputs, candidate, labels) -> tuple[dict[str, ErrorAcc
     return accumulators, count
 
 
-def _runners(reference, candidate, providers: Sequence[str], engine: bool) -> list:
+def _runners(reference, candidate, providers: Sequence[str], engine: bool, written: bool) -> list:
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     if engine:
@@ -240,12 +249,14 @@ def _runners(reference, candidate, providers: Sequence[str], engine: bool) -> li
 
         candidate_runner = engine_runner(candidate)
     else:
-        candidate_runner = OnnxrtRunner(_session_loader(candidate, providers), name="candidate")
-    return [OnnxrtRunner(_session_loader(reference, providers), name="reference"), candidate_runner]
+        loader = _session_loader(candidate, providers, candidate if written else None)
+        candidate_runner = OnnxrtRunner(loader, name="candidate")
+    reference_runner = OnnxrtRunner(_session_loader(reference, providers), name="reference")
+    return [reference_runner, candidate_runner]
 
 
 def _run_pair(
-    runners: list, feeds: Iterable[data_lib.Feed]
+    runners: list, feeds: Iterable[data_lib.Feed], paths: tuple, written: bool
 ) -> Iterable[tuple[data_lib.Feed, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
     """Each batch's feed, reference and candidate outputs, one model in memory at a time.
 
@@ -257,12 +268,17 @@ def _run_pair(
     feeds = list(feeds)
     store = OutputStore(prefix="lrcompile-reference-")
     try:
-        with reference as active:
+        with runtime_errors(f"running {paths[0]}"), reference as active:
             for feed in feeds:
                 store.append(active.infer(feed_dict=feed))
-        with candidate as active:
+        ours, what = paths[1] if written else None, f"running {paths[1]}"
+        with contextlib.ExitStack() as stack:
+            with runtime_errors(what, ours):
+                active = stack.enter_context(candidate)
             for feed, ref_out in zip(feeds, store, strict=True):
-                yield feed, ref_out, dict(active.infer(feed_dict=feed))
+                with runtime_errors(what, ours):
+                    out = dict(active.infer(feed_dict=feed))
+                yield feed, ref_out, out
     finally:
         store.close()
 
@@ -276,9 +292,9 @@ def _quiet_polygraphy() -> Iterator[None]:
         yield
 
 
-def _session_loader(path: str | Path, providers: Sequence[str]):
+def _session_loader(path: str | Path, providers: Sequence[str], written=None):
     def load():
-        return create_session(path, providers=providers)
+        return create_session(path, providers=providers, written=written)
 
     return load
 

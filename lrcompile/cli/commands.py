@@ -34,10 +34,12 @@ from lrcompile.cli.terminal import (
     EXIT_USAGE,
     FlagFormatter,
     Progress,
+    as_flags,
     on_sigterm,
     user_errors,
 )
 from lrcompile.config import CHOICES, DEFAULT_ITERATIONS, CompileConfig, parse_labels
+from lrcompile.errors import InternalError
 from lrcompile.io.data import parse_input_shapes, parse_val_ranges
 
 _VERBOSITY = [0]  # -v count of the running command, for the internal-error handler
@@ -78,9 +80,11 @@ class _DefaultToCompile(click.Group):
         except Exception as error:  # a bug: never an exit code that means a verdict or bad input
             if _VERBOSITY[0]:
                 traceback.print_exc()
+            internal = isinstance(error, InternalError)  # its message names what failed
+            what = str(error) if internal else f"{type(error).__name__}: {error}"
             click.echo(
-                f"lrcompile: internal error: {type(error).__name__}: {error} (a bug in lrcompile;"
-                " run with -v for the traceback)",
+                f"lrcompile: internal error: {as_flags(what)} (a bug in lrcompile; run with -v for"
+                " the traceback)",
                 err=True,
             )
             sys.exit(EXIT_INTERNAL)

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from lrcompile.check.verify import VerifyResult
+from lrcompile.cli.terminal import as_flags
 from lrcompile.compiler import CompileResult
 from lrcompile.report import LayerReport, totals
 from lrcompile.search.latency import LatencyEstimate
@@ -50,7 +51,7 @@ def _row(layer: LayerReport) -> tuple[str, ...]:
     if len(layer.nodes) > 1:
         name += f" (x{len(layer.nodes)})"
     shape = "x".join(str(d) for d in layer.shape) if layer.shape else "-"
-    status = layer.status if layer.reason is None else f"{layer.status}: {layer.reason}"
+    status = layer.status if layer.reason is None else f"{layer.status}: {as_flags(layer.reason)}"
     if layer.status == "skipped":
         return (name, shape, "-", "-", "-", "-", "-", "-", status)
     energy = f"{layer.kept_energy:.4f}" if layer.kept_energy is not None else "-"
@@ -104,6 +105,15 @@ def print_compile(result: CompileResult) -> None:
         _print_auto(result)
     if result.verification is not None:
         print_verification(result.verification)
+    click.echo(f"stages: {profile_line(result.seconds, result.peak_mib)}")
+
+
+def profile_line(seconds: dict[str, float], peaks: dict[str, float]) -> str:
+    """Each stage's seconds and peak resident memory: ``load 0.1 s 210 MiB, ...``."""
+    return ", ".join(
+        f"{stage} {value:.1f} s" + (f" {peaks[stage]:.0f} MiB" if stage in peaks else "")
+        for stage, value in seconds.items()
+    )
 
 
 def print_verification(result: VerifyResult) -> None:

@@ -139,6 +139,29 @@ def write_errors(path: Path) -> Iterator[None]:
         ) from None
 
 
+def keep_for_bug_report(model: ir.Model | str | Path, name: str) -> Path:
+    """Keeps a model lrcompile made (in memory, a file with its external data, or a folder of
+    them) in a new folder of the temporary directory that nothing removes; returns its path.
+
+    A model saved from memory takes every weight into ``<name>.onnx.data`` beside it.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="lrcompile-bug-"))
+    if isinstance(model, ir.Model):
+        path = folder / f"{name}.onnx"
+        ir.save(model, path, external_data=f"{name}.onnx.data")
+        return path
+    source = Path(model)
+    if source.is_dir():
+        shutil.copytree(source, folder / name)
+        return folder / name
+    for data in external_data_files(source):
+        target = folder / data.relative_to(source.parent.resolve())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(data, target)
+    shutil.copy2(source, folder / source.name)
+    return folder / source.name
+
+
 def tensor_bytes(model: ir.Model) -> int:
     """Bytes of all initializers of the main graph (what an inline model would carry)."""
     total = 0

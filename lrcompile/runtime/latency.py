@@ -180,7 +180,7 @@ def measure(shape: Shape, budget_s: float = SECONDS_PER_SHAPE) -> Curve:
     x = np.full((shape.rows, shape.k), 0.5, dtype)
     with (
         tempfile.TemporaryDirectory(prefix="lrcompile-latency-") as folder,
-        runtime_errors(f"timing a {shape.key} MatMul"),
+        runtime_errors(f"timing a {shape.key} MatMul", written=Path(folder)),
     ):
         sessions = [_session(Path(folder), shape, rank) for rank in (None, *ranks)]
         runs = [lambda s=s: s.run(None, {"x": x}) for s in sessions]
@@ -235,7 +235,7 @@ def _session(folder: Path, shape: Shape, rank: int | None):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     path = folder / f"{'dense' if rank is None else rank}.onnx"
     onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
-    return create_session(path, spinning=False)
+    return create_session(path, spinning=False, written=folder)
 
 
 def _read(path: Path) -> dict[str, dict[str, Curve]]:

@@ -274,7 +274,10 @@ class ErrorMeter:
 
     def __init__(self, model: ir.Model) -> None:
         proto, folder = runnable_proto(model)
-        self.session = create_session(proto, data_folder=folder, low_memory=True)
+        self.model = model  # lrcompile's candidate: kept for a bug report if ONNX Runtime fails
+        self.session = create_session(
+            proto, data_folder=folder, low_memory=True, written=model, name="a candidate model"
+        )
         del proto
 
     def __call__(
@@ -289,7 +292,7 @@ class ErrorMeter:
         sums: dict[str, ErrorAccumulator] = {}
         # Only the gated error is returned: the class statistics only when it is one of them.
         classes = metric in ("kl", "top1")
-        with runtime_errors("a candidate model"):
+        with runtime_errors("a candidate model", self.model):
             for feed, expected in zip(feeds, reference, strict=True):
                 names = list(expected)
                 values = self.session.run(names, {**feed, **(extra or {})})

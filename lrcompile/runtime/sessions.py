@@ -9,8 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import onnx_ir as ir
 
-from lrcompile.errors import LrcompileError
+from lrcompile.errors import InternalError, LrcompileError
+from lrcompile.io.model import keep_for_bug_report
+
+# A model lrcompile made (in memory, or a file or folder of them): kept for a bug report when ONNX
+# Runtime rejects it.
+Written = ir.Model | str | Path
 
 _FP8_TYPES = frozenset(
     {
@@ -122,10 +128,13 @@ def create_session(
     providers: Sequence[str] = ("cpu",),
     low_memory: bool = False,
     spinning: bool = True,
+    written: Written | None = None,
+    name: str | None = None,
 ):
     """A session for a model file, or for an in-memory model whose external data lies in
     ``data_folder``, on ``providers`` (names of ``PROVIDERS``, in priority order); see
-    ``session_options``."""
+    ``session_options``. ``written``: lrcompile made the model (see ``runtime_errors``);
+    ``name``: what the model is, for errors (its path by default)."""
     ort = onnxruntime()
 
     if isinstance(model, onnx.ModelProto):
@@ -137,8 +146,9 @@ def create_session(
         proto = onnx.load(str(model), load_external_data=False)
         options = session_options(fp8=has_fp8(proto), spinning=spinning)
         source = str(model)
-    name = str(model) if not isinstance(model, onnx.ModelProto) else "the model"
-    with runtime_errors(name):
+    if name is None:
+        name = str(model) if not isinstance(model, onnx.ModelProto) else "the model"
+    with runtime_errors(name, written):
         return ort.InferenceSession(
             source, sess_options=options, providers=resolve_providers(providers)
         )
@@ -155,11 +165,13 @@ def _installed(distribution: str) -> bool:
 
 
 @contextlib.contextmanager
-def runtime_errors(what: str) -> Iterator[None]:
+def runtime_errors(what: str, written: Written | None = None) -> Iterator[None]:
     """Turns ONNX Runtime's (and Polygraphy's) failures to load or run a model into one line.
 
     A model the ONNX checker accepts can still be unrunnable (an operator version ONNX Runtime has
-    no kernel for, inputs of the wrong shape): that is the input's problem, not a crash.
+    no kernel for, inputs of the wrong shape): for the user's model that is the input's problem
+    (``LrcompileError``). For a model lrcompile wrote (``written``: it, or its file) it is
+    lrcompile's (``InternalError``), and the model is kept for a bug report.
     """
     from polygraphy.exception import PolygraphyException
 
@@ -172,4 +184,18 @@ def runtime_errors(what: str) -> Iterator[None]:
         yield
     except (*ort_errors, PolygraphyException) as e:
         message = next((line.strip() for line in str(e).splitlines() if line.strip()), repr(e))
-        raise LrcompileError(f"{what}: ONNX Runtime failed: {message}") from None
+        if written is None:
+            raise LrcompileError(f"{what}: ONNX Runtime failed: {message}") from None
+        raise internal_error(what, f"ONNX Runtime failed on it: {message}", written) from e
+
+
+def internal_error(what: str, failure: str, written: Written) -> InternalError:
+    """The error for a model lrcompile wrote that was rejected, with the model kept."""
+    name = "".join(c if c.isalnum() else "-" for c in what.lower()).strip("-")[:60] or "model"
+    try:
+        kept = f"kept for a bug report at {keep_for_bug_report(written, name)}"
+    except Exception as e:  # keeping it must not hide the failure itself
+        kept = f"not kept ({type(e).__name__}: {e})"
+    return InternalError(
+        f"{what}: a model lrcompile wrote was rejected: {failure}; the model is {kept}"
+    )
