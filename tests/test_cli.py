@@ -280,7 +280,7 @@ def test_a_bug_exits_3_in_one_line_with_the_traceback_under_verbose(mlp, monkeyp
 
 def test_a_check_on_synthetic_data_warns_loudly(mlp, caplog):
     result = CliRunner().invoke(cli.main, [str(mlp), "--rank", "16"])
-    assert result.exit_code in (0, 1)
+    assert result.exit_code == 0  # W1 and W2 decay like 0.7**i: rank 16 keeps them
     assert "checking the output on SYNTHETIC inputs (synthetic inputs (seed 0))" in caplog.text
     assert "batches of SYNTHETIC inputs (seed 0)" in result.stdout
 

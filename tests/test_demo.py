@@ -50,10 +50,11 @@ def test_heldout_metrics_are_consistent(demo):
     assert reference.shape == (121, 384)
     rel = np.linalg.norm(candidate.astype(np.float64) - reference) / np.linalg.norm(reference)
     assert result.heldout_relative_l2 == pytest.approx(rel, rel=1e-5)
-    # Unit embeddings: ||a - b||^2 = 2 - 2 cos, so the mean cosine follows from the L2 error.
+    # The reported cosines are those of the written model's embeddings, row by row.
     cos = metrics.cosines(reference, candidate)
-    assert result.cosine_mean == pytest.approx(1 - rel**2 / 2, abs=1e-4)
-    assert result.cosine_min == pytest.approx(cos.min())
+    assert result.cosine_mean == pytest.approx(cos.mean(), rel=1e-9)
+    assert result.cosine_min == pytest.approx(cos.min(), rel=1e-9)
+    assert 0.9 < result.cosine_min <= result.cosine_mean < 1.0
     assert result.neighbour_agreement == pytest.approx(
         metrics.neighbour_agreement(reference, candidate)
     )
@@ -83,25 +84,20 @@ def test_fp8_with_auto_meets_the_tolerance_on_heldout(tmp_path_factory):
     assert result.compile.auto.measured_error <= 0.08
 
 
-def test_auto_without_calibration_data_refuses_or_holds_on_heldout_text(demo, tmp_path):
-    # The card's command, no calibration data: either one line and exit 2, or a model whose
-    # error on the held-out sentences is at most 0.15 (never a PASS that real text breaks).
+def test_auto_without_calibration_data_is_refused(demo, tmp_path):
+    # The card's command, no calibration data: synthetic batches of single tokens give the
+    # 384-wide activations a numerical rank far below half their width. No verdict can rest on
+    # that: one line, exit 2, nothing written (never a PASS that real text breaks).
     from click.testing import CliRunner
 
     from lrcompile import cli
-    from lrcompile.demo.minilm import embed
 
     _, workdir = demo
     out = tmp_path / "nocalib.onnx"
     args = [str(workdir / "minilm.onnx"), "--rank", "auto", "--tolerance", "0.1", "-o", str(out)]
     result = CliRunner().invoke(cli.main, args)
-    if result.exit_code == 2:
-        (line,) = result.output.strip().splitlines()
-        assert line.startswith("lrcompile: error: ") and "--calib" in line
-        assert not out.exists()
-        return
-    assert result.exit_code == 0, result.output
-    heldout = dict(np.load(workdir / "heldout.npz"))
-    reference = embed(workdir / "minilm.onnx", heldout)
-    candidate = embed(out, heldout)
-    assert np.linalg.norm(candidate - reference) / np.linalg.norm(reference) <= 0.15
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("lrcompile: error: ") and "384 wide) have numerical rank" in line
+    assert "too few or too alike for --rank auto; pass --calib with at least 384" in line
+    assert not out.exists() and not list(tmp_path.iterdir())
