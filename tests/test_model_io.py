@@ -150,7 +150,10 @@ def test_failed_write_leaves_nothing_behind(mlp, tmp_path, monkeypatch):
         Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ir, "save", broken_save)
+    from lrcompile.io import inline
+
+    monkeypatch.setattr(ir, "save", broken_save)  # outputs with external data
+    monkeypatch.setattr(inline, "write_inline", broken_save)  # inline outputs, tensor by tensor
     with pytest.raises(OutputPathError, match=r"could not write the output \(No space left"):
         lrcompile.compile_model(mlp, out / "o.onnx", rank="8", verify=False)
     assert list(out.iterdir()) == []

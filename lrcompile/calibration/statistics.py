@@ -31,6 +31,7 @@ from lrcompile.numerics.whiten import (
 )
 from lrcompile.passes.candidates import WeightGroup
 from lrcompile.runtime.metrics import ErrorAccumulator
+from lrcompile.runtime.rows import rows_per_run, split_rows, splittable
 from lrcompile.runtime.sessions import create_session, runtime_errors
 
 logger = logging.getLogger(__name__)
@@ -87,12 +88,15 @@ class Calibration:
 
     stats: dict[tuple[str, bool], ActivationStats]
     feeds: list[Feed]
-    reference: Sequence[dict[str, np.ndarray]]  # an OutputStore: batches read back on demand
+    # The outputs of the measured feeds (``measured``) only, piece by piece (``rows``): an
+    # OutputStore, read back on demand.
+    reference: Sequence[dict[str, np.ndarray]]
     source: str
     synthetic: bool = False
     # The statistics are of the first ``fitted`` feeds (None: all); the others are held back, so
     # that ``auto`` measures its candidates on batches its factors were not fitted to.
     fitted: int | None = None
+    rows: int | None = None  # rows per run (``runtime.rows``); None: whole batches
 
     @property
     def held_back(self) -> int:
@@ -104,12 +108,16 @@ class Calibration:
         may see."""
         return self.feeds if self.fitted is None else self.feeds[: self.fitted]
 
-    def measured(self) -> tuple[Sequence[Feed], Sequence[dict[str, np.ndarray]]]:
-        """The feeds ``auto`` measures candidates on, with their reference outputs: those held
-        back from the statistics, or all of them when none were."""
-        if not self.held_back:
-            return self.feeds, self.reference
-        return self.feeds[self.fitted :], self.reference[self.fitted :]
+    def measured(
+        self, batches: int | None = None
+    ) -> tuple[Sequence[Feed], Sequence[dict[str, np.ndarray]]]:
+        """The feeds ``auto`` measures candidates on (the first ``batches`` of them), with their
+        reference outputs, piece by piece: those held back from the statistics, or all of them
+        when none were."""
+        feeds = self.feeds[self.fitted :] if self.held_back else self.feeds
+        pieces = [split_rows(feed, self.rows) for feed in feeds[:batches]]
+        flat = [piece for batch in pieces for piece in batch]
+        return flat, self.reference[: len(flat)]
 
     def gram(self, group: WeightGroup) -> np.ndarray | None:
         """``X^T X / rows`` of everything the group's weight multiplies (over all its nodes): a
@@ -239,30 +247,56 @@ def calibrate(
     stats = {key: ActivationStats() for key in activations}
     kept = outputs if keep_reference else []
     with runtime_errors("calibration"):
-        reference = _accumulate(
-            session, names, kept, run, stats, on_batch, fitted, mask=source.mask
-        )
-    return Calibration(stats, feeds, reference, source.description, source.synthetic, fitted)
+        rows = None
+        if kept and splittable(_first_dimensions(proto, fed)):
+            rows = rows_per_run(run, lambda piece: session.run(kept, piece))
+        run_ = _Run(session, names, kept, rows, source.mask, on_batch)
+        reference = run_(run, stats, fitted)
+    calibration = Calibration(stats, feeds, reference, source.description, source.synthetic)
+    return dataclasses.replace(calibration, fitted=fitted, rows=rows)
 
 
-def _accumulate(session, names, outputs, feeds, stats, on_batch, fitted, *, mask) -> OutputStore:
-    """Runs every feed, adding each activation of the first ``fitted`` (all: None) to its
-    statistics, padding rows (zeros of the feed ``mask``) left out of the Gram matrices;
-    returns the model's outputs."""
-    reference = OutputStore(prefix="lrcompile-calibration-")
-    fitted = len(feeds) if fitted is None else fitted
-    for index, feed in enumerate(feeds):
-        if on_batch is not None:
-            on_batch(index, len(feeds), "")
-        values = dict(zip(names, session.run(names, feed), strict=True)) | feed
-        if index < fitted:
-            for (name, transposed), stat in stats.items():
-                x = values[name].T if transposed else values[name]
-                stat.add(x, real_rows(x, feed, mask))
-        reference.append({name: values[name] for name in outputs})
-    if on_batch is not None:
-        on_batch(len(feeds), len(feeds), "")
-    return reference
+@dataclasses.dataclass
+class _Run:
+    """Runs the feeds piece by piece (``rows`` per run), adding each activation of the fitted
+    feeds to its statistics, padding rows (zeros of the feed ``mask``) left out of the Gram
+    matrices, and keeping the outputs of the measured feeds."""
+
+    session: object
+    names: list[str]
+    outputs: list[str]
+    rows: int | None
+    mask: str | None
+    on_batch: Callable[[int, int, str], None] | None
+
+    def __call__(self, feeds, stats, fitted: int | None) -> OutputStore:
+        reference = OutputStore(prefix="lrcompile-calibration-")
+        report = self.on_batch or (lambda done, total, detail: None)
+        for index, feed in enumerate(feeds):
+            report(index, len(feeds), "")
+            fits = fitted is None or index < fitted
+            keeps = fitted is None or index >= fitted  # what ``Calibration.measured`` reads
+            seen = collections.Counter()  # rows of each activation in the whole batch
+            for piece in split_rows(feed, self.rows):
+                values = dict(zip(self.names, self.session.run(self.names, piece), strict=True))
+                values |= piece
+                if fits:
+                    for key, stat in stats.items():
+                        x = values[key[0]].T if key[1] else values[key[0]]
+                        stat.add(x, real_rows(x, piece, self.mask))
+                        seen[key] += int(np.prod(x.shape[:-1]))
+                if keeps and self.outputs:
+                    reference.append({name: values[name] for name in self.outputs})
+            for key, rows in seen.items():
+                stats[key].batch_rows = max(stats[key].batch_rows, rows)
+        report(len(feeds), len(feeds), "")
+        return reference
+
+
+def _first_dimensions(proto: onnx.ModelProto, fed: set[str]) -> list[int | None]:
+    """The static first dimension of each fed input (None where dynamic)."""
+    dims = [value.type.tensor_type.shape.dim for value in proto.graph.input if value.name in fed]
+    return [d[0].dim_value if d and d[0].HasField("dim_value") else None for d in dims]
 
 
 def activation_key(node) -> tuple[str, bool]:

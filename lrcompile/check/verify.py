@@ -35,6 +35,7 @@ from lrcompile.io.model import load_model
 from lrcompile.io.spill import OutputStore
 from lrcompile.passes.inputs import index_ranges
 from lrcompile.runtime.metrics import METRICS, ErrorAccumulator, Labels, OutputMetrics, add_batch
+from lrcompile.runtime.rows import rows_per_run, split_rows, splittable
 from lrcompile.runtime.sessions import create_session, internal_error, runtime_errors
 
 logger = logging.getLogger(__name__)
@@ -111,8 +112,7 @@ def verify(
         feeds: Ready feeds to use instead of ``data`` (for example the calibration feeds).
         providers: ONNX Runtime execution providers for the ONNX models, in priority order
             (``cpu``, ``cuda``, ``tensorrt``).
-        engine: The candidate is a TensorRT engine (run with Polygraphy's ``TrtRunner``);
-            by default, when its suffix is ``.engine`` or ``.plan``.
+        engine: The candidate is a TensorRT engine (default: its suffix is .engine or .plan).
         labels: ``(input, output)``: the output's logits predict the input's next entry (a
             causal LM's ``("input_ids", "logits")``); adds both perplexities (``ppl`` gates on
             their ratio).
@@ -131,11 +131,12 @@ def verify(
     check_labels(reference, ref_model, labels)
     with _quiet_polygraphy():
         runners = _runners(reference, candidate, providers, engine, written)
-        batches = _run_pair(runners, feeds.feeds, (reference, candidate), written)
-        accumulators, count = _accumulate(batches, outputs, candidate, labels)
+        pieces = _run_pair(runners, feeds.feeds, (reference, candidate), written, ref_model)
+        accumulators = _accumulate(pieces, outputs, candidate, labels)
     _refuse_degenerate(reference, accumulators, feeds)
     metrics = tuple(accumulators[name].metrics(name, tolerance, metric) for name in outputs)
-    return VerifyResult(metrics, tolerance, count, feeds.description, feeds.synthetic, metric)
+    batches = len(feeds.feeds)
+    return VerifyResult(metrics, tolerance, batches, feeds.description, feeds.synthetic, metric)
 
 
 def _refuse_degenerate(reference, accumulators, feeds) -> None:
@@ -228,17 +229,15 @@ def _load_pair(reference, candidate, engine: bool, written: bool):
     return ref_model
 
 
-def _accumulate(batches, outputs, candidate, labels) -> tuple[dict[str, ErrorAccumulator], int]:
-    """Each output's error over every (feed, reference, candidate) batch, and the batch count."""
+def _accumulate(pieces, outputs, candidate, labels) -> dict[str, ErrorAccumulator]:
+    """Each output's error over every (feed, reference, candidate) piece of a batch."""
     accumulators = {name: ErrorAccumulator() for name in outputs}
-    count = 0
-    for feed, ref_out, cand_out in batches:
+    for feed, ref_out, cand_out in pieces:
         missing = [name for name in outputs if name not in cand_out]
         if missing:
             raise LrcompileError(f"{candidate}: has no output {missing[0]!r}")
         add_batch(accumulators, {name: ref_out[name] for name in outputs}, cand_out, feed, labels)
-        count += 1
-    return accumulators, count
+    return accumulators
 
 
 def _runners(reference, candidate, providers: Sequence[str], engine: bool, written: bool) -> list:
@@ -256,19 +255,24 @@ def _runners(reference, candidate, providers: Sequence[str], engine: bool, writt
 
 
 def _run_pair(
-    runners: list, feeds: Iterable[data_lib.Feed], paths: tuple, written: bool
+    runners: list, feeds: Iterable[data_lib.Feed], paths: tuple, written: bool, ref_model
 ) -> Iterable[tuple[data_lib.Feed, Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
-    """Each batch's feed, reference and candidate outputs, one model in memory at a time.
+    """Each piece's feed, reference and candidate outputs, one model in memory at a time.
 
     Polygraphy's runners run the reference on every feed first; its outputs wait on disk (in
-    ``TMPDIR``, read back one batch at a time) while the candidate runs, so a check never holds two
-    models, nor more than one batch of outputs.
+    ``TMPDIR``, read back one piece at a time) while the candidate runs, so a check never holds two
+    models, nor more than one piece of outputs: batches whose outputs would pass the budget run in
+    pieces of rows (``runtime.rows``; an LM's logits).
     """
     reference, candidate = runners
     feeds = list(feeds)
     store = OutputStore(prefix="lrcompile-reference-")
     try:
         with runtime_errors(f"running {paths[0]}"), reference as active:
+            infer = lambda piece: list(active.infer(feed_dict=piece).values())  # noqa: E731
+            split = splittable((s.shape or (None,))[0] for s in data_lib.model_inputs(ref_model))
+            rows = rows_per_run(feeds, infer) if split else None
+            feeds = [piece for feed in feeds for piece in split_rows(feed, rows)]
             for feed in feeds:
                 store.append(active.infer(feed_dict=feed))
         ours, what = paths[1] if written else None, f"running {paths[1]}"

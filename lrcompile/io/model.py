@@ -21,6 +21,8 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from lrcompile.errors import ModelLoadError, OutputPathError
+from lrcompile.io import inline, validate
+from lrcompile.io.validate import external_data_files
 
 # ONNX Runtime rejects IR version 14 (what onnx 1.23 writes); 10 is accepted everywhere we target.
 OUTPUT_IR_VERSION = 10
@@ -29,7 +31,8 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
 
 
 def load_model(path: str | Path) -> ir.Model:
-    """Loads and validates a model, leaving external weights on disk until they are read.
+    """Loads and validates a model, leaving its weights on disk until they are read: external
+    data memory-mapped, and inline weights too, read in place from the file (``io.inline``).
 
     Raises:
         ModelLoadError: The file is missing or not ONNX, fails the ONNX checker, or references
@@ -40,36 +43,19 @@ def load_model(path: str | Path) -> ir.Model:
         what = "is a directory" if path.is_dir() else "no such file"
         raise ModelLoadError(f"{path}: {what}, expected an ONNX model file")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto, source = inline.skeleton(path)
     except (DecodeError, RuntimeWarning, ValueError) as e:
         raise ModelLoadError(f"{path}: not an ONNX model (protobuf does not parse: {e})") from None
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read ({e.strerror})") from None
     if not proto.HasField("graph"):
         raise ModelLoadError(f"{path}: not an ONNX model (no graph in the file)")
-    for tensor in _tensors(proto.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            _check_external_reference(path, tensor)
-        else:
-            _check_inline_tensor(path, tensor)
-    try:
-        # By path, so external data resolves against the model's folder (and > 2 GB works).
-        onnx.checker.check_model(str(path))
-    except onnx.checker.ValidationError as e:
-        raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(e)}") from None
-    except UnicodeDecodeError as e:  # the checker's message quotes a name that is not UTF-8
-        message = e.object.decode("utf-8", "replace")
-        raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(message)}") from None
+    validate.check_tensors(path, proto, source)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
+    if source is not None:
+        model.meta[inline.META_KEY] = source
     return model
-
-
-def external_data_files(path: str | Path) -> set[Path]:
-    """The resolved external-data files that the model at ``path`` references."""
-    path = Path(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    return {(path.parent / _location(t)).resolve() for t in _external_tensors(proto.graph)}
 
 
 def runnable_proto(model: ir.Model) -> tuple[onnx.ModelProto, Path | None]:
@@ -93,7 +79,7 @@ def runnable_proto(model: ir.Model) -> tuple[onnx.ModelProto, Path | None]:
     if not files:
         return proto, None
     root = os.path.commonpath([os.path.dirname(path) for path in files.values()])
-    for tensor in _external_tensors(proto.graph):
+    for tensor in validate.external_tensors(proto.graph):
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = os.path.relpath(files[entry.value], root)
@@ -107,22 +93,22 @@ def save_model(model: ir.Model, path: str | Path, *, external_data: bool | None 
     renamed into place; a failure leaves nothing behind.
 
     Args:
-        model: The model; it is not changed except for loading external tensors into memory when
-            the output is saved without external data.
+        model: The model (not changed).
         path: Output path.
         external_data: ``True`` writes all weights to ``<name>.data`` beside the model, ``False``
-            keeps them inline, ``None`` chooses external data when the model would pass 2 GB.
+            keeps them inline (written tensor by tensor, ``inline.write_inline``), ``None``
+            chooses external data when the model would pass 2 GB.
     """
     path = Path(path)
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     model.ir_version = min(model.ir_version, OUTPUT_IR_VERSION)
     data_name = f"{path.name}.data" if external_data else None
-    if not external_data:
-        # Tensors still pointing into the input's data file would be written as references to it.
-        ir.external_data.load_to_model(model)
     with write_errors(path), staging_folder(path.parent) as staging:
-        ir.save(model, staging / path.name, external_data=data_name)
+        if data_name is None:
+            inline.write_inline(model, staging / path.name)
+        else:
+            ir.save(model, staging / path.name, external_data=data_name)
         if data_name is not None:
             os.replace(staging / data_name, path.parent / data_name)
         os.replace(staging / path.name, path)
@@ -197,8 +183,10 @@ def check_output_path(input_path: str | Path, output_path: str | Path) -> None:
 def needs_external_data(model: ir.Model) -> bool:
     """Whether the output should keep its weights in external data: the input does, or it would
     pass the protobuf limit."""
+    source = inline.mapped_source(model)  # inline weights read in place stay inline
     external = any(
-        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+        isinstance(v.const_value, ir.ExternalTensor) and not inline.is_mapped(v.const_value, source)
+        for v in model.graph.initializers.values()
     )
     return external or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
 
@@ -214,20 +202,6 @@ def staging_folder(parent: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in the graph: initializers and node attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for subgraph in attr.graphs:
-                yield from _tensors(subgraph)
-
-
 def _ir_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
     """Every tensor of the model: initializers and tensor attributes, subgraphs included."""
     for graph in (model.graph, *model.graph.subgraphs()):
@@ -238,93 +212,3 @@ def _ir_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
                 yield attr.value
             elif attr.type == ir.AttributeType.TENSORS:
                 yield from attr.value
-
-
-def _external_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    return (t for t in _tensors(graph) if t.data_location == onnx.TensorProto.EXTERNAL)
-
-
-_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data")
-
-
-def _check_inline_tensor(model_path: Path, tensor: onnx.TensorProto) -> None:
-    """The stored data must hold exactly the elements the dims promise (the checker does not
-    look; reading such a tensor would fail later, far from the cause)."""
-    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-        return
-    try:
-        itemsize = ir.DataType(tensor.data_type).itemsize
-    except ValueError:
-        raise ModelLoadError(
-            f"{model_path}: tensor {tensor.name!r} has unknown data type {tensor.data_type}"
-        ) from None
-    count = math.prod(tensor.dims)
-    if tensor.raw_data:
-        stored, expected = len(tensor.raw_data), math.ceil(count * itemsize)
-    else:
-        stored = sum(len(getattr(tensor, field)) for field in _TYPED_FIELDS)
-        packed = itemsize < 1 or tensor.data_type in (
-            onnx.TensorProto.COMPLEX64,
-            onnx.TensorProto.COMPLEX128,
-        )
-        if packed or stored == 0:
-            return  # packed or complex encodings; or no data at all, which the checker reports
-        expected = count
-    if stored != expected:
-        raise ModelLoadError(
-            f"{model_path}: tensor {tensor.name!r} stores {stored}"
-            f" {'bytes' if tensor.raw_data else 'values'}, its shape {list(tensor.dims)} needs"
-            f" {expected}"
-        )
-
-
-def _location(tensor: onnx.TensorProto) -> str:
-    return next((e.value for e in tensor.external_data if e.key == "location"), "")
-
-
-def _check_external_reference(model_path: Path, tensor: onnx.TensorProto) -> None:
-    info = {e.key: e.value for e in tensor.external_data}
-    where = f"{model_path}: tensor {tensor.name!r}"
-    location = info.get("location", "")
-    if not location:
-        raise ModelLoadError(f"{where}: external data without a 'location'")
-    folder = model_path.parent.resolve()
-    target = (folder / location).resolve()
-    lexical = Path(os.path.normpath(folder / location))
-    if os.path.isabs(location) or not lexical.is_relative_to(folder):
-        raise ModelLoadError(
-            f"{where}: external data location {location!r} points outside the model's folder"
-            f" {folder}; expected a relative path inside it"
-        )
-    if not target.is_relative_to(folder):
-        # A link out of the folder (the Hugging Face cache's ../../blobs/ layout): refused, as
-        # ONNX Runtime refuses it, since a link can point anywhere (CVE-2024-27318).
-        raise ModelLoadError(
-            f"{where}: external data {location!r} is a symbolic link to {target}, outside the"
-            f" model's folder {folder}; ONNX Runtime refuses such links too: copy the model and"
-            " its data into one folder (e.g. huggingface-cli download REPO --local-dir DIR)"
-        )
-    if not target.is_file():
-        raise ModelLoadError(f"{where}: external data file {location!r} is missing")
-    try:
-        offset = int(info.get("offset", 0))
-        length = int(info["length"]) if "length" in info else None
-    except ValueError:
-        raise ModelLoadError(f"{where}: external data offset/length are not integers") from None
-    size = target.stat().st_size
-    expected = math.ceil(math.prod(tensor.dims) * ir.DataType(tensor.data_type).itemsize)
-    if length is not None and length != expected:
-        raise ModelLoadError(
-            f"{where}: external data length {length} does not match its shape"
-            f" {list(tensor.dims)} ({expected} bytes)"
-        )
-    if offset < 0 or offset + expected > size:
-        raise ModelLoadError(
-            f"{where}: external data [{offset}, {offset + expected}) lies outside {location!r}"
-            f" ({size} bytes); the file is truncated or the offset is wrong"
-        )
-
-
-def _first_line(error: Exception | str) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(error).__name__

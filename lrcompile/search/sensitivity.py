@@ -74,8 +74,7 @@ def measure_sensitivities(
     on_step: StepCallback | None = None,
 ) -> list[LayerSpectrum]:
     """``spectra`` with each layer's measured sensitivity (see the module docstring)."""
-    feeds, reference = calibration.measured()
-    feeds, reference = feeds[:SENSITIVITY_BATCHES], reference[:SENSITIVITY_BATCHES]
+    feeds, reference = calibration.measured(SENSITIVITY_BATCHES)
     predicted: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lrcompile-probes-") as folder:
         spill, factors = Spill(folder), {}

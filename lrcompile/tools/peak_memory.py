@@ -13,13 +13,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lrcompile.profile import process_peak_kib
+
 MARKER = "lrcompile-peak-rss-kib"
 
 
 def own_peak_kib() -> int:
-    """This process's peak resident memory (VmHWM), in KiB."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    """This process's peak resident memory (VmHWM, across the resets of the compile's per-stage
+    profile), in KiB."""
+    peak = process_peak_kib()
+    if peak is None:
+        status = Path("/proc/self/status").read_text()
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    return peak
 
 
 def measure(args: list[str]) -> tuple[int, float, str]:
