@@ -137,40 +137,61 @@ def write_inline(model: ir.Model, path: str | Path) -> None:
     """Writes ``model`` with every tensor inline, tensor by tensor (see the module docstring)."""
     source = mapped_source(model)
     proto = ir.serde.serialize_model(model)  # the weights stay external references: small
-    initializers = list(proto.graph.initializer)
+    tensors = [_Inline(model, tensor, source) for tensor in proto.graph.initializer]
     del proto.graph.initializer[:]
-    graph = proto.graph.SerializeToString()
+    before, after = _split(proto.graph.SerializeToString(), _GRAPH_INITIALIZER)
     proto.ClearField("graph")
-    before, after = _split(graph, _GRAPH_INITIALIZER)
     model_before, model_after = _split(proto.SerializeToString(), _MODEL_GRAPH)
-    tensors = list(_initializer_bytes(model, initializers, source))
-    framed = [_length_delimited(_GRAPH_INITIALIZER, tensor) for tensor in tensors]
-    graph_length = len(before) + sum(len(f) for f in framed) + len(after)
+    headers = [
+        _tag(_GRAPH_INITIALIZER, _LENGTH_DELIMITED) + _encode_varint(t.size) for t in tensors
+    ]
+    graph_length = len(before) + sum(len(h) + t.size for h, t in zip(headers, tensors, strict=True))
     with open(path, "wb") as file:
         file.write(model_before)
-        file.write(_tag(_MODEL_GRAPH, _LENGTH_DELIMITED) + _encode_varint(graph_length))
+        file.write(
+            _tag(_MODEL_GRAPH, _LENGTH_DELIMITED) + _encode_varint(graph_length + len(after))
+        )
         file.write(before)
-        for frame in framed:
-            file.write(frame)
+        for header, tensor in zip(headers, tensors, strict=True):
+            file.write(header)
+            tensor.write(file)
         file.write(after)
         file.write(model_after)
 
 
-def _initializer_bytes(model, initializers, source) -> Iterator[bytes]:
-    """Each initializer's inline ``TensorProto`` bytes: the input's own for a mapped weight."""
-    values = model.graph.initializers
-    for proto in initializers:
-        tensor = values[proto.name].const_value if proto.name in values else None
-        if is_mapped(tensor, source):
-            start, end = source.tensors[tensor.offset]
-            with open(source.path, "rb") as file:
-                file.seek(start)
-                yield file.read(end - start)
-        elif isinstance(tensor, ir.ExternalTensor):
-            loaded = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
-            yield ir.serde.serialize_tensor(loaded).SerializeToString()
+class _Inline:
+    """One initializer as an inline ``TensorProto``: its size, then its bytes written to a file
+    (a mapped weight's own bytes copied from the input a block at a time)."""
+
+    BLOCK = 64 << 20
+
+    def __init__(self, model: ir.Model, proto: onnx.TensorProto, source) -> None:
+        value = model.graph.initializers.get(proto.name)
+        self.tensor = value.const_value if value is not None else None
+        self.proto, self.source = proto, source
+        if is_mapped(self.tensor, source):
+            start, end = source.tensors[self.tensor.offset]
+            self.span, self.size = (start, end), end - start
         else:
-            yield proto.SerializeToString()
+            self.span, self.size = None, len(self._serialized())
+
+    def write(self, file) -> None:
+        if self.span is None:
+            file.write(self._serialized())
+            return
+        start, end = self.span
+        with open(self.source.path, "rb") as original:
+            original.seek(start)
+            for offset in range(start, end, self.BLOCK):
+                file.write(original.read(min(self.BLOCK, end - offset)))
+
+    def _serialized(self) -> bytes:
+        """As ``onnx_ir`` saves it inline: an external tensor (spilled factors) loaded first."""
+        if isinstance(self.tensor, ir.ExternalTensor):
+            tensor = self.tensor
+            loaded = ir.Tensor(tensor.numpy().copy(), name=tensor.name, dtype=tensor.dtype)
+            return ir.serde.serialize_tensor(loaded).SerializeToString()
+        return self.proto.SerializeToString()
 
 
 def _mapped_tensor(buffer, field: Field, location: str) -> tuple[bytes, int] | None:

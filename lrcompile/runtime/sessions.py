@@ -12,6 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from lrcompile.errors import InternalError, LrcompileError
+from lrcompile.io import inline
 from lrcompile.io.model import keep_for_bug_report
 
 # A model lrcompile made (in memory, or a file or folder of them): kept for a bug report when ONNX
@@ -143,9 +144,12 @@ def create_session(
         )
         source: Any = model.SerializeToString()
     else:
-        proto = onnx.load(str(model), load_external_data=False)
-        options = session_options(fp8=has_fp8(proto), spinning=spinning)
-        source = str(model)
+        # Inline weights are read in place, as external data of the file itself: ONNX Runtime
+        # then holds no protobuf copy of them beside its tensors.
+        proto, mapped = inline.skeleton(Path(model))
+        folder = Path(model).parent if mapped is not None else None
+        options = session_options(fp8=has_fp8(proto), data_folder=folder, spinning=spinning)
+        source = proto.SerializeToString() if mapped is not None else str(model)
     if name is None:
         name = str(model) if not isinstance(model, onnx.ModelProto) else "the model"
     with runtime_errors(name, written):
