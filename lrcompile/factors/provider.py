@@ -172,7 +172,8 @@ class FactorProvider:
         weight = effective_weight(group)
         factors = self._factorize(group, weight, decision, whitening)
         dtype = group.tensor.dtype.numpy()
-        left, right = factors.left.astype(dtype), factors.right.astype(dtype)
+        left = factors.left.astype(dtype, copy=False)  # a cached slice is a copy already
+        right = factors.right.astype(dtype, copy=False)
         error = decompose.relative_error(weight, left, right) if weight_errors else None
         del weight
         release_weight(group)

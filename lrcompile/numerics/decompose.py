@@ -186,22 +186,35 @@ def factorize(
     return Factorization(left, np.ascontiguousarray(right), s, total, method)
 
 
-def relative_error(w: np.ndarray, left: np.ndarray, right: np.ndarray, *, rows: int = 512) -> float:
+def relative_error(
+    w: np.ndarray, left: np.ndarray, right: np.ndarray, *, block: int = 1 << 20
+) -> float:
     """``||w - left @ right||_F / ||w||_F`` in float64 (0 for an all-zero ``w``).
 
-    Expands ``||W||^2 - 2<W, AB> + ||AB||^2`` over blocks of ``rows`` rows, so memory stays at a
-    block of ``W`` (never a float64 copy of ``W`` or the K x N product).
+    Expands ``||W||^2 - 2<W, AB> + ||AB||^2`` over tiles of about ``block`` entries of ``W`` (and
+    the matching rows of ``left`` and columns of ``right``), with ``||AB||^2 = <A^T A, B B^T>``,
+    so memory stays at a tile: never a float64 copy of ``W``, of a factor, or the K x N product.
     """
-    right64 = np.asarray(right, dtype=np.float64)
-    left64 = np.asarray(left, dtype=np.float64)
+    k, n = w.shape
+    columns = max(1, min(n, block // max(k, 1) or 1, block))
+    rows = max(1, block // columns)
     w_sq = cross = 0.0
-    for start in range(0, w.shape[0], rows):
-        block = np.asarray(w[start : start + rows], dtype=np.float64)
-        w_sq += float(np.sum(block * block))
-        cross += float(np.sum((left64[start : start + rows].T @ block) * right64))
+    gram_left = np.zeros((left.shape[1],) * 2)
+    gram_right = np.zeros_like(gram_left)
+    for start in range(0, k, rows):
+        part = np.asarray(left[start : start + rows], dtype=np.float64)
+        gram_left += part.T @ part
+    for col in range(0, n, columns):
+        part = np.asarray(right[:, col : col + columns], dtype=np.float64)
+        gram_right += part @ part.T
+        for start in range(0, k, rows):
+            tile = np.asarray(w[start : start + rows, col : col + columns], dtype=np.float64)
+            w_sq += float(np.sum(tile * tile))
+            piece = np.asarray(left[start : start + rows], dtype=np.float64).T @ tile
+            cross += float(np.sum(piece * part))
     if w_sq == 0.0:
         return 0.0
-    ab_sq = float(np.sum((left64.T @ left64) * (right64 @ right64.T)))
+    ab_sq = float(np.sum(gram_left * gram_right))
     return float(np.sqrt(max(w_sq - 2.0 * cross + ab_sq, 0.0) / w_sq))
 
 
