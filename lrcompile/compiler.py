@@ -180,16 +180,16 @@ def rewrite_and_save(
 ) -> Rewritten:
     """Rewrites the model and saves it atomically, unless no layer was factored.
 
-    Large models (external data in or out) spill each layer's factors to the staging folder as
-    they are made; saving then copies file to file.
+    Each layer's factors are spilled to the staging folder as they are made, so memory holds a
+    few layers, never the model's factors; saving then copies file to file (external data) or
+    writes the model a tensor at a time (inline).
     """
     model = prepared.model
     external = config.external_data or model_io.needs_external_data(model)
     with model_io.write_errors(output_path), model_io.staging_folder(output_path.parent) as scratch:
         rewritten = rewrite(
-            prepared, calibrated, plan, config, provider, profile,
-            scratch if external else None, progress,
-        )  # fmt: skip
+            prepared, calibrated, plan, config, provider, profile, scratch, progress
+        )
         if rewritten.factored:
             with profile("save"):
                 model_io.save_model(model, output_path, external_data=external)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-OUTPUT_BUDGET = 256 << 20  # bytes of outputs one run may hold
+OUTPUT_BUDGET = 128 << 20  # bytes of outputs one run may hold
 
 Feed = dict[str, np.ndarray]
 
