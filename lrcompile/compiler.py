@@ -135,11 +135,7 @@ def compile_model(
     profile = Profile()
     with profile("load"):
         prepared, check_feeds = load_checked(input_path, config, [output_path])
-    provider = factor_provider(config)
-    with contextlib.ExitStack() as scratch:  # temporary files: reference outputs, factor cache
-        scratch.callback(provider.close)
-        calibrated = calibrate_and_cache(prepared, config, provider, profile, progress)
-        scratch.callback(calibrated.close)
+    with calibration(prepared, config, profile, progress) as (provider, calibrated):
         with profile("search"):
             plan, auto = search_stage.search(prepared, calibrated, config, provider, progress)
         rewritten = rewrite_and_save(
@@ -155,6 +151,20 @@ def load_checked(input_path: Path, config: CompileConfig, outputs: list[Path]):
     load_stage.check_device(config.device)
     prepared = load_stage.load(input_path, config, outputs)
     return prepared, _verification_feeds(config, prepared)  # bad data fails early
+
+
+@contextlib.contextmanager
+def calibration(
+    prepared: Prepared, config: CompileConfig, profile: Profile, progress=None
+) -> Iterator[tuple[FactorProvider, Calibrated]]:
+    """The factor provider and the calibration stage's result; their temporary files (the factor
+    cache, the reference outputs) are removed on exit."""
+    provider = factor_provider(config)
+    with contextlib.ExitStack() as scratch:
+        scratch.callback(provider.close)
+        calibrated = calibrate_and_cache(prepared, config, provider, profile, progress)
+        scratch.callback(calibrated.close)
+        yield provider, calibrated
 
 
 def factor_provider(config: CompileConfig) -> FactorProvider:

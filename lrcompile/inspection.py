@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lrcompile import pipeline
-from lrcompile.compiler import factor_provider
+from lrcompile.compiler import calibration
 from lrcompile.config import CompileConfig
 from lrcompile.errors import LrcompileError
 from lrcompile.numerics.allocate import allocation_path
@@ -27,7 +27,7 @@ from lrcompile.passes.factored_graph import factor_names
 from lrcompile.profile import Profile
 from lrcompile.runtime.metrics import measure_error
 from lrcompile.stages import search as search_stage
-from lrcompile.stages.calibrate import calibrate_and_cache, statistics_description
+from lrcompile.stages.calibrate import statistics_description
 from lrcompile.stages.load import load
 
 
@@ -123,11 +123,8 @@ def inspect_model(
     notes = tuple((s.node.name or "", s.reason) for s in prepared.skipped)
     if not config.calibrated:
         return Inspection(tuple(layers), notes, (), None)
-    provider = factor_provider(config)
-    calibrated = None
-    try:
-        # What a compile's search starts from: cached factors, spectra, sensitivities.
-        calibrated = calibrate_and_cache(prepared, config, provider, Profile())
+    # What a compile's search starts from: cached factors, spectra, sensitivities.
+    with calibration(prepared, config, Profile()) as (provider, calibrated):
         measured = search_stage.measure(prepared, calibrated, config, provider)
         by_key = {spectrum.name: spectrum for spectrum in measured.spectra}
         for index, group in enumerate(prepared.groups):
@@ -138,11 +135,7 @@ def inspect_model(
                     sensitivity=by_key[group.key].sensitivity,
                 )
         curve = _curve(prepared, calibrated, measured.spectra, provider, config, curve_points)
-    finally:
-        provider.close()
-        if calibrated is not None:
-            calibrated.close()
-    description = statistics_description(calibrated.source)
+        description = statistics_description(calibrated.source)
     return Inspection(tuple(layers), notes, curve, description)
 
 

@@ -7,19 +7,12 @@ calibration.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lrcompile.compiler import (
-    CompileResult,
-    checked,
-    factor_provider,
-    load_checked,
-    rewrite_and_save,
-)
+from lrcompile.compiler import CompileResult, calibration, checked, load_checked, rewrite_and_save
 from lrcompile.config import CompileConfig
 from lrcompile.errors import LrcompileError, OutputPathError
 from lrcompile.factors.provider import ProgressCallback
@@ -27,7 +20,6 @@ from lrcompile.profile import Profile
 from lrcompile.search.decisions import uses_auto
 from lrcompile.stages import load as load_stage
 from lrcompile.stages import search as search_stage
-from lrcompile.stages.calibrate import calibrate_and_cache
 
 # What ``compile_sweep`` may vary between its outputs: only the choice of ranks and the final
 # check read them, so the calibration, factors and sensitivities serve every setting.
@@ -105,11 +97,7 @@ def _sweep_setting(config: CompileConfig, output, setting: Mapping[str, Any]) ->
 
 def _sweep(prepared, configs, config, check_feeds, profile, progress):
     """``compile_sweep`` once its inputs are checked: the shared stages, then each setting."""
-    provider = factor_provider(config)
-    with contextlib.ExitStack() as scratch:  # temporary files: reference outputs, factor cache
-        scratch.callback(provider.close)
-        calibrated = calibrate_and_cache(prepared, config, provider, profile, progress)
-        scratch.callback(calibrated.close)
+    with calibration(prepared, config, profile, progress) as (provider, calibrated):
         with profile("search"):
             layers = search_stage.measure(prepared, calibrated, config, provider, progress)
         for output, setting in configs.items():
