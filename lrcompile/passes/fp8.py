@@ -102,6 +102,12 @@ class QuantizeFp8Pass(ir.passes.InPlacePass):
                 f"no calibrated range for {missing}: see activation_names()"
             )
 
+    def ensures(self, model: ir.Model) -> None:
+        targets, _ = self._targets(model.graph)
+        if targets:  # a target whose inputs are dequantized is no target any more
+            names = [node.name or node.outputs[0].name for node in targets]
+            raise ir.passes.PostconditionError(f"nodes {names} still read unquantized inputs")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         targets, _ = self._targets(graph)
