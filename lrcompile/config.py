@@ -100,7 +100,8 @@ class CompileConfig:
             (``lrcompile.numerics.whiten``); each block after the first costs two runs over the
             fitted calibration data (blocks whose statistics would not fit the calibration memory
             budget are split further). Under ``auto`` the ranks are searched without it. Off by
-            default: on MiniLM's held-out sentences it lost to plain whitening (README).
+            default: on MiniLM's held-out sentences it lost to plain whitening
+            (docs/experiments.md).
         padding_mask: The input whose zero entries mark padding (``[batch, sequence]``, as
             Hugging Face exports' ``attention_mask``): activation rows at those positions stay
             out of the calibration statistics the factors are fitted to, so that they fit the
@@ -145,8 +146,7 @@ class CompileConfig:
         for name, choices in CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
-                label = name.replace("_", " ").replace("fp8", "FP8")
-                raise LrcompileError(f"{label} {value!r} is not one of {', '.join(choices)}")
+                raise LrcompileError(f"`{name}` {value!r} is not one of {', '.join(choices)}")
         object.__setattr__(self, "input_shapes", checked_shapes(self.input_shapes))
         ranges = {str(k): (float(v[0]), float(v[1])) for k, v in self.val_ranges.items()}
         object.__setattr__(self, "val_ranges", ranges)
@@ -181,22 +181,18 @@ class CompileConfig:
 
     def _check_ranges(self) -> None:
         checks = [
-            (self.rank_multiple >= 1, "rank multiple must be >= 1", self.rank_multiple),
-            (self.tolerance >= 0, "tolerance must be >= 0", self.tolerance),
-            (
-                self.budget is None or 0.0 < self.budget <= 1.0,
-                "budget must be in (0, 1]",
-                self.budget,
-            ),
-            (0.0 <= self.headroom < 1.0, "headroom must be in [0, 1)", self.headroom),
-            (0.0 <= self.validation < 1.0, "validation must be in [0, 1)", self.validation),
-            (self.compensate >= 0, "compensate must be >= 0 blocks", self.compensate),
-            (self.jobs >= 1, "jobs must be >= 1", self.jobs),
-            (self.batch_size >= 1, "batch size must be >= 1", self.batch_size),
+            (self.rank_multiple >= 1, "rank_multiple", "must be >= 1"),
+            (self.tolerance >= 0, "tolerance", "must be >= 0"),
+            (self.budget is None or 0.0 < self.budget <= 1.0, "budget", "must be in (0, 1]"),
+            (0.0 <= self.headroom < 1.0, "headroom", "must be in [0, 1)"),
+            (0.0 <= self.validation < 1.0, "validation", "must be in [0, 1)"),
+            (self.compensate >= 0, "compensate", "must be >= 0 blocks"),
+            (self.jobs >= 1, "jobs", "must be >= 1"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
         ]
-        for ok, message, value in checks:
+        for ok, field, expected in checks:
             if not ok:
-                raise LrcompileError(f"{message}, got {value}")
+                raise LrcompileError(f"`{field}` {expected}, got {getattr(self, field)}")
 
     @property
     def calibrated(self) -> bool:

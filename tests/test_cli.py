@@ -85,7 +85,7 @@ def test_nothing_to_factor_exits_0_and_writes_nothing(tmp_path, rng):
     before = _files(tmp_path)
     result = _invoke(model, "--rank", "16")
     assert result.exit_code == 0, result.output
-    assert "nothing to factor; no output written" in result.stdout
+    assert "every layer stays dense; no output written" in result.stdout
     assert "rank 16 saves nothing (break-even 8)" in result.stdout
     assert _files(tmp_path) == before
 
@@ -152,8 +152,8 @@ def test_bad_models_exit_2_and_write_nothing(mlp, tmp_path, make, message):
     [
         (["--rank", "big"], "invalid rank spec 'big'"),
         (["--rank", "2.5"], "the fraction must be in (0, 1]"),
-        (["--rank", "8", "--rank-multiple", "0"], "rank multiple must be >= 1"),
-        (["--rank", "8", "--tolerance", "-1"], "tolerance must be >= 0"),
+        (["--rank", "8", "--rank-multiple", "0"], "--rank-multiple must be >= 1, got 0"),
+        (["--rank", "8", "--tolerance", "-1"], "--tolerance must be >= 0, got -1.0"),
         (["--rank", "8", "--input-shapes", "x:2"], "does not fit the model's input shape"),
     ],
 )

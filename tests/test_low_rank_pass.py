@@ -360,9 +360,9 @@ def test_options_are_validated_before_anything_runs():
     from lrcompile.config import CompileConfig
     from lrcompile.errors import LrcompileError
 
-    with pytest.raises(LrcompileError, match="rank multiple must be >= 1, got 0"):
+    with pytest.raises(LrcompileError, match="`rank_multiple` must be >= 1, got 0"):
         CompileConfig(rank="8", rank_multiple=0)
-    with pytest.raises(LrcompileError, match="decomposition 'qr' is not one of auto, exact"):
+    with pytest.raises(LrcompileError, match="`decomposition` 'qr' is not one of auto, exact"):
         CompileConfig(rank="8", decomposition="qr")
 
 

@@ -172,3 +172,25 @@ def test_auto_refuses_calibration_whose_rows_are_all_alike(tmp_path, rng):
     np.savez(tmp_path / "varied.npz", x=varied)
     good = lrcompile.compile_model(path, rank="auto", calib=str(tmp_path / "varied.npz"))
     assert good.auto is not None
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_in_one_line(tmp_path):
+    # Real data whose ids leave the embedding table: one line naming the file, the input, the
+    # value and the valid range, before ONNX Runtime stops deep in the graph on a Gather.
+    from click.testing import CliRunner
+
+    from lrcompile import cli
+    from lrcompile.tools.synthetic import lm_like
+
+    model = lm_like(tmp_path, layers=1, hidden=16, ffn=32, vocab=100)
+    np.savez(tmp_path / "oov.npz", input_ids=np.full((4, 8), 150, np.int64))
+    for args in (["--rank", "0.5", "--verify-data"], ["--rank", "auto", "--calib"]):
+        result = CliRunner().invoke(cli.main, [str(model), *args, str(tmp_path / "oov.npz")])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == (
+            f"lrcompile: error: {tmp_path / 'oov.npz'}: array 'input_ids' holds 150, outside the"
+            " 100 rows of the table it indexes (expected 0 to 99: ids of this model's vocabulary)"
+        )
+    verify = CliRunner().invoke(cli.main, ["verify", str(model), str(model), "--data",
+                                           str(tmp_path / "oov.npz")])  # fmt: skip
+    assert verify.exit_code == 2 and "holds 150, outside the 100 rows" in verify.stderr

@@ -31,6 +31,7 @@ from lrcompile.config import (
 )
 from lrcompile.errors import DataError, LrcompileError, ModelLoadError
 from lrcompile.io import data as data_lib
+from lrcompile.io.indices import check_index_values
 from lrcompile.io.model import load_model
 from lrcompile.io.spill import OutputStore
 from lrcompile.passes.inputs import index_ranges
@@ -164,6 +165,7 @@ def warn_if_synthetic(feeds: data_lib.FeedSource, doing: str) -> None:
 
 def _feeds(ref_model, data, shapes, ranges, batch_size, iterations, seed):
     """The check's feeds: ``data`` (an .npz), else synthetic (with the warning)."""
+    limits = index_ranges(ref_model.graph)
     feeds = data_lib.input_feeds(
         None if data is None else str(data),
         None,
@@ -172,17 +174,19 @@ def _feeds(ref_model, data, shapes, ranges, batch_size, iterations, seed):
         batch_size=batch_size,
         iterations=iterations,
         seed=seed,
-        val_ranges=index_ranges(ref_model.graph) | dict(ranges or {}),
+        val_ranges=limits | dict(ranges or {}),
     )
+    if not feeds.synthetic:
+        check_index_values(feeds.description, feeds.feeds, limits)
     warn_if_synthetic(feeds, "checking")
     return feeds
 
 
 def _check_gate(tolerance: float, metric: str, labels: Labels | None) -> None:
     if not tolerance >= 0:
-        raise LrcompileError(f"tolerance must be >= 0, got {tolerance}")
+        raise LrcompileError(f"`tolerance` must be >= 0, got {tolerance}")
     if metric not in METRICS:
-        raise LrcompileError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+        raise LrcompileError(f"`metric` {metric!r} is not one of {', '.join(METRICS)}")
     if metric == "ppl" and labels is None:
         raise LrcompileError("`metric=ppl` needs `labels` INPUT:OUTPUT (e.g. input_ids:logits)")
 

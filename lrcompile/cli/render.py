@@ -83,7 +83,11 @@ def print_compile(result: CompileResult) -> None:
         ops = ", ".join(f"{count} {op} ({why})" for op, why, count in result.left_alone)
         click.echo(f"left alone: {ops}")
     if result.output_path is None:
-        click.echo(f"{result.input_path}: nothing to factor; no output written.")
+        if result.auto is not None:
+            _print_auto(result)
+        dense = any(layer.status == "dense" for layer in result.layers)
+        why = "every layer stays dense" if dense else "nothing to factor"
+        click.echo(f"{result.input_path}: {why}; no output written.")
         return
     total = result.totals
     click.echo(
@@ -245,8 +249,10 @@ def print_demo(demo, workdir: Path) -> None:
         rows.append(
             (f"ORT CPU {name}", f"{before:.2f} -> {after:.2f} ms (x{before / after:.2f}){note}")
         )
-    profile = dict(result.seconds) | {f"  {k}": v for k, v in auto.seconds.items()}
-    rows.append(("compile time", ", ".join(f"{k.strip()} {v:.1f}s" for k, v in profile.items())))
+    searched = ", ".join(f"{k} {v:.1f}s" for k, v in auto.seconds.items())
+    spent = [f"{k} {v:.1f}s" + (f" ({searched})" if k == "search" else "")
+             for k, v in result.seconds.items()]  # fmt: skip
+    rows.append(("compile time", ", ".join(spent)))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         click.echo(f"{name.ljust(width)}  {value}")

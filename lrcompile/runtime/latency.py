@@ -6,7 +6,7 @@
       -> cached on disk by shape, rows, rank grid, runtime and machine (``LatencyTable``)
 
 The FLOP ratio is a prediction: on ONNX Runtime CPU a factored layer reaches 0.4-1.05x of it
-depending on shape, rank and rows, one row the least (README), so a layer whose factored
+depending on shape, rank and rows, one row the least (docs/benchmarks.md), so a layer whose factored
 form is not faster must stay dense, which only a measurement can tell. The timing is of the
 MatMuls alone; a whole model's speedup is measured by ``model_latencies``. The sessions run
 without thread spinning (``sessions.session_options``), all of one shape's alive at once: for an

@@ -19,6 +19,7 @@ from lrcompile.errors import LrcompileError
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
 from lrcompile.io import overrides as override_files
+from lrcompile.io.indices import check_index_values
 from lrcompile.numerics.ranks import RankSpec
 from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, ops_left_alone
 from lrcompile.passes.inputs import index_ranges
@@ -86,7 +87,8 @@ def feeds(
     Raises:
         DataError: The data does not fit the model.
     """
-    return data_lib.input_feeds(
+    limits = index_ranges(prepared.model.graph)
+    source = data_lib.input_feeds(
         npz,
         script,
         prepared.inputs,
@@ -94,5 +96,8 @@ def feeds(
         batch_size=config.batch_size,
         iterations=DEFAULT_ITERATIONS,
         seed=config.seed,
-        val_ranges=index_ranges(prepared.model.graph) | dict(config.val_ranges),
+        val_ranges=limits | dict(config.val_ranges),
     )
+    if not source.synthetic:
+        check_index_values(source.description, source.feeds, limits)
+    return source
