@@ -151,10 +151,9 @@ class FactorProvider:
         whitenings = whitenings or {}
 
         def one(group: WeightGroup) -> Fitted:
-            decision = factored[group.key]
-            fitted = self._fit(group, decision, whitenings.get(group.key), names[group.key],
-                               spill, weight_errors)  # fmt: skip
-            return fitted
+            key = group.key
+            return self._fit(group, factored[key], whitenings.get(key), names[key], spill,
+                             weight_errors)  # fmt: skip
 
         results: dict[str, Fitted] = {}
         # ``map`` keeps at most the running jobs' weights in memory.
@@ -172,7 +171,7 @@ class FactorProvider:
         weight = effective_weight(group)
         factors = self._factorize(group, weight, decision, whitening)
         dtype = group.tensor.dtype.numpy()
-        left = factors.left.astype(dtype, copy=False)  # a cached slice is a copy already
+        left = factors.left.astype(dtype, copy=False)  # no second copy of a cached slice
         right = factors.right.astype(dtype, copy=False)
         error = decompose.relative_error(weight, left, right) if weight_errors else None
         del weight
