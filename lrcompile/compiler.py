@@ -200,7 +200,7 @@ def rewrite_and_save(
         rewritten = rewrite(
             prepared, calibrated, plan, config, provider, profile, scratch, progress
         )
-        if rewritten.factored:
+        if rewritten.changed:
             with profile("save"):
                 model_io.save_model(model, output_path, external_data=external)
     return rewritten
@@ -224,7 +224,7 @@ def checked(
         prepared.path, None, rewritten.layers, None, config, auto, described, profile.seconds,
         rewritten.fp8, tuple(prepared.left_alone), plan, profile.peaks,
     )  # fmt: skip
-    if not rewritten.factored:
+    if not rewritten.changed:
         logger.info("%s: nothing to factor; no output written", prepared.path)
         return result
     verification = None

@@ -12,6 +12,7 @@ from typing import Any
 from lrcompile.errors import LrcompileError
 from lrcompile.numerics.allocate import OBJECTIVES
 from lrcompile.numerics.decompose import METHODS
+from lrcompile.numerics.quantize import BASES
 from lrcompile.numerics.ranges import parse_range_method
 from lrcompile.passes.fp8 import SCOPES, WEIGHT_MODES
 from lrcompile.runtime.metrics import METRICS
@@ -32,7 +33,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fp8_scope": SCOPES,
     "device": DEVICES,
     "metric": METRICS,
+    "quant_base": BASES,
+    "quantize": ("int8", "int4"),  # or None: no quantization
 }
+QUANTIZE = {"int8": 8, "int4": 4}  # --quantize: bits
+DEFAULT_GROUP_SIZE = {8: None, 4: 32}  # rows per block along K (None: per output channel)
 
 # Input shapes for synthetic data: {input name: concrete shape}, e.g. {"input_ids": (8, 128)}.
 InputShapes = Mapping[str, Sequence[int]]
@@ -109,9 +114,17 @@ class CompileConfig:
             the calibration data (not synthetic) holds 0 and 1 in it; a name other than the
             default that is not such an input is refused, as is data that is all padding, and
             any other value without calibration data (it would change nothing).
+        quantize: ``int8`` or ``int4``: every weight becomes integers read through
+            DequantizeLinear (``lrcompile.numerics.quantize``), ``rank`` then the rank of a
+            low-rank correction of the quantization error (None: no correction).
+        group_size: Rows of K per quantization block (a power of 2, at least 16); default 32
+            for int4, per output channel for int8.
+        symmetric: Zero points at 0 (``False``: each block's [min, max] mapped onto the range).
+        quant_base: How the integers are chosen: ``rtn`` (round to nearest) or ``mse`` (each
+            block's range shrunk to its least squared error).
     """
 
-    rank: str
+    rank: str | None = None
     overrides: Path | None = None
     rank_multiple: int = 16
     decomposition: str = "auto"
@@ -141,11 +154,15 @@ class CompileConfig:
     plugin: bool = False
     jobs: int = 1
     device: str = "cpu"
+    quantize: str | None = None
+    group_size: int | None = None
+    symmetric: bool = True
+    quant_base: str = "rtn"
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
             value = getattr(self, name)
-            if value not in choices:
+            if value not in choices and not (value is None and name == "quantize"):
                 raise LrcompileError(f"`{name}` {value!r} is not one of {', '.join(choices)}")
         object.__setattr__(self, "input_shapes", checked_shapes(self.input_shapes))
         ranges = {str(k): (float(v[0]), float(v[1])) for k, v in self.val_ranges.items()}
@@ -178,6 +195,42 @@ class CompileConfig:
                 "`compensate` needs calibration data (it fits the layers to their activations):"
                 " pass `calib` FILE.npz or `calib_script` FILE.py"
             )
+        self._check_quantize()
+
+    def _check_quantize(self) -> None:
+        if self.quantize is None:
+            if self.rank is None:
+                raise LrcompileError("`rank` is required (a spec such as 64, 0.5 or auto)")
+            if self.group_size is not None:
+                raise LrcompileError("`group_size` is a setting of `quantize`: give both")
+            return
+        if self.quantize not in QUANTIZE:
+            raise LrcompileError(f"`quantize` {self.quantize!r} is not one of int8, int4")
+        group = self.group_size
+        if group is not None and (group < 16 or group & (group - 1)):
+            raise LrcompileError(
+                f"`group_size` must be a power of 2 of at least 16 (ONNX Runtime's MatMulNBits"
+                f" blocks), got {group}"
+            )
+        for option, given in (("fp8", self.fp8), ("plugin", self.plugin),
+                              ("compensate", self.compensate)):  # fmt: skip
+            if given:
+                raise LrcompileError(f"`{option}` does not combine with `quantize` (yet)")
+        if self.objective == "latency":
+            raise LrcompileError("`objective=latency` is measured for factored layers only")
+
+    @property
+    def bits(self) -> int | None:
+        """The quantized weights' bits (None without ``quantize``)."""
+        return QUANTIZE.get(self.quantize) if self.quantize is not None else None
+
+    @property
+    def group(self) -> int | None:
+        """Rows per quantization block (None: per output channel)."""
+        bits = self.bits
+        if bits is None:
+            return None
+        return self.group_size if self.group_size is not None else DEFAULT_GROUP_SIZE[bits]
 
     def _check_ranges(self) -> None:
         checks = [

@@ -1,6 +1,7 @@
 """The one place that chooses and orders the passes, run by onnx_ir's pass manager.
 
     factor_passes:  FactorizeLowRankPass (the plan's Factor decisions, the provider's factors)
+                    -> [QuantizeWeightsPass] (its Quantize decisions, the provider's integers)
     finish_passes:  [QuantizeFp8Pass] -> [EmitLowRankGemmPass] -> RemoveUnusedNodesPass
 
 ``apply`` runs both: the compile once to write the model, the ``auto`` search once per probe (so
@@ -26,6 +27,7 @@ from lrcompile.numerics.ranges import ActivationRange
 from lrcompile.passes.fp8 import QuantizedTensor, QuantizeFp8Pass
 from lrcompile.passes.low_rank import FactorizeLowRankPass, FactorPair
 from lrcompile.passes.plugin import EmitLowRankGemmPass
+from lrcompile.passes.quantized import QuantizeWeightsPass
 from lrcompile.plan import Plan
 
 # range_finder(model, names) -> {name: range}, measured on the model as it is when called.
@@ -46,9 +48,15 @@ class Fp8Report:
         }
 
 
-def factor_passes(plan: Plan, factors: Mapping[str, FactorPair]) -> ir.passes.PassManager:
-    """The rewrite of the plan's decisions, in order."""
-    return ir.passes.PassManager([FactorizeLowRankPass(plan, factors)])
+def factor_passes(
+    plan: Plan, factors: Mapping[str, FactorPair], quantized: Mapping[str, object] | None = None
+) -> ir.passes.PassManager:
+    """The rewrite of the plan's decisions, in order (``quantized``: the provider's
+    ``QuantizedFit`` per quantized group)."""
+    passes: list[ir.passes.PassBase] = [FactorizeLowRankPass(plan, factors)]
+    if plan.quantized:
+        passes.append(QuantizeWeightsPass(plan, quantized or {}))
+    return ir.passes.PassManager(passes)
 
 
 def finish_passes(
@@ -70,9 +78,11 @@ def apply(
     factors: Mapping[str, FactorPair],
     config: CompileConfig,
     ranges: RangeFinder | None = None,
+    quantized: Mapping[str, object] | None = None,
 ) -> Fp8Report | None:
-    """Rewrites ``model`` in place: the plan with its factors, then ``finish``."""
-    factor_passes(plan, factors)(model)
+    """Rewrites ``model`` in place: the plan with its factors (and quantized weights), then
+    ``finish``."""
+    factor_passes(plan, factors, quantized)(model)
     return finish(model, config, ranges)
 
 

@@ -7,11 +7,13 @@ the same way, ``lrcompile.passes.candidates.WeightGroup``), keyed by the group's
 
 - ``Keep(reason)``: it stays dense, and why (``rank`` when a rank was considered and did not pay);
 - ``Factor(rank, fit)``: ``W ~= A @ B`` of that rank, fitted by plain SVD (``svd``) or by
-  activation-whitened SVD (``whitened``: the calibration statistics, or error compensation's).
+  activation-whitened SVD (``whitened``: the calibration statistics, or error compensation's);
+- ``Quantize(bits, group, symmetric, base, correction, fit)``: ``W ~= DQ(Q(W)) + A @ B``, the
+  weight in ``bits``-bit integers (blocks of ``group`` rows) and, when ``correction`` > 0, a
+  low-rank fit of its quantization error, by plain or whitened SVD.
 
-A new kind of decision (a quantized weight with a low-rank correction) is a new dataclass here,
-fitted by the provider and applied by its own pass; the rest of the plan does not change. The plan
-holds no arrays and no graph objects: it is data the report and the tests can read.
+Each kind is fitted by the provider and applied by its own pass. The plan holds no arrays and no
+graph objects: it is data the report and the tests can read.
 """
 
 from __future__ import annotations
@@ -52,7 +54,35 @@ class Factor:
         return {"kind": "factor", "rank": self.rank, "fit": self.fit}
 
 
-Decision = Keep | Factor
+@dataclasses.dataclass(frozen=True)
+class Quantize:
+    """The weight becomes integers read through DequantizeLinear, plus a low-rank correction."""
+
+    bits: int
+    group: int | None = None  # rows per block along K; None: all of them (per output channel)
+    symmetric: bool = True
+    base: str = "rtn"  # how the integers are chosen (``numerics.quantize``)
+    correction: int = 0  # the rank of ``A @ B`` fitted to ``W - DQ(Q(W))`` (0: none)
+    fit: Fit = "svd"  # how the correction is fitted
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if self.correction < 0:
+            raise ValueError(f"a correction rank must be >= 0, got {self.correction}")
+        if self.fit not in FITS:
+            raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "quantize", **dataclasses.asdict(self)}
+
+    def __str__(self) -> str:
+        text = f"int{self.bits}" + (f" g{self.group}" if self.group else " per-channel")
+        text += f" {self.base}" + ("" if self.symmetric else " asym")
+        return text + (f" + {self.fit} r{self.correction}" if self.correction else "")
+
+
+Decision = Keep | Factor | Quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +125,11 @@ class Plan:
     def factored(self) -> dict[str, Factor]:
         """The ``Factor`` decisions by group key."""
         return {w.key: w.decision for w in self.weights if isinstance(w.decision, Factor)}
+
+    @property
+    def quantized(self) -> dict[str, Quantize]:
+        """The ``Quantize`` decisions by group key."""
+        return {w.key: w.decision for w in self.weights if isinstance(w.decision, Quantize)}
 
     def only(self, keys: Iterable[str]) -> Plan:
         """The decisions for ``keys`` alone (a block of an error-compensated rewrite)."""

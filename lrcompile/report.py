@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
-Status = Literal["factored", "dense", "skipped"]
+Status = Literal["factored", "quantized", "dense", "skipped"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +62,7 @@ class Totals:
     flops_after: int
     bytes_before: int = 0
     bytes_after: int = 0
+    quantized: int = 0
 
     @property
     def params_ratio(self) -> float:
@@ -95,4 +96,5 @@ def totals(layers: Sequence[LayerReport]) -> Totals:
         flops_after=sum(layer.flops_after for layer in layers),
         bytes_before=sum(layer.bytes_before for layer in layers),
         bytes_after=sum(layer.bytes_after for layer in layers),
+        quantized=count("quantized"),
     )

@@ -131,4 +131,4 @@ def factorize(ir_model, spec: str = "16", *, overrides=(), **options) -> Factore
         rewritten = rewrite(prepared, calibrated, plan, config, provider, Profile())
     finally:
         provider.close()
-    return Factored(plan, rewritten.layers, rewritten.factored)
+    return Factored(plan, rewritten.layers, rewritten.changed)

@@ -88,9 +88,30 @@ COMPILE_OPTIONS = [
     config_option(
         "--rank",
         field="rank",
-        required=True,
         metavar="SPEC",
-        help="N (fixed rank), F in (0,1] (fraction of weight parameters kept), energy:F or auto.",
+        help="N (fixed rank), F in (0,1] (fraction of weight parameters kept), energy:F or auto;"
+        " with --quantize the rank of the correction (omit: none).",
+    ),
+    config_option(
+        "--quantize",
+        field="quantize",
+        help="Store weights as int8 or int4 (DequantizeLinear), --rank a low-rank correction.",
+    ),
+    config_option(
+        "--group-size",
+        field="group_size",
+        type=int,
+        help="Rows per quantization block (power of 2 >= 16) [default: int4 32, int8 per channel].",
+    ),
+    config_option(
+        "--symmetric/--asymmetric",
+        field="symmetric",
+        help="Quantization zero points at 0, or each block's [min, max] mapped to the range.",
+    ),
+    config_option(
+        "--quant-base",
+        field="quant_base",
+        help="How integers are chosen: rtn (round to nearest) or mse (range searched per block).",
     ),
     config_option(
         "--overrides",

@@ -30,7 +30,10 @@ def layer_table(layers: Sequence[LayerReport]) -> str:
         f"{_human(total.params_before)}->{_human(total.params_after)}",
         f"{_human(total.bytes_before)}->{_human(total.bytes_after)}",
         f"{total.flop_ratio:.3f}",
-        f"{total.factored} factored, {total.dense} dense, {total.skipped} skipped",
+        f"{total.factored} factored, {total.quantized} quantized, {total.dense} dense,"
+        f" {total.skipped} skipped"
+        if total.quantized
+        else f"{total.factored} factored, {total.dense} dense, {total.skipped} skipped",
     )
     header, *body, last = aligned([_COLUMNS, *(_row(layer) for layer in layers), total_row])
     rule = "-" * len(header)
@@ -51,7 +54,8 @@ def _row(layer: LayerReport) -> tuple[str, ...]:
     if len(layer.nodes) > 1:
         name += f" (x{len(layer.nodes)})"
     shape = "x".join(str(d) for d in layer.shape) if layer.shape else "-"
-    status = layer.status if layer.reason is None else f"{layer.status}: {as_flags(layer.reason)}"
+    status = layer.status if layer.status != "quantized" else f"quantized {layer.method}"
+    status = status if layer.reason is None else f"{status}: {as_flags(layer.reason)}"
     if layer.status == "skipped":
         return (name, shape, "-", "-", "-", "-", "-", "-", status)
     energy = f"{layer.kept_energy:.4f}" if layer.kept_energy is not None else "-"

@@ -67,13 +67,27 @@ class FactorCache:
         arrays = self._store[index]
         return CachedFactors(arrays["left"], arrays["right"], arrays["spectrum"], method)
 
-    def put(self, key: str, factors: Factorization, spectrum: np.ndarray) -> CachedFactors:
-        """Stores ``factors`` (at the largest rank any candidate may use) and the spectrum."""
+    def put(
+        self,
+        key: str,
+        factors: Factorization,
+        spectrum: np.ndarray,
+        extra: dict[str, np.ndarray] | None = None,
+    ) -> CachedFactors:
+        """Stores ``factors`` (at the largest rank any candidate may use), the spectrum, and
+        ``extra`` arrays that go with them (a quantized weight's integers and scales)."""
         arrays = {
             "left": factors.left,
             "right": factors.right,
             "spectrum": np.asarray(spectrum, dtype=np.float64),
+            **(extra or {}),
         }
         with self._lock:
             self._index[key] = (self._store.append(arrays), factors.method)
         return self.get(key)
+
+    def extra(self, key: str) -> dict[str, np.ndarray]:
+        """The ``extra`` arrays stored with ``key``'s factors (memory-mapped)."""
+        index, _ = self._index[key]
+        arrays = self._store[index]
+        return {k: v for k, v in arrays.items() if k not in ("left", "right", "spectrum")}

@@ -25,12 +25,14 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from lrcompile.factors import quantized as quantized_lib
 from lrcompile.factors.cache import CachedFactors, FactorCache
+from lrcompile.factors.quantized import QuantizedFit
 from lrcompile.io.spill import Spill
 from lrcompile.numerics import decompose, whiten
 from lrcompile.numerics.whiten import Whitening
 from lrcompile.passes.candidates import WeightGroup, effective_weight, release_weight
-from lrcompile.plan import Factor, Plan
+from lrcompile.plan import Factor, Plan, Quantize
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,38 @@ class FactorProvider:
             self._cache = FactorCache()
         return self._cache.put(group.key, factors, spectrum)
 
+    def cache_quantized(
+        self,
+        group: WeightGroup,
+        template: Quantize,
+        whitening: Whitening | None = None,
+        top: int = quantized_lib.CORRECTION_CACHE_RANK,
+    ) -> CachedFactors | None:
+        """``group``'s weight quantized as ``template`` says, and its residual's (whitened) factors
+        up to rank ``top`` and spectrum (``factors.quantized``; none at ``top`` 0), computed on
+        first use; None when the weight holds NaN or Inf."""
+        key = quantized_lib.cache_key(group.key, template)
+        entry = self.cached(key)
+        if entry is not None:
+            return entry
+        weight = effective_weight(group)
+        if not np.all(np.isfinite(weight)):
+            del weight
+            release_weight(group)
+            return None
+        read = (group.cast or group.tensor.dtype).numpy()
+        quantized, residual = quantized_lib.quantized_with_residual(weight, template, read)
+        del weight
+        release_weight(group)
+        k, n = residual.shape
+        factors, spectrum = quantized_lib.residual_factors(residual, min(k, n, top), whitening)
+        extra = {"q": quantized.q, "scale": quantized.scale}
+        if quantized.zero is not None:
+            extra["zero"] = quantized.zero
+        if self._cache is None:
+            self._cache = FactorCache()
+        return self._cache.put(key, factors, spectrum, extra)
+
     def finite(self, group: WeightGroup) -> bool:
         """Whether ``group``'s weight holds no NaN or Inf (read once and unmapped)."""
         if self.cached(group.key) is not None:
@@ -165,6 +199,75 @@ class FactorProvider:
         if progress is not None and todo:
             progress("factoring", len(todo), len(todo), "")
         return results
+
+    def fit_quantized(
+        self,
+        groups: Sequence[WeightGroup],
+        plan: Plan,
+        names: Mapping[str, tuple[str, ...]],
+        *,
+        spill: Spill | None = None,
+        weight_errors: bool = True,
+    ) -> dict[str, QuantizedFit]:
+        """The stored form of every group ``plan`` quantizes, by group key, from the cache
+        (``cache_quantized`` first); ``names`` are (integers, scale, zero, A, B) per group."""
+        decisions = plan.quantized
+        todo = [group for group in groups if group.key in decisions]
+
+        def one(group: WeightGroup) -> QuantizedFit:
+            return self._fit_quantized(group, decisions[group.key], names[group.key], spill,
+                                       weight_errors)  # fmt: skip
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            return {g.key: fit for g, fit in zip(todo, pool.map(one, todo), strict=True)}
+
+    def _fit_quantized(self, group, decision: Quantize, names, spill, weight_errors):
+        start = time.perf_counter()
+        template = dataclasses.replace(decision, correction=0, fit="svd")
+        key = quantized_lib.cache_key(group.key, template)
+        entry, arrays = self.cached(key), self._cache.extra(key) if self._cache else {}
+        if entry is None:
+            raise ValueError(f"{group.key}: no cached quantized form (cache_quantized first)")
+        read = (group.cast or group.tensor.dtype).numpy()
+        stored = quantized_lib.QuantizedWeight(
+            np.asarray(arrays["q"]), np.asarray(arrays["scale"]), arrays.get("zero"),
+            decision.bits, decision.group or group.shape[0],
+        )  # fmt: skip
+        k, n = group.shape
+        q, scale, zero = quantized_lib.stored_arrays(stored, decision.group is None, read)
+        parts = [q, scale, zero]
+        if decision.correction:
+            correction = entry.at_rank(decision.correction)
+            dtype = quantized_lib.CORRECTION_DTYPE
+            parts += [correction.left.astype(dtype), correction.right.astype(dtype)]
+        error = self._quantized_error(group, stored, parts[3:]) if weight_errors else None
+        tensors = [
+            None if array is None else self._tensor(array, name, spill)
+            for array, name in zip([*parts, None, None][:5], names, strict=True)
+        ]
+        nbytes = stored.nbytes + quantized_lib.correction_bytes(decision.correction, k, n)
+        return QuantizedFit(*tensors, nbytes, error, time.perf_counter() - start)
+
+    @staticmethod
+    def _tensor(array: np.ndarray, name: str, spill: Spill | None) -> ir.TensorProtocol:
+        return spill.store(array, name) if spill is not None else ir.tensor(array, name=name)
+
+    @staticmethod
+    def _quantized_error(group: WeightGroup, stored, correction) -> float:
+        """``||W - DQ(Q(W)) - A B|| / ||W||``, the residual read as stored."""
+        weight = np.asarray(effective_weight(group), dtype=np.float32)
+        residual = weight - stored.dequantize()
+        norm = float(np.linalg.norm(weight))
+        del weight
+        release_weight(group)
+        if not norm:
+            return 0.0
+        if not correction:
+            return float(np.linalg.norm(residual)) / norm
+        left, right = (np.asarray(part, dtype=np.float32) for part in correction)
+        return (
+            decompose.relative_error(residual, left, right) * float(np.linalg.norm(residual)) / norm
+        )
 
     def _fit(self, group, decision: Factor, whitening, names, spill, weight_errors) -> Fitted:
         start = time.perf_counter()

@@ -10,7 +10,8 @@ Specs, as the user writes them:
 - ``energy:0.95``: the smallest rank keeping that fraction of the squared singular values
   (rounded UP);
 - ``auto``: the rank the calibrated search (``lrcompile.search.auto``) allocates to the layer;
-- ``skip`` (overrides only): leave the layer dense.
+- ``skip`` (overrides only): leave the layer dense;
+- ``none`` (no spec given, with weight quantization): no low-rank correction.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from lrcompile.errors import RankSpecError
 
-SpecKind = Literal["fixed", "fraction", "energy", "auto", "skip"]
+SpecKind = Literal["fixed", "fraction", "energy", "auto", "skip", "none"]
 SPEC_HELP = (
     "an integer rank (64), a fraction of parameters kept (0.5), energy:F (energy:0.95) or auto"
 )
@@ -43,7 +44,7 @@ class RankSpec:
             return str(int(self.value))
         if self.kind == "energy":
             return f"energy:{self.value:g}"
-        if self.kind in ("skip", "auto"):
+        if self.kind in ("skip", "auto", "none"):
             return self.kind
         return f"{self.value:g}"
 

@@ -21,20 +21,28 @@ from lrcompile.passes.candidates import WeightGroup
 FACTOR_KEY = "lrcompile.factor"  # node metadata: "A" (x @ A) or "B" (mid @ B)
 
 
+FACTOR_SUFFIXES = ("_lr_A", "_lr_B")
+
+
 def factor_names(
-    graph: ir.Graph, groups: Iterable[WeightGroup], keys: Iterable[str]
-) -> dict[str, tuple[str, str]]:
-    """The initializer names of the factors of the groups ``keys``, in group order:
-    ``<weight>_lr_A`` and ``_lr_B``, suffixed ``_1``, ``_2``... where the graph or an earlier group
-    holds the name (one weight read both ways is two groups)."""
-    wanted, taken = set(keys), set(graph.initializers)
+    graph: ir.Graph,
+    groups: Iterable[WeightGroup],
+    keys: Iterable[str],
+    suffixes: tuple[str, ...] = FACTOR_SUFFIXES,
+    taken: Iterable[str] = (),
+) -> dict[str, tuple[str, ...]]:
+    """The initializer names of the tensors replacing the weights of the groups ``keys``, in group
+    order: ``<weight>`` with each suffix (``_lr_A`` and ``_lr_B``), made unique with ``_1``,
+    ``_2``... where the graph or an earlier group holds the name (one weight read both ways is
+    two groups); ``taken``: names already given out."""
+    wanted, taken = set(keys), set(graph.initializers) | set(taken)
     names = {}
     for group in groups:
         if group.key not in wanted:
             continue
-        pair = tuple(_unique(f"{group.name}_lr_{side}", taken) for side in "AB")
-        taken.update(pair)
-        names[group.key] = pair
+        chosen = tuple(_unique(f"{group.name}{suffix}", taken) for suffix in suffixes)
+        taken.update(chosen)
+        names[group.key] = chosen
     return names
 
 
@@ -64,7 +72,7 @@ def rewrite_group(graph: ir.Graph, group: WeightGroup, left, right) -> None:
 def factor_values(graph: ir.Graph, group: WeightGroup, left, right) -> tuple[ir.Value, ir.Value]:
     """The factor tensors as initializers of ``graph``, read through a Cast each when the group
     reads its weight through one: the values the factored nodes read."""
-    a, b = _initializer(graph, left), _initializer(graph, right)
+    a, b = initializer(graph, left), initializer(graph, right)
     if group.cast is not None:
         casts = [ir.node("Cast", [v], {"to": group.cast}, name=f"{v.name}_Cast") for v in (a, b)]
         for cast, v in zip(casts, (a, b), strict=True):
@@ -109,7 +117,7 @@ def _unique(name: str, taken: set[str]) -> str:
     return unique
 
 
-def _initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
+def initializer(graph: ir.Graph, tensor: ir.TensorProtocol) -> ir.Value:
     """A new initializer holding ``tensor`` (an array's tensor or a spilled one), by its name."""
     value = ir.Value(name=tensor.name, const_value=tensor)
     value.shape = ir.Shape([int(d) for d in tensor.shape])

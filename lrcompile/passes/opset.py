@@ -1,6 +1,7 @@
-"""Raise the default-domain opset with ONNX's version converter (FP8 Q/DQ needs opset 19).
+"""Raise the default-domain opset with ONNX's version converter (FP8 Q/DQ needs opset 19,
+blocked and 4-bit DequantizeLinear 21).
 
-model at opset < 19 -> the same model converted to opset 19 (external data still on disk)
+model at opset < N -> the same model converted to opset N (external data still on disk)
 """
 
 from __future__ import annotations
@@ -17,22 +18,26 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 19
 
 
-def with_fp8_opset(model: ir.Model, input_path: Path) -> ir.Model:
-    """The model at opset >= 19, upgraded by ONNX's converter (with a warning) if lower.
+def with_opset(
+    model: ir.Model, input_path: Path, minimum: int = MIN_OPSET, purpose: str = "FP8"
+) -> ir.Model:
+    """The model at opset >= ``minimum``, upgraded by ONNX's converter (with a warning) if lower.
 
     Raises:
         LrcompileError: The converter cannot convert the model.
     """
     opset = model.opset_imports.get("", 1)
-    if opset >= MIN_OPSET:
+    if opset >= minimum:
         return model
     try:
-        upgraded = upgrade_opset(model, MIN_OPSET)
+        upgraded = upgrade_opset(model, minimum)
     except ValueError as e:
         raise LrcompileError(
-            f"{input_path}: FP8 needs opset >= {MIN_OPSET}, the model has {opset} and {e}"
+            f"{input_path}: {purpose} needs opset >= {minimum}, the model has {opset} and {e}"
         ) from None
-    logger.warning("%s: upgraded the default opset %d -> %d for FP8", input_path, opset, MIN_OPSET)
+    logger.warning(
+        "%s: upgraded the default opset %d -> %d for %s", input_path, opset, minimum, purpose
+    )
     return upgraded
 
 

@@ -43,7 +43,7 @@ from lrcompile.numerics.allocate import (
     allocation_path,
     most_accurate_within,
 )
-from lrcompile.passes.factored_graph import factor_names
+from lrcompile.passes.quantized import tensor_names
 from lrcompile.runtime.latency import LatencyTable, cache_path
 from lrcompile.runtime.metrics import measure_error
 from lrcompile.search.decisions import Planner
@@ -255,17 +255,19 @@ class _Prober:
         # clone shares them): the session holds about one copy of the model.
         with tempfile.TemporaryDirectory(prefix="lrcompile-probe-") as folder:
             candidate = self.model.clone()
-            plan = self.planner(allocation.ranks)
-            names = factor_names(candidate.graph, self.planner.groups, plan.factored)
-            fitted = self.provider.fit(
-                self.planner.groups, plan, names, spill=Spill(folder), weight_errors=False
+            plan, spill = self.planner(allocation.ranks), Spill(folder)
+            names, quantized_names = tensor_names(candidate, self.planner.groups, plan)
+            groups = self.planner.groups
+            fitted = self.provider.fit(groups, plan, names, spill=spill, weight_errors=False)
+            quantized = self.provider.fit_quantized(
+                groups, plan, quantized_names, spill=spill, weight_errors=False
             )
             factors = {key: each.pair for key, each in fitted.items()}
-            pipeline.apply(candidate, plan, factors, self.config, self.ranges)
+            pipeline.apply(candidate, plan, factors, self.config, self.ranges, quantized)
             feeds, reference = self.calibration.measured()  # batches not fitted to
             config = self.config
             error = measure_error(candidate, feeds, reference, config.metric, labels=config.labels)
-            del candidate, fitted, factors
+            del candidate, fitted, factors, quantized
         passed = error <= self.tolerance
         self.steps.append(SearchStep(index, allocation.cost_ratio, predicted, error, passed))
         logger.info(

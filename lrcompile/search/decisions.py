@@ -17,11 +17,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from lrcompile.factors.quantized import CORRECTION_CACHE_RANK
 from lrcompile.io import overrides as override_files
 from lrcompile.numerics import ranks
 from lrcompile.numerics.ranks import RankSpec
 from lrcompile.passes.candidates import WeightGroup
-from lrcompile.plan import Decision, Factor, Fit, Keep, Plan, WeightPlan
+from lrcompile.plan import Decision, Factor, Fit, Keep, Plan, Quantize, WeightPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,14 +49,17 @@ def rank_specs(
     }
 
 
-def refusal(group: WeightGroup, allow_no_saving: bool = False) -> str | None:
+def refusal(
+    group: WeightGroup, allow_no_saving: bool = False, quantized: bool = False
+) -> str | None:
     """Why ``group`` stays dense whatever its rank, or None: its weight has other readers, so its
-    factors would be added beside it (unless ``allow_no_saving``)."""
+    factors (``quantized``: its integers) would be added beside it (unless ``allow_no_saving``)."""
     if group.other_readers and not allow_no_saving:
         readers = ", ".join(group.other_readers)
+        what, verb = ("integers", "quantizes") if quantized else ("factors", "factors")
         return (
-            f"weight also read by {readers}: its factors would be added beside it and the"
-            " model would grow (`allow_no_saving` factors it anyway)"
+            f"weight also read by {readers}: its {what} would be added beside it and the"
+            f" model would grow (`allow_no_saving` {verb} it anyway)"
         )
     return None
 
@@ -68,9 +72,12 @@ def plan_weights(
     multiple: int = 16,
     allow_no_saving: bool = False,
     auto_ranks: Mapping[str, int | None] | None = None,
+    quantize: Quantize | None = None,
 ) -> Plan:
     """The decision for every group (see the module docstring); ``facts`` by key (a group without
-    facts is finite, plain, with no spectrum), ``auto_ranks`` by key (None: dense)."""
+    facts is finite, plain, with no spectrum), ``auto_ranks`` by key (None: dense); with
+    ``quantize`` (a template, its correction rank 0) every group is quantized, its rank spec
+    giving the correction's rank (``facts`` then hold the residual's spectrum)."""
     return Plan(
         tuple(
             WeightPlan(
@@ -83,6 +90,7 @@ def plan_weights(
                     multiple=multiple,
                     allow_no_saving=allow_no_saving,
                     auto_rank=(auto_ranks or {}).get(group.key),
+                    quantize=quantize,
                 ),
             )
             for group in groups
@@ -98,16 +106,19 @@ def decide(
     multiple: int = 16,
     allow_no_saving: bool = False,
     auto_rank: int | None = None,
+    quantize: Quantize | None = None,
 ) -> Decision:
     """One group's decision."""
     if spec.kind == "skip":
         return Keep("override says skip")
-    reason = refusal(group, allow_no_saving)
+    reason = refusal(group, allow_no_saving, quantized=quantize is not None)
     if reason is not None:
         return Keep(reason)
     if not facts.finite:
         return Keep("weight contains NaN or Inf")
     k, n = group.shape
+    if quantize is not None:
+        return _quantized(spec, facts, k, n, multiple, auto_rank, quantize)
     if spec.kind == "auto":
         if auto_rank is None:
             return Keep("its error costs more than it saves (auto)")
@@ -120,6 +131,18 @@ def decide(
         even = ranks.break_even_rank(k, n)
         return Keep(f"rank {rank} saves nothing (break-even {even:.0f})", rank=rank)
     return Factor(rank, facts.fit)
+
+
+def _quantized(spec, facts, k, n, multiple, auto_rank, template: Quantize) -> Quantize:
+    """``template`` with its correction's rank from ``spec`` (none: no correction)."""
+    if spec.kind == "none":
+        rank = 0
+    elif spec.kind == "auto":
+        rank = auto_rank or 0
+    else:
+        rank = ranks.choose_rank(spec, k, n, multiple=multiple, spectrum=facts.spectrum)
+    rank = min(rank, CORRECTION_CACHE_RANK, k, n)
+    return dataclasses.replace(template, correction=rank, fit=facts.fit if rank else "svd")
 
 
 def uses_auto(specs: Mapping[str, RankSpec]) -> bool:
@@ -136,6 +159,7 @@ class Planner:
     facts: Mapping[str, WeightFacts]
     multiple: int = 16
     allow_no_saving: bool = False
+    quantize: Quantize | None = None
 
     def __call__(self, auto_ranks: Mapping[str, int | None] | None = None) -> Plan:
         return plan_weights(
@@ -145,6 +169,7 @@ class Planner:
             multiple=self.multiple,
             allow_no_saving=self.allow_no_saving,
             auto_ranks=auto_ranks,
+            quantize=self.quantize,
         )
 
     def only(self, key: str, rank: int) -> Plan:

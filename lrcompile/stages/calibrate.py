@@ -32,7 +32,8 @@ from lrcompile.io import data as data_lib
 from lrcompile.io.spill import OutputStore
 from lrcompile.passes.candidates import WeightGroup
 from lrcompile.profile import Profile
-from lrcompile.search.decisions import WeightFacts, refusal, uses_auto
+from lrcompile.search.decisions import uses_auto
+from lrcompile.stages.facts import WeightFacts, calibrated_facts, needs_cache, plain_facts, store
 from lrcompile.stages.load import Prepared, feeds
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def calibrate_and_cache(
     auto = uses_auto(prepared.specs)
     if not (config.calibrated or auto):
         with profile("factors"):
-            facts = {g.key: _plain_facts(g, prepared, config, provider) for g in prepared.groups}
+            facts = {g.key: plain_facts(g, prepared, config, provider) for g in prepared.groups}
         return Calibrated(None, None, facts, {})
     source = calibration_source(prepared, config)
     if not auto:
@@ -86,9 +87,9 @@ def calibrate_and_cache(
     if config.compensate and prepared.groups:
         blocks = calibration_chunks.blocks(prepared.model, prepared.groups, config.compensate)
     later = {g.key for block in (blocks or ())[1:] for g in block}
-    cached = [g for g in prepared.groups if _needs_cache(g, prepared, config, g.key in later)]
+    cached = [g for g in prepared.groups if needs_cache(g, prepared, config, g.key in later)]
     fitted = fitted_batches(source, config.validation) if auto else None
-    run = _Run(prepared, source, provider, profile, auto, fitted, progress)
+    run = _Run(prepared, config, source, provider, profile, auto, fitted, progress)
     chunks = calibration_chunks.memory_chunks(prepared.model, prepared.groups if auto else cached)
     statistics, rows = run.chunks(chunks, cached)
     if auto:
@@ -96,7 +97,8 @@ def calibrate_and_cache(
     facts = {}
     with profile("factors"):
         for group in prepared.groups:
-            facts[group.key] = _facts(group, prepared, config, provider, group.key in later)
+            later_block = group.key in later
+            facts[group.key] = calibrated_facts(group, prepared, config, provider, later_block)
     return Calibrated(source, statistics, facts, rows, fitted, blocks)
 
 
@@ -105,6 +107,7 @@ class _Run:
     """The chunk loop: one run of the original model per chunk, then its layers cached."""
 
     prepared: Prepared
+    config: CompileConfig
     source: data_lib.FeedSource
     provider: FactorProvider
     profile: Profile
@@ -156,58 +159,7 @@ class _Run:
                 )
             for group in members:
                 if group.key in wanted:
-                    self.provider.cache(group, white)
-
-
-def _needs_cache(group: WeightGroup, prepared: Prepared, config, compensated: bool) -> bool:
-    """Whether ``group`` is cached: its spec is ``auto`` (searched, refused or not, as the search
-    prices every ``auto`` layer), or it may be factored and its rank needs its spectrum or its
-    fit is whitened (calibration data given) without compensation."""
-    spec = prepared.specs[group.key]
-    if spec.kind == "auto":
-        return True
-    if spec.kind == "skip" or refusal(group, config.allow_no_saving) is not None:
-        return False
-    calibrating = config.calibrated or uses_auto(prepared.specs)
-    whitened = calibrating and _whitened(group, prepared)
-    return spec.needs_spectrum or (whitened and not compensated)
-
-
-def _facts(group, prepared, config, provider: FactorProvider, compensated: bool) -> WeightFacts:
-    """A calibrated compile's facts of ``group``: a cached layer's spectrum and fit (a layer
-    without statistics, whose inputs are constants, is cached plain now); the others are fitted
-    whitened when their activations are calibrated (error compensation's blocks)."""
-    if _needs_cache(group, prepared, config, compensated):
-        entry = provider.cache(group)
-        if entry is None:
-            return WeightFacts(finite=False)
-        fit = "whitened" if entry.method == "whitened" else "svd"
-        return WeightFacts(True, entry.spectrum, fit)
-    fit = "whitened" if _whitened(group, prepared) else "svd"
-    return WeightFacts(_finite(group, prepared, config, provider), None, fit)
-
-
-def _plain_facts(group, prepared, config, provider: FactorProvider) -> WeightFacts:
-    """An uncalibrated compile's facts of ``group``: the spectrum of an ``energy:`` layer."""
-    if _needs_cache(group, prepared, config, compensated=False):
-        entry = provider.cache(group)
-        return WeightFacts(entry is not None, entry.spectrum if entry is not None else None)
-    return WeightFacts(_finite(group, prepared, config, provider))
-
-
-def _finite(group, prepared: Prepared, config, provider: FactorProvider) -> bool:
-    """Whether the weight is finite; not read for a layer that stays dense anyway."""
-    spec = prepared.specs[group.key]
-    if spec.kind == "skip" or refusal(group, config.allow_no_saving) is not None:
-        return True
-    return provider.finite(group)
-
-
-def _whitened(group: WeightGroup, prepared: Prepared) -> bool:
-    """Whether calibration gives ``group`` a whitening: none of its nodes multiplies a constant
-    (its statistics are of computed activations)."""
-    constants = prepared.model.graph.initializers
-    return not any(node.inputs[0].name in constants for node in group.nodes)
+                    store(self.provider, group, self.prepared, self.config, white)
 
 
 def fitted_batches(source: data_lib.FeedSource, validation: float) -> int | None:

@@ -23,7 +23,9 @@ from lrcompile.io.indices import check_index_values
 from lrcompile.numerics.ranks import RankSpec
 from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, ops_left_alone
 from lrcompile.passes.inputs import index_ranges
-from lrcompile.passes.opset import with_fp8_opset
+from lrcompile.passes.opset import with_opset
+from lrcompile.passes.quantized import MIN_OPSET as QUANTIZED_OPSET
+from lrcompile.plan import Quantize
 from lrcompile.search.decisions import rank_specs
 
 
@@ -49,7 +51,7 @@ def load(path: Path, config: CompileConfig, outputs: Sequence[Path] = ()) -> Pre
         LrcompileError: The model or the rank spec or override file is invalid, or one of
             ``outputs`` is not usable.
     """
-    rank = RankSpec.parse(config.rank)
+    rank = RankSpec.parse(config.rank) if config.rank is not None else RankSpec("none")
     overrides = override_files.load_overrides(config.overrides) if config.overrides else ()
     model = model_io.load_model(path)
     for output_path in outputs:
@@ -58,10 +60,19 @@ def load(path: Path, config: CompileConfig, outputs: Sequence[Path] = ()) -> Pre
     inputs = data_lib.model_inputs(model)
     RemoveInitializersFromInputsPass()(model)
     if config.fp8:
-        model = with_fp8_opset(model, path)
+        model = with_opset(model, path)
+    if config.quantize:
+        model = with_opset(model, path, QUANTIZED_OPSET, f"`quantize={config.quantize}`")
     groups, skipped = find_candidates(model.graph, model.functions.values())
     specs = rank_specs(groups, rank, overrides)
     return Prepared(path, model, inputs, groups, skipped, ops_left_alone(model), specs)
+
+
+def quantize_template(config: CompileConfig) -> Quantize | None:
+    """The quantized form ``config`` asks of every weight (its correction rank 0), if any."""
+    if config.quantize is None:
+        return None
+    return Quantize(config.bits, config.group, config.symmetric, config.quant_base)
 
 
 def check_device(device: str) -> None:

@@ -12,9 +12,10 @@ import dataclasses
 from collections.abc import Collection, Mapping
 
 from lrcompile.factors.provider import Fitted
+from lrcompile.factors.quantized import QuantizedFit
 from lrcompile.passes.candidates import Skipped, WeightGroup
 from lrcompile.pipeline import Fp8Report
-from lrcompile.plan import Factor, Keep, Plan
+from lrcompile.plan import Factor, Keep, Plan, Quantize
 from lrcompile.report import LayerReport
 
 KEPT_BESIDE = "weight also read by other nodes; kept beside its factors"
@@ -26,6 +27,7 @@ def layer_reports(
     fitted: Mapping[str, Fitted],
     kept: Collection[str],
     fp8: Fp8Report | None = None,
+    quantized: Mapping[str, QuantizedFit] | None = None,
 ) -> tuple[LayerReport, ...]:
     """One report per weight group of ``prepared`` (in graph order), then one per node left alone.
 
@@ -35,13 +37,18 @@ def layer_reports(
         fitted: The factors of the groups the plan factors.
         kept: Keys of the groups whose dense weight the written model still reads.
         fp8: The FP8 pass's report: quantized weights count one byte per element.
+        quantized: The stored form of the groups the plan quantizes.
     """
+    quantized = quantized or {}
     layers, counted = [], set()
     for group in prepared.groups:
         decision = plan.decision(group.key)
         layer = _base(group, plan.spec(group.key))
-        if isinstance(decision, Factor):
-            layer = _factored(layer, group, decision, fitted[group.key])
+        if isinstance(decision, Factor | Quantize):
+            if isinstance(decision, Factor):
+                layer = _factored(layer, group, decision, fitted[group.key])
+            else:
+                layer = _quantized(layer, group, decision, quantized[group.key])
             if group.key in kept and id(group.weight) not in counted:
                 counted.add(id(group.weight))
                 layer = _kept_beside(layer, group)
@@ -85,6 +92,25 @@ def _factored(layer: LayerReport, group: WeightGroup, decision: Factor, fit: Fit
         flops_after=params * len(group.nodes),
         bytes_after=int(params * group.tensor.dtype.itemsize),
         factors=(fit.left.name, fit.right.name),
+        seconds=fit.seconds,
+    )
+
+
+def _quantized(layer: LayerReport, group: WeightGroup, decision: Quantize, fit: QuantizedFit):
+    """The layer as integers (every byte: values, scales, zero points) and its correction."""
+    k, n = group.shape
+    params = k * n + decision.correction * (k + n)
+    tensors = (fit.q, fit.scale, fit.zero, fit.left, fit.right)
+    return dataclasses.replace(
+        layer,
+        status="quantized",
+        rank=decision.correction or None,
+        method=str(decision),
+        relative_error=fit.relative_error,
+        params_after=params,
+        flops_after=params * len(group.nodes),
+        bytes_after=fit.nbytes,
+        factors=tuple(t.name for t in tensors if t is not None),
         seconds=fit.seconds,
     )
 

@@ -25,7 +25,7 @@ from lrcompile.config import CompileConfig
 from lrcompile.factors.provider import FactorProvider, Fitted, ProgressCallback
 from lrcompile.io.spill import Spill
 from lrcompile.passes.candidates import has_live_readers
-from lrcompile.passes.factored_graph import factor_names
+from lrcompile.passes.quantized import tensor_names
 from lrcompile.pipeline import Fp8Report
 from lrcompile.plan import Plan
 from lrcompile.profile import Profile
@@ -43,8 +43,9 @@ class Rewritten:
     fp8: Fp8Report | None = None
 
     @property
-    def factored(self) -> bool:
-        return any(layer.status == "factored" for layer in self.layers)
+    def changed(self) -> bool:
+        """Whether any weight was factored or quantized (else nothing is written)."""
+        return any(layer.status in ("factored", "quantized") for layer in self.layers)
 
 
 def rewrite(
@@ -63,21 +64,23 @@ def rewrite(
     made, so memory holds a few weights at a time, not the model.
     """
     model, spill = prepared.model, Spill(scratch) if scratch is not None else None
-    names = factor_names(model.graph, prepared.groups, plan.factored)
+    names, quantized_names = tensor_names(model, prepared.groups, plan)
     if calibrated.blocks is not None and calibrated.source is not None:
         fitted = _compensated(prepared, calibrated, plan, provider, profile, spill, names, progress)
+        quantized = {}
     else:
         with profile("factors"):
             fitted = provider.fit(prepared.groups, plan, names, spill=spill, progress=progress)
+            quantized = provider.fit_quantized(prepared.groups, plan, quantized_names, spill=spill)
         with profile("rewrite"):
-            pipeline.factor_passes(plan, _pairs(fitted))(model)
+            pipeline.factor_passes(plan, _pairs(fitted), quantized)(model)
     kept = {group.key for group in prepared.groups if has_live_readers(group.weight)}
     ranges = None
     if config.fp8:
         ranges = _Timed(RangeCalibration(calibrated.fitted_feeds(), config.fp8_calib), profile)
     with profile("rewrite"):
         fp8 = pipeline.finish(model, config, ranges)
-    return Rewritten(layer_reports(prepared, plan, fitted, kept, fp8), fp8)
+    return Rewritten(layer_reports(prepared, plan, fitted, kept, fp8, quantized), fp8)
 
 
 def _compensated(prepared, calibrated, plan, provider, profile, spill, names, progress):

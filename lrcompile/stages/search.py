@@ -21,7 +21,7 @@ from lrcompile.runtime.latency import model_latencies
 from lrcompile.search.auto import AutoResult, MeasuredLayers, choose_ranks, measure_layers
 from lrcompile.search.decisions import Planner, uses_auto
 from lrcompile.stages.calibrate import Calibrated
-from lrcompile.stages.load import Prepared
+from lrcompile.stages.load import Prepared, quantize_template
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def planner(prepared: Prepared, calibrated: Calibrated, config: CompileConfig) -
         calibrated.facts,
         multiple=config.rank_multiple,
         allow_no_saving=config.allow_no_saving,
+        quantize=quantize_template(config),
     )
 
 

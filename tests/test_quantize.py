@@ -1,0 +1,240 @@
+"""Weights as int8/int4 through DequantizeLinear, with a low-rank correction of the error: the
+numerics against ONNX's definition, the emitted graphs, the correction's closed form, ONNX
+Runtime's MatMulNBits fusion against exact execution, and the refusals."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+import lrcompile
+from lrcompile import cli
+from lrcompile.factors import quantized as quantized_lib
+from lrcompile.numerics import whiten
+from lrcompile.numerics.quantize import quantize
+from lrcompile.runtime.sessions import create_session
+from tests.conftest import low_rank_matrix, make_model, save
+
+
+def _onnx_dequantize(q, scale, zero, axis, block):
+    """DequantizeLinear as ONNX defines it, by onnx.reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = ["q", "s"] + (["z"] if zero is not None else [])
+    attributes = {"axis": axis} | ({"block_size": block} if block else {})
+    node = onnx.helper.make_node("DequantizeLinear", inputs, ["y"], **attributes)
+    feeds = {"q": q, "s": scale} | ({"z": zero} if zero is not None else {})
+    return ReferenceEvaluator(node).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [None, 16, 32])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dequantize_is_onnx_dequantize_linear(rng, bits, group, symmetric):
+    w = rng.standard_normal((70, 24)).astype(np.float32)  # 70 rows: a short last block
+    quantized = quantize(w, bits, group, symmetric=symmetric)
+    q, scale, zero = quantized_lib.stored_arrays(quantized, group is None, np.dtype(np.float32))
+    axis, block = (1, None) if group is None else (0, group)
+    expected = _onnx_dequantize(q, scale, zero, axis, block)
+    np.testing.assert_array_equal(quantized.dequantize(), expected)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert quantized.q.min() >= lo and quantized.q.max() <= hi
+    # Round to nearest: no value is off by more than half a step of its block.
+    steps = np.repeat(quantized.scale, quantized.group, axis=0)[:70]
+    assert np.all(np.abs(quantized.dequantize() - w) <= steps / 2 + 1e-6)
+
+
+def test_the_mse_base_has_no_more_error_than_round_to_nearest_block_by_block(rng):
+    w = rng.standard_t(3, (256, 64)).astype(np.float32)  # heavy tails: clipping pays
+    totals = {}
+    for bits in (4, 8):
+        rtn, mse = quantize(w, bits, 32), quantize(w, bits, 32, base="mse")
+        errors = [np.square(q.dequantize() - w).reshape(8, 32, 64).sum(1) for q in (rtn, mse)]
+        assert np.all(errors[1] <= errors[0] + 1e-9)
+        totals[bits] = [float(np.sum(e)) for e in errors]
+    assert totals[4][1] < 0.9 * totals[4][0]  # int4 of heavy tails: clearly better
+
+
+def test_the_whitened_correction_is_its_closed_form_and_beats_the_plain_one(rng):
+    # Correlated inputs: the whitened rank-r fit of the residual minimizes the OUTPUT error, which
+    # is exactly the residual's discarded whitened singular values (QERA's closed form).
+    k, n, r = 64, 48, 8
+    mix = rng.standard_normal((k, k)) * np.logspace(0, -2, k)
+    x = rng.standard_normal((2000, k)) @ mix.T
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    _, residual = quantized_lib.quantized_with_residual(w, _template(4, 16), np.float32)
+    white = whiten.whitening_from_gram(x.T @ x / len(x))
+    whitened, spectrum = quantized_lib.residual_factors(residual, r, white)
+    plain, _ = quantized_lib.residual_factors(residual, r, None)
+    error = [np.linalg.norm(x @ (residual - f.left @ f.right)) for f in (whitened, plain)]
+    closed = np.sqrt(np.sum(np.square(spectrum[r:])) * len(x))
+    assert error[0] == pytest.approx(closed, rel=1e-3)
+    assert error[0] < 0.9 * error[1]
+    assert np.linalg.norm(x @ residual) > error[1]  # any correction helps
+
+
+def _template(bits, group, **options):
+    from lrcompile.plan import Quantize
+
+    return Quantize(bits, group, **options)
+
+
+def _compile(tmp_path, model, *args, name="q.onnx"):
+    path = save(model, tmp_path / "m.onnx")
+    out = tmp_path / name
+    result = CliRunner().invoke(cli.main, [str(path), "-o", str(out), "--no-verify", *args])
+    assert result.exit_code == 0, result.output
+    return path, out
+
+
+def _structure(path):
+    model = onnx.load(str(path))
+    inits = {t.name: (onnx.helper.tensor_dtype_to_np_dtype(t.data_type), tuple(t.dims))
+             for t in model.graph.initializer}  # fmt: skip
+    return [n.op_type for n in model.graph.node], inits, model
+
+
+def test_a_matmul_becomes_dequantize_linear_and_its_correction(tmp_path, rng):
+    w = low_rank_matrix(rng, 64, 48, decay=0.9)
+    model = make_model("g (float[N, 64] x) => (float[N, 48] y) { y = MatMul(x, W) }", {"W": w})
+    _, out = _compile(tmp_path, model, "--quantize", "int4", "--rank", "8", "--rank-multiple", "8")
+    ops, inits, written = _structure(out)
+    assert ops == ["DequantizeLinear", "Cast", "Cast", "MatMul", "MatMul", "MatMul", "Add"]
+    assert (
+        inits["W_q"][1] == (64, 48)
+        and written.graph.initializer[0].data_type == onnx.TensorProto.INT4
+    )
+    assert inits["W_q_scale"] == (np.dtype(np.float32), (2, 48))  # 64 rows in blocks of 32
+    assert inits["W_lr_A"] == (np.dtype(np.float16), (64, 8))
+    assert inits["W_lr_B"] == (np.dtype(np.float16), (8, 48))
+    dq = next(n for n in written.graph.node if n.op_type == "DequantizeLinear")
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in dq.attribute} == {
+        "axis": 0, "block_size": 32,
+    }  # fmt: skip
+    assert written.opset_import[0].version >= 21
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    arrays = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    deq = _onnx_dequantize(arrays["W_q"], arrays["W_q_scale"], None, 0, 32)
+    a, b = (arrays[name].astype(np.float32) for name in ("W_lr_A", "W_lr_B"))
+    (exact,) = _basic_session(out).run(None, {"x": x})
+    np.testing.assert_allclose(exact, x @ deq + (x @ a) @ b, rtol=1e-5, atol=1e-5)
+    # The correction lowers the weight's error below the integers' alone.
+    assert np.linalg.norm(deq + a @ b - w) < np.linalg.norm(deq - w)
+
+
+def _basic_session(path):
+    """ONNX Runtime without graph optimizations: DequantizeLinear and MatMul exactly."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_gemm_transb_alpha_and_bias_fold_into_the_dequantized_weight(tmp_path, rng):
+    w = low_rank_matrix(rng, 48, 64)  # stored [N, K] with transB
+    c = rng.standard_normal(48).astype(np.float32)
+    model = make_model(
+        "g (float[M, 64] a) => (float[M, 48] y) { y = Gemm <alpha = 0.5, transB = 1> (a, W, C) }",
+        {"W": w, "C": c},
+    )
+    _, out = _compile(tmp_path, model, "--quantize", "int8")
+    ops, inits, written = _structure(out)
+    assert ops == ["DequantizeLinear", "Gemm"]
+    gemm = written.graph.node[1]
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute} == {
+        "transA": 0, "beta": 1.0,
+    }  # fmt: skip
+    assert inits["W_q"] == (np.dtype(np.int8), (64, 48))  # the effective weight: 0.5 * W^T
+    assert inits["W_q_scale"][1] == (48,)  # int8: per output channel
+    a = rng.standard_normal((3, 64)).astype(np.float32)
+    (got,) = _basic_session(out).run(None, {"a": a})
+    np.testing.assert_allclose(got, a @ (0.5 * w.T) + c, rtol=0.02, atol=0.02)
+
+
+def test_a_half_precision_weight_keeps_its_type_through_a_cast(tmp_path, rng):
+    w = low_rank_matrix(rng, 64, 32).astype(np.float16)
+    model = make_model(
+        """g (float[N, 64] x) => (float[N, 32] y) { wf = Cast <to = 1> (W)  y = MatMul(x, wf) }""",
+        {"W": w},
+    )
+    _, out = _compile(tmp_path, model, "--quantize", "int4", "--rank", "16")
+    _ops, inits, _ = _structure(out)
+    assert inits["W_q_scale"][0] == np.dtype(np.float32)  # the type the MatMul reads
+    assert inits["W_lr_A"][0] == np.dtype(np.float16)
+    assert "W" not in inits
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    (got,) = create_session(out).run(None, {"x": x})
+    expected = x @ w.astype(np.float32)
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.1
+
+
+def test_onnx_runtime_fuses_the_pattern_and_its_accuracy_level_is_close_to_exact(tmp_path, rng):
+    # The default optimisation level fuses DequantizeLinear -> MatMul into MatMulNBits, which
+    # computes the activations in int8 (accuracy level 4): the check runs it as deployed.
+    import onnxruntime as ort
+
+    w = rng.standard_normal((256, 128)).astype(np.float32)
+    model = make_model("g (float[N, 256] x) => (float[N, 128] y) { y = MatMul(x, W) }", {"W": w})
+    _, out = _compile(tmp_path, model, "--quantize", "int4", "--rank", "16")
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    fused = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "fused.onnx")).graph.node]
+    assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
+    x = rng.standard_normal((8, 256)).astype(np.float32)
+    (got,), (exact,) = fused.run(None, {"x": x}), _basic_session(out).run(None, {"x": x})
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.02
+
+
+def test_the_report_counts_every_byte(tmp_path, rng):
+    w = rng.standard_normal((128, 96)).astype(np.float32)
+    model = make_model("g (float[N, 128] x) => (float[N, 96] y) { y = MatMul(x, W) }", {"W": w})
+    path = save(model, tmp_path / "m.onnx")
+    result = lrcompile.compile_model(
+        path, tmp_path / "q.onnx", quantize="int4", rank="16", symmetric=False, verify=False
+    )
+    (layer,) = result.layers
+    # int4 values (2 per byte), float32 scales and int4 zero points per 32 rows, fp16 A and B.
+    expected = 128 * 96 // 2 + 4 * 96 * 4 + 4 * 96 // 2 + 16 * (128 + 96) * 2
+    assert (layer.status, layer.rank, layer.bytes_after) == ("quantized", 16, expected)
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    stored = sum(len(t.raw_data) for t in written.graph.initializer)
+    assert stored == expected
+    assert result.plan.decision(layer.weight).to_dict()["bits"] == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--quantize", "int4", "--group-size", "48"], "--group-size must be a power of 2"),
+        (["--quantize", "int8", "--fp8", "--calib", "synthetic"], "--fp8 does not combine"),
+        (["--rank", "8", "--group-size", "32"], "--group-size is a setting of --quantize"),
+        ([], "--rank is required"),
+    ],
+)
+def test_quantize_options_that_cannot_work_are_refused_in_one_line(tmp_path, rng, args, message):
+    model = make_model(
+        "g (float[N, 32] x) => (float[N, 32] y) { y = MatMul(x, W) }",
+        {"W": rng.standard_normal((32, 32)).astype(np.float32)},
+    )
+    path = save(model, tmp_path / "m.onnx")
+    result = CliRunner().invoke(cli.main, [str(path), "-o", str(tmp_path / "o.onnx"), *args])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("lrcompile: error: ") and message in line
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_int4_tensors_round_trip_through_the_spill_file(tmp_path, rng):
+    from lrcompile.io.spill import Spill
+
+    q = rng.integers(-8, 8, (10, 7)).astype(ml_dtypes.int4)
+    stored = Spill(tmp_path).store(q, "q")
+    assert stored.dtype == ir.DataType.INT4
+    np.testing.assert_array_equal(stored.numpy().astype(np.int8), q.astype(np.int8))
