@@ -76,10 +76,11 @@ class CompileConfig:
             factor with activation-whitened SVD, and ``auto`` needs it (synthetic by default).
         calib_script: Polygraphy data-loader script (``file.py`` or ``file.py:function``)
             yielding calibration feed dicts.
-        objective: What ``auto`` minimizes: ``flops`` (per-row FLOPs), ``params``, or
-            ``latency``: the searched MatMuls' seconds on ONNX Runtime CPU, measured at the
-            calibration batches' rows and cached per machine (``lrcompile.runtime.latency``);
-            a layer stays dense unless factoring it measured faster.
+        objective: What ``auto`` minimizes: ``flops`` (per-row FLOPs), ``params``, ``bytes``
+            (the weights' bytes as stored), or ``latency``: the searched MatMuls' seconds on
+            ONNX Runtime CPU, measured at the calibration batches' rows and cached per machine
+            (``lrcompile.runtime.latency``); a layer stays dense unless factoring it measured
+            faster. None: ``flops``, or ``bytes`` with ``quantize`` (the only one it takes).
         fp8: Add FP8 E4M3 Q/DQ (TensorRT-ready) on the factored MatMuls; needs calibration.
         fp8_weights: FP8 weight scales ``per-tensor`` or ``per-channel`` (explicit axis).
         fp8_scope: ``factored`` (the factored pairs) or ``all`` (dense MatMul/Gemm too).
@@ -141,7 +142,7 @@ class CompileConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     calib: str | None = None
     calib_script: str | None = None
-    objective: str = "flops"
+    objective: str | None = None
     headroom: float = 0.2
     validation: float = 0.25
     budget: float | None = None
@@ -162,8 +163,10 @@ class CompileConfig:
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
             value = getattr(self, name)
-            if value not in choices and not (value is None and name == "quantize"):
+            if value not in choices and not (value is None and name in ("quantize", "objective")):
                 raise LrcompileError(f"`{name}` {value!r} is not one of {', '.join(choices)}")
+        if self.objective is None:
+            object.__setattr__(self, "objective", "flops" if self.quantize is None else "bytes")
         object.__setattr__(self, "input_shapes", checked_shapes(self.input_shapes))
         ranges = {str(k): (float(v[0]), float(v[1])) for k, v in self.val_ranges.items()}
         object.__setattr__(self, "val_ranges", ranges)
@@ -216,8 +219,11 @@ class CompileConfig:
                               ("compensate", self.compensate)):  # fmt: skip
             if given:
                 raise LrcompileError(f"`{option}` does not combine with `quantize` (yet)")
-        if self.objective == "latency":
-            raise LrcompileError("`objective=latency` is measured for factored layers only")
+        if self.objective != "bytes":
+            raise LrcompileError(
+                f"`objective={self.objective}` prices factored layers; with `quantize` auto"
+                " minimizes `objective=bytes` (leave `objective` out)"
+            )
 
     @property
     def bits(self) -> int | None:

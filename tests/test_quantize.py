@@ -17,6 +17,7 @@ from lrcompile import cli
 from lrcompile.factors import quantized as quantized_lib
 from lrcompile.numerics import whiten
 from lrcompile.numerics.quantize import quantize
+from lrcompile.plan import Keep, Quantize
 from lrcompile.runtime.sessions import create_session
 from tests.conftest import low_rank_matrix, make_model, save
 
@@ -238,3 +239,101 @@ def test_int4_tensors_round_trip_through_the_spill_file(tmp_path, rng):
     stored = Spill(tmp_path).store(q, "q")
     assert stored.dtype == ir.DataType.INT4
     np.testing.assert_array_equal(stored.numpy().astype(np.int8), q.astype(np.int8))
+
+
+def test_a_quantized_layers_options_are_the_forms_smaller_than_dense_and_the_path_falls():
+    from lrcompile.numerics.allocate import Choice, QuantizedLayer, allocation_path
+
+    layers = [
+        QuantizedLayer("a", 64, 64, 16384, (Choice(0, 2560, 0.04), Choice(16, 6656, 0.01),
+                                            Choice("int8", 4352, 0.001),
+                                            Choice(256, 70000, 0.0))),
+        QuantizedLayer("b", 64, 64, 16384, (Choice(0, 2560, 0.02), Choice(16, 6656, 0.015)),
+                       sensitivity=3.0),
+    ]  # fmt: skip
+    path = allocation_path(layers)
+    assert path[0].ranks == {"a": None, "b": None} and path[0].cost_ratio == 1.0
+    assert path[-1].ranks == {"a": 0, "b": 0} and path[-1].cost == 2 * 2560
+    costs = [step.cost for step in path]
+    errors = [step.predicted_error for step in path]
+    assert costs == sorted(costs, reverse=True) and errors == sorted(errors)
+    assert all(256 not in step.ranks.values() for step in path)  # more bytes than dense
+    # b's error counts x3: its sensitivity. Every step's error is the sum of its layers'.
+    options = {"a": {None: 0, 0: 0.04, 16: 0.01, "int8": 0.001},
+               "b": {None: 0, 0: 0.06, 16: 0.045}}  # fmt: skip
+    for step in path:
+        expected = sum(options[name][label] for name, label in step.ranks.items())
+        assert step.predicted_error == pytest.approx(expected)
+
+
+def test_the_perturbed_probe_adds_x_a_b_to_the_layer_it_selects(rng):
+    from lrcompile.passes.probe_graph import PROBE_INPUT, probe_model
+
+    w1, w2 = (rng.standard_normal((16, 16)).astype(np.float32) for _ in range(2))
+    model = make_model(
+        "g (float[N, 16] x) => (float[N, 16] y) { h = MatMul(x, W1)\n y = MatMul(h, W2) }",
+        {"W1": w1, "W2": w2},
+    )
+    a, b = rng.standard_normal((16, 4)).astype(np.float32), rng.standard_normal((4, 16))
+    pair = (ir.tensor(a, name="A"), ir.tensor(b.astype(np.float32), name="B"))
+    probe = probe_model(ir.serde.deserialize_model(model), {"W1": pair}, ["W1"], perturb=True)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(probe).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    for index, delta in ((0, a @ b), (1, 0.0)):  # 1 selects no layer: the model as it was
+        (y,) = session.run(None, {"x": x, PROBE_INPUT: np.array(index, np.int64)})
+        np.testing.assert_allclose(y, x @ (w1 + delta) @ w2, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def quantizable_lm(tmp_path_factory):
+    from lrcompile.tools.synthetic import lm_like
+
+    folder = tmp_path_factory.mktemp("qlm")
+    path = lm_like(folder, layers=2, hidden=64, ffn=128, vocab=300, logit_scale=4.0)
+    ids = np.random.default_rng(3).integers(0, 300, (32, 12))
+    np.savez(folder / "calib.npz", input_ids=ids)
+    return path, folder / "calib.npz"
+
+
+def test_auto_with_quantize_chooses_a_form_per_layer_within_the_tolerance(quantizable_lm, tmp_path):
+    model, calib = quantizable_lm
+    options = {"quantize": "int4", "group_size": 16, "rank": "auto", "calib": str(calib),
+               "metric": "kl", "batch_size": 8}  # fmt: skip
+    results = {
+        tolerance: lrcompile.compile_model(
+            model, tmp_path / f"{tolerance}.onnx", tolerance=tolerance, **options
+        )
+        for tolerance in (0.002, 0.05)
+    }
+    for tolerance, result in results.items():
+        assert result.config.objective == "bytes"
+        assert result.auto.measured_error <= 0.8 * tolerance
+        assert result.verification.passed
+        # What auto measured is what the written model does on the held-back batches.
+        assert "held back from fitting" in result.verification.data_source
+        assert result.verification.outputs[0].error == pytest.approx(
+            result.auto.measured_error, rel=1e-3, abs=1e-7
+        )
+        decisions = [w.decision for w in result.plan]
+        assert all(isinstance(d, (Quantize, Keep)) for d in decisions) and len(decisions) == 15
+    tight, loose = (results[t] for t in (0.002, 0.05))
+    assert loose.auto.cost_ratio <= tight.auto.cost_ratio < 1.0
+    labels = {str(d) for d in (w.decision for w in tight.plan)}
+    assert len(labels) >= 2, labels  # the tight tolerance buys different forms per layer
+
+
+def test_a_budget_with_quantize_is_a_fraction_of_the_dense_bytes(quantizable_lm, tmp_path):
+    model, calib = quantizable_lm
+    result = lrcompile.compile_model(
+        model, tmp_path / "b.onnx", quantize="int8", rank="auto", calib=str(calib), budget=0.3,
+        verify=False,
+    )  # fmt: skip
+    searched = [layer for layer in result.layers if layer.status in ("quantized", "dense")
+                and layer.bytes_before]  # fmt: skip
+    before = sum(layer.bytes_before for layer in searched)
+    after = sum(layer.bytes_after for layer in searched)
+    assert after <= 0.3 * before and result.auto.cost_ratio == pytest.approx(after / before)

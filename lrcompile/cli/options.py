@@ -160,7 +160,11 @@ COMPILE_OPTIONS = [
         metavar="FILE.py[:FUNC]",
         help="Polygraphy data-loader script yielding calibration feed dicts (FUNC: load_data).",
     ),
-    config_option("--objective", field="objective", help="What --rank auto minimizes."),
+    config_option(
+        "--objective",
+        field="objective",
+        help="What --rank auto minimizes [default: flops; bytes with --quantize].",
+    ),
     config_option(
         "--headroom",
         field="headroom",

@@ -134,16 +134,32 @@ class FactorProvider:
             return None
         read = (group.cast or group.tensor.dtype).numpy()
         quantized, residual = quantized_lib.quantized_with_residual(weight, template, read)
+        energy = whiten.whitened_energy(weight, whitening)
         del weight
         release_weight(group)
         k, n = residual.shape
+        residual_energy = whiten.whitened_energy(residual, whitening)
         factors, spectrum = quantized_lib.residual_factors(residual, min(k, n, top), whitening)
-        extra = {"q": quantized.q, "scale": quantized.scale}
+        extra = {
+            "q": quantized.q,
+            "scale": quantized.scale,
+            # Output-space energies (whitened): the weight's and its quantization error's.
+            "energies": np.array([energy, residual_energy], np.float64),
+        }
         if quantized.zero is not None:
             extra["zero"] = quantized.zero
         if self._cache is None:
             self._cache = FactorCache()
         return self._cache.put(key, factors, spectrum, extra)
+
+    def quantized_energies(self, key: str, template: Quantize) -> tuple[float, float] | None:
+        """The output-space energies of the group ``key``'s weight and of its quantization error
+        under ``template`` (whitened when cached with a whitening), if cached."""
+        cache_key = quantized_lib.cache_key(key, template)
+        if self.cached(cache_key) is None:
+            return None
+        weight, residual = np.asarray(self._cache.extra(cache_key)["energies"], np.float64)
+        return float(weight), float(residual)
 
     def finite(self, group: WeightGroup) -> bool:
         """Whether ``group``'s weight holds no NaN or Inf (read once and unmapped)."""
@@ -233,7 +249,6 @@ class FactorProvider:
             np.asarray(arrays["q"]), np.asarray(arrays["scale"]), arrays.get("zero"),
             decision.bits, decision.group or group.shape[0],
         )  # fmt: skip
-        k, n = group.shape
         q, scale, zero = quantized_lib.stored_arrays(stored, decision.group is None, read)
         parts = [q, scale, zero]
         if decision.correction:
@@ -245,7 +260,7 @@ class FactorProvider:
             None if array is None else self._tensor(array, name, spill)
             for array, name in zip([*parts, None, None][:5], names, strict=True)
         ]
-        nbytes = stored.nbytes + quantized_lib.correction_bytes(decision.correction, k, n)
+        nbytes = quantized_lib.stored_bytes(group, decision)
         return QuantizedFit(*tensors, nbytes, error, time.perf_counter() - start)
 
     @staticmethod

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrcompile.numerics import decompose, whiten
+from lrcompile.numerics import quantize as quantize_lib
 from lrcompile.numerics.quantize import QuantizedWeight, quantize
 from lrcompile.numerics.whiten import Whitening
 from lrcompile.plan import Quantize
@@ -101,6 +102,17 @@ def stored_arrays(
         scale = scale.reshape(-1)
         zero = zero.reshape(-1) if zero is not None else None
     return q, scale, zero
+
+
+def stored_bytes(group, decision: Quantize) -> int:
+    """Bytes of ``group``'s weight stored as ``decision`` says: integers, scales in the weight's
+    read dtype, zero points, and the correction's factors."""
+    k, n = group.shape
+    scale = np.dtype((group.cast or group.tensor.dtype).numpy()).itemsize
+    values = quantize_lib.stored_bytes(
+        k, n, decision.bits, decision.group, symmetric=decision.symmetric, scale_bytes=scale
+    )
+    return values + correction_bytes(decision.correction, k, n)
 
 
 def correction_bytes(rank: int, k: int, n: int) -> int:

@@ -1,7 +1,8 @@
 """Global rank allocation across layers: which layer gives up how much rank, plain numerics.
 
 Each layer has options: dense, or a rank r (a multiple of the rank multiple) that saves cost.
-An option costs ``r*(K+N)`` (x the nodes sharing the weight, for FLOPs), or under the ``latency``
+An option costs ``r*(K+N)`` (x the nodes sharing the weight, for FLOPs; x the element size for
+bytes), or under the ``latency``
 objective its measured seconds (x the nodes; a rank is an option only when measured faster than
 dense, ``lrcompile.runtime.latency``), and adds
 ``sensitivity * e(r)``, where ``e(r) = sum_{i>r} s_i^2 / sum_i s_i^2`` is the layer's relative
@@ -16,6 +17,10 @@ For a price ``lam`` every layer independently takes the option minimizing
 the lower convex hull of its (error, cost) options; ``allocation_path`` lists every allocation
 on that sweep, from all-dense to the cheapest, so a search can bisect over it: the greedy "spend
 error where it saves the most cost" across all layers.
+
+A quantized layer (``QuantizedLayer``) has its options listed: dense, or a stored form (integers
+with a correction of some rank, or a higher precision), each with its bytes and its relative
+squared error in output space; the sweep is the same.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from typing import Literal
 
 import numpy as np
 
-Objective = Literal["flops", "params", "latency"]
-OBJECTIVES: tuple[str, ...] = ("flops", "params", "latency")
+Objective = Literal["flops", "params", "bytes", "latency"]
+OBJECTIVES: tuple[str, ...] = ("flops", "params", "bytes", "latency")
 # A layer's measured seconds per run: dense (None) or factored at a rank.
 Seconds = Callable[[int | None], float]
 
@@ -48,10 +53,38 @@ class LayerSpectrum:
 
 
 @dataclasses.dataclass(frozen=True)
-class Allocation:
-    """One point of the sweep: a rank per layer (None = dense), its cost and predicted error."""
+class Choice:
+    """A stored form of a quantized layer: its label (the correction's rank, 0 for none, or
+    ``"int8"``), bytes, and relative squared error in output space (before sensitivity)."""
 
-    ranks: dict[str, int | None]
+    label: int | str
+    nbytes: int
+    error: float
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedLayer:
+    """What the allocation needs of one weight that may be quantized: its dense bytes and the
+    stored forms it may take instead."""
+
+    name: str
+    k: int
+    n: int
+    dense_bytes: int
+    choices: tuple[Choice, ...]
+    nodes: int = 1
+    sensitivity: float = 1.0
+
+
+Layer = LayerSpectrum | QuantizedLayer
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    """One point of the sweep: a choice per layer (None = dense; a rank; ``"int8"``), its cost
+    and predicted error."""
+
+    ranks: dict[str, int | str | None]
     cost: float
     dense_cost: float
     predicted_error: float
@@ -63,7 +96,7 @@ class Allocation:
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-    ranks: list[int | None]
+    ranks: list[int | str | None]
     costs: np.ndarray
     errors: np.ndarray
 
@@ -73,7 +106,9 @@ def layer_options(
 ) -> _Options:
     """Dense plus every rank multiple of ``multiple`` that saves cost, with costs and errors;
     ``seconds`` (the layer's measured latency) is the cost under the ``latency`` objective."""
-    weight = 1 if objective == "params" else layer.nodes
+    weight = 1 if objective in ("params", "bytes") else layer.nodes
+    if objective == "bytes":
+        weight = np.dtype(layer.dtype).itemsize
     full = min(layer.k, layer.n)
     ranks = [
         r
@@ -97,8 +132,18 @@ def layer_options(
     return _Options([None, *ranks], np.asarray(costs, float), np.asarray(errors, float))
 
 
+def quantized_options(layer: QuantizedLayer) -> _Options:
+    """Dense, then each stored form that is smaller, with bytes and errors x sensitivity."""
+    choices = [c for c in layer.choices if c.nbytes < layer.dense_bytes]
+    return _Options(
+        [None, *(c.label for c in choices)],
+        np.asarray([layer.dense_bytes, *(c.nbytes for c in choices)], float),
+        np.asarray([0.0, *(c.error * layer.sensitivity for c in choices)], float),
+    )
+
+
 def allocation_path(
-    layers: Sequence[LayerSpectrum],
+    layers: Sequence[Layer],
     *,
     multiple: int = 16,
     objective: Objective = "flops",
@@ -112,7 +157,10 @@ def allocation_path(
     """
     seconds = seconds or {}
     options = [
-        layer_options(layer, multiple, objective, seconds.get(layer.name)) for layer in layers
+        quantized_options(layer)
+        if isinstance(layer, QuantizedLayer)
+        else layer_options(layer, multiple, objective, seconds.get(layer.name))
+        for layer in layers
     ]
     dense_cost = float(sum(o.costs[0] for o in options))
     events = []

@@ -48,11 +48,20 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes as stored: ``bits`` per value (int4 packed two per byte), float32 scales, zero
-        points of ``bits`` each."""
-        values = -(-self.q.size * self.bits // 8)
-        zeros = -(-self.zero.size * self.bits // 8) if self.zero is not None else 0
-        return values + self.scale.size * self.scale.itemsize + zeros
+        """Bytes as stored, scales in float32 (``stored_bytes``)."""
+        k, n = self.q.shape
+        return stored_bytes(k, n, self.bits, self.group, symmetric=self.zero is None)
+
+
+def stored_bytes(
+    k: int, n: int, bits: int, group: int | None, *, symmetric: bool, scale_bytes: int = 4
+) -> int:
+    """Bytes of a [K, N] weight quantized in blocks of ``group`` rows (None: all K): ``bits`` per
+    value (int4 packed two per byte), a scale of ``scale_bytes`` and (asymmetric) a zero point
+    of ``bits`` per block and column."""
+    blocks = -(-k // (group or k)) * n
+    zeros = 0 if symmetric else -(-blocks * bits // 8)
+    return -(-k * n * bits // 8) + blocks * scale_bytes + zeros
 
 
 def quantize(

@@ -123,6 +123,21 @@ def _row_norms(matrix: np.ndarray, block: int = 64) -> np.ndarray:
     return norms
 
 
+def whitened_energy(matrix: np.ndarray, whitening: Whitening | None, block: int = 4096) -> float:
+    """``||L^T M||_F^2`` (``||M||_F^2`` without a whitening): the output-space energy of ``M``
+    on the calibration activations, a block of columns at a time (an lm_head's whitened copy
+    would be another K x N float64 array)."""
+    if whitening is None:
+        return float(np.sum(np.square(matrix, dtype=np.float64)))
+    target = whitening.target()
+    return float(
+        sum(
+            np.sum(np.square(target @ np.asarray(matrix[:, start : start + block], np.float64)))
+            for start in range(0, matrix.shape[1], block)
+        )
+    )
+
+
 def numerical_rank(
     gram: np.ndarray, tolerance: float = 1e-12, *, whitening: Whitening | None = None
 ) -> int:

@@ -65,4 +65,5 @@ def upgrade_opset(model: ir.Model, version: int = MIN_OPSET) -> ir.Model:
     )
     if base is not None:
         ir.external_data.set_base_dir(upgraded.graph, base)
+    upgraded.meta.update(model.meta)  # e.g. the inline file its weights are read from in place
     return upgraded

@@ -40,6 +40,7 @@ from lrcompile.io.spill import Spill
 from lrcompile.numerics.allocate import (
     Allocation,
     LayerSpectrum,
+    QuantizedLayer,
     allocation_path,
     most_accurate_within,
 )
@@ -48,7 +49,13 @@ from lrcompile.runtime.latency import LatencyTable, cache_path
 from lrcompile.runtime.metrics import measure_error
 from lrcompile.search.decisions import Planner
 from lrcompile.search.latency import LatencyEstimate, estimate, layer_seconds
-from lrcompile.search.sensitivity import StepCallback, layer_spectra, measure_sensitivities
+from lrcompile.search.sensitivity import (
+    StepCallback,
+    layer_spectra,
+    measure_quantized_sensitivities,
+    measure_sensitivities,
+    quantized_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +79,10 @@ class SearchStep:
 
 @dataclasses.dataclass(frozen=True)
 class AutoResult:
-    """The chosen ranks (by group key; None = dense), what they reach, and how they were found."""
+    """The chosen ranks (by group key; None = dense; with ``quantize`` the correction's rank or
+    ``"int8"``), what they reach, and how they were found."""
 
-    ranks: dict[str, int | None]
+    ranks: dict[str, int | str | None]
     tolerance: float
     measured_error: float
     cost_ratio: float
@@ -125,7 +133,7 @@ class MeasuredLayers:
     measured sensitivity, and the seconds they took. It depends on the calibration and the
     factors, not on the tolerance, budget or objective, so one serves several of those."""
 
-    spectra: tuple[LayerSpectrum, ...]
+    spectra: tuple[LayerSpectrum | QuantizedLayer, ...]
     seconds: dict[str, float]
 
 
@@ -149,6 +157,14 @@ def measure_layers(
             latency objective measures at.
     """
     clock = _Clock()
+    if planner.quantize is not None:
+        layers = quantized_layers(planner, provider)
+        clock.lap("spectra")
+        layers = measure_quantized_sensitivities(
+            model, layers, planner, provider, calibration, on_step=on_sensitivity
+        )
+        clock.lap("sensitivity")
+        return MeasuredLayers(tuple(layers), clock.seconds)
     spectra = layer_spectra(planner, provider, rows)
     clock.lap("spectra")
     spectra = measure_sensitivities(

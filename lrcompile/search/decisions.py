@@ -71,7 +71,7 @@ def plan_weights(
     *,
     multiple: int = 16,
     allow_no_saving: bool = False,
-    auto_ranks: Mapping[str, int | None] | None = None,
+    auto_ranks: Mapping[str, int | str | None] | None = None,
     quantize: Quantize | None = None,
 ) -> Plan:
     """The decision for every group (see the module docstring); ``facts`` by key (a group without
@@ -105,7 +105,7 @@ def decide(
     *,
     multiple: int = 16,
     allow_no_saving: bool = False,
-    auto_rank: int | None = None,
+    auto_rank: int | str | None = None,
     quantize: Quantize | None = None,
 ) -> Decision:
     """One group's decision."""
@@ -133,12 +133,17 @@ def decide(
     return Factor(rank, facts.fit)
 
 
-def _quantized(spec, facts, k, n, multiple, auto_rank, template: Quantize) -> Quantize:
-    """``template`` with its correction's rank from ``spec`` (none: no correction)."""
+def _quantized(spec, facts, k, n, multiple, auto_rank, template: Quantize) -> Decision:
+    """``template`` with its correction's rank from ``spec`` (none: no correction); under
+    ``auto`` the search's choice: dense (None), a correction rank, or ``"int8"`` alone."""
+    if spec.kind == "auto" and auto_rank is None:
+        return Keep("its quantization error costs more than it saves (auto)")
+    if auto_rank == "int8":
+        return dataclasses.replace(template, bits=8, group=None)
     if spec.kind == "none":
         rank = 0
     elif spec.kind == "auto":
-        rank = auto_rank or 0
+        rank = auto_rank
     else:
         rank = ranks.choose_rank(spec, k, n, multiple=multiple, spectrum=facts.spectrum)
     rank = min(rank, CORRECTION_CACHE_RANK, k, n)
@@ -161,7 +166,7 @@ class Planner:
     allow_no_saving: bool = False
     quantize: Quantize | None = None
 
-    def __call__(self, auto_ranks: Mapping[str, int | None] | None = None) -> Plan:
+    def __call__(self, auto_ranks: Mapping[str, int | str | None] | None = None) -> Plan:
         return plan_weights(
             self.groups,
             self.specs,

@@ -11,6 +11,12 @@ the statistics (``Calibration.measured``), so a layer whose factors fit the cali
 better than other data counts as the more sensitive. On MiniLM's
 embeddings it spans ~300x (attention projections ~0.02, MLP layers up to ~7), which the spectra
 alone cannot see.
+
+With ``quantize`` each ``auto`` layer's options are its stored forms (``quantized_layers``:
+integers alone, with a correction of each rank in ``CORRECTION_RANKS``, int8 under int4), their
+errors the whitened energies of what each leaves of the quantization error. Its sensitivity is
+measured by adding the leading ``PROBE_CORRECTION_RANK`` components of that error to the layer
+alone (``probe_model(perturb=True)``): the error a quantized layer makes, of a known size.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import onnx_ir as ir
 
 from lrcompile.calibration.statistics import Calibration
 from lrcompile.factors.provider import FactorProvider
+from lrcompile.factors.quantized import cache_key, correction_bytes, stored_bytes
 from lrcompile.io.spill import Spill
-from lrcompile.numerics.allocate import LayerSpectrum
+from lrcompile.numerics.allocate import Choice, LayerSpectrum, QuantizedLayer
 from lrcompile.passes.factored_graph import factor_names
 from lrcompile.passes.probe_graph import PROBE_INPUT, probe_model
 from lrcompile.runtime.metrics import ErrorMeter
@@ -35,6 +42,8 @@ from lrcompile.search.decisions import Planner
 logger = logging.getLogger(__name__)
 
 SENSITIVITY_BATCHES = 2
+CORRECTION_RANKS = (16, 32, 64, 128, 256)  # the corrections auto chooses among
+PROBE_CORRECTION_RANK = 32
 
 # on_step(done, total, description)
 StepCallback = Callable[[int, int, str], None]
@@ -88,23 +97,91 @@ def measure_sensitivities(
             fitted = provider.fit(planner.groups, plan, names, spill=spill, weight_errors=False)
             if layer.name in fitted:  # else the layer stays dense whatever its rank
                 factors[layer.name], predicted[layer.name] = fitted[layer.name].pair, share
-        order = list(factors)
-        meter = ErrorMeter(probe_model(model, factors, order)) if order else None
-        measured = {}
-        for index, key in enumerate(order):
-            if on_step is not None:
-                on_step(index, len(order), key)
-            error = meter(feeds, reference, extra={PROBE_INPUT: np.array(index, np.int64)})
-            measured[key] = max(error**2 / predicted[key], 1e-12)
-            logger.debug("%s: sensitivity %.3g", key, measured[key])
-        del meter
+        measured = _measure(model, factors, predicted, feeds, reference, False, on_step)
+    return _with_sensitivities(spectra, measured)
+
+
+def quantized_layers(planner: Planner, provider: FactorProvider) -> list[QuantizedLayer]:
+    """The stored forms every ``auto`` group whose quantized form the provider cached may take
+    (see the module docstring), by bytes and relative squared error in output space."""
+    template = planner.quantize
+    higher = dataclasses.replace(template, bits=8, group=None) if template.bits == 4 else None
+    layers = []
+    for group in planner.groups:
+        entry = provider.cached(cache_key(group.key, template))
+        if planner.specs[group.key].kind != "auto" or entry is None:
+            continue
+        weight, residual = provider.quantized_energies(group.key, template)
+        if weight <= 0.0:
+            continue  # a zero weight: its integers are exact
+        k, n = group.shape
+        base = stored_bytes(group, template)
+        choices = [Choice(0, base, residual / weight)]
+        kept = np.cumsum(np.square(entry.spectrum))
+        for rank in (r for r in CORRECTION_RANKS if r <= entry.left.shape[1]):
+            error = max(residual - float(kept[rank - 1]), 0.0) / weight
+            choices.append(Choice(rank, base + correction_bytes(rank, k, n), error))
+        if higher is not None and (energies := provider.quantized_energies(group.key, higher)):
+            choices.append(Choice("int8", stored_bytes(group, higher), energies[1] / weight))
+        dense = k * n * int(group.tensor.dtype.itemsize)
+        layers.append(QuantizedLayer(group.key, k, n, dense, tuple(choices), len(group.nodes)))
+    return layers
+
+
+def measure_quantized_sensitivities(
+    model: ir.Model,
+    layers: Sequence[QuantizedLayer],
+    planner: Planner,
+    provider: FactorProvider,
+    calibration: Calibration,
+    *,
+    on_step: StepCallback | None = None,
+) -> list[QuantizedLayer]:
+    """``layers`` with each one's measured sensitivity to its quantization error."""
+    feeds, reference = calibration.measured(SENSITIVITY_BATCHES)
+    template, groups = planner.quantize, {group.key: group for group in planner.groups}
+    names = factor_names(model.graph, planner.groups, [layer.name for layer in layers])
+    factors, predicted = {}, {}
+    for layer in layers:
+        entry = provider.cached(cache_key(layer.name, template))
+        rank = min(PROBE_CORRECTION_RANK, entry.left.shape[1])
+        weight, _ = provider.quantized_energies(layer.name, template)
+        share = float(np.sum(np.square(entry.spectrum[:rank]))) / weight
+        if rank == 0 or share <= 0.0:
+            continue  # nothing to learn: the layer keeps the neutral sensitivity
+        fit, dtype = entry.at_rank(rank), groups[layer.name].tensor.dtype.numpy()
+        pair = (np.asarray(fit.left, dtype), np.asarray(fit.right, dtype))
+        factors[layer.name] = tuple(
+            ir.tensor(array, name=name) for array, name in zip(pair, names[layer.name], strict=True)
+        )
+        predicted[layer.name] = share
+    measured = _measure(model, factors, predicted, feeds, reference, True, on_step)
+    return _with_sensitivities(layers, measured)
+
+
+def _measure(model, factors, predicted, feeds, reference, perturb, on_step) -> dict[str, float]:
+    """Each layer's sensitivity: its probe's squared output error over its predicted share."""
+    order = list(factors)
+    meter = ErrorMeter(probe_model(model, factors, order, perturb)) if order else None
+    measured = {}
+    for index, key in enumerate(order):
+        if on_step is not None:
+            on_step(index, len(order), key)
+        error = meter(feeds, reference, extra={PROBE_INPUT: np.array(index, np.int64)})
+        measured[key] = max(error**2 / predicted[key], 1e-12)
+        logger.debug("%s: sensitivity %.3g", key, measured[key])
+    del meter
     if on_step is not None:
         on_step(len(order), len(order), "")
+    return measured
+
+
+def _with_sensitivities(layers, measured: Mapping[str, float]) -> list:
     return [
         dataclasses.replace(layer, sensitivity=measured[layer.name])
         if layer.name in measured
         else layer
-        for layer in spectra
+        for layer in layers
     ]
 
 

@@ -3,11 +3,14 @@
 a weight whose rank is read off a spectrum (``auto``, ``energy:``) or whose fit is whitened
   -> its (whitened) factors at every rank and its spectrum (``FactorProvider.cache``)
 with ``quantize``: every weight that may be quantized
-  -> its integers and its residual's (whitened) factors and spectrum (``cache_quantized``)
+  -> its integers and its residual's (whitened) factors and spectrum (``cache_quantized``);
+     under ``auto`` with int4 also its int8 form, which the search may keep instead
 -> WeightFacts: finite? its spectrum, its fit (``search.decisions``)
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from lrcompile.config import CompileConfig
 from lrcompile.factors.cache import CachedFactors
@@ -40,6 +43,10 @@ def store(
         top = ranks.choose_rank(spec, k, n, multiple=config.rank_multiple)
     else:
         top = CORRECTION_CACHE_RANK  # auto, energy: any rank up to the cache's
+    if spec.kind == "auto" and template.bits == 4:  # auto may keep it in int8 instead
+        higher = dataclasses.replace(template, bits=8, group=None)
+        if provider.cache_quantized(group, higher, whitening, top=0) is None:
+            return None
     return provider.cache_quantized(group, template, whitening, min(top, CORRECTION_CACHE_RANK))
 
 
