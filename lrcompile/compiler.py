@@ -239,6 +239,7 @@ def checked(
                 feeds=feeds,
                 labels=config.labels,
                 written=True,
+                accuracy_level=config.accuracy_level,
             )
     if config.objective == "latency":
         with profile("timing"):  # the latency table's prediction against a measurement

@@ -16,6 +16,7 @@ from lrcompile.numerics.quantize import BASES
 from lrcompile.numerics.ranges import parse_range_method
 from lrcompile.passes.fp8 import SCOPES, WEIGHT_MODES
 from lrcompile.runtime.metrics import METRICS
+from lrcompile.runtime.sessions import ACCURACY_MEANINGS
 
 # 5% relative L2 over all outputs: low-rank compression always costs some accuracy, and the gate
 # should pass a model whose outputs are close in aggregate while failing one that drifted.
@@ -123,6 +124,10 @@ class CompileConfig:
         symmetric: Zero points at 0 (``False``: each block's [min, max] mapped onto the range).
         quant_base: How the integers are chosen: ``rtn`` (round to nearest) or ``mse`` (each
             block's range shrunk to its least squared error).
+        accuracy_level: The accuracy level of the MatMulNBits ONNX Runtime fuses from the
+            quantized weights, in ``auto``'s probes and the check (0-4; None: ONNX Runtime's
+            default, 4: int8 activations). Set the same session entry,
+            ``session.qdq_matmulnbits_accuracy_level``, where the model is deployed.
     """
 
     rank: str | None = None
@@ -159,6 +164,7 @@ class CompileConfig:
     group_size: int | None = None
     symmetric: bool = True
     quant_base: str = "rtn"
+    accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
@@ -201,7 +207,12 @@ class CompileConfig:
         self._check_quantize()
 
     def _check_quantize(self) -> None:
+        level = self.accuracy_level
+        if level is not None and level not in ACCURACY_MEANINGS:
+            raise LrcompileError(f"`accuracy_level` must be one of 0-4, got {level}")
         if self.quantize is None:
+            if level is not None:
+                raise LrcompileError("`accuracy_level` is a setting of `quantize`: give both")
             if self.rank is None:
                 raise LrcompileError("`rank` is required (a spec such as 64, 0.5 or auto)")
             if self.group_size is not None:

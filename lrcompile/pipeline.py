@@ -2,7 +2,8 @@
 
     factor_passes:  FactorizeLowRankPass (the plan's Factor decisions, the provider's factors)
                     -> [QuantizeWeightsPass] (its Quantize decisions, the provider's integers)
-    finish_passes:  [QuantizeFp8Pass] -> [EmitLowRankGemmPass] -> RemoveUnusedNodesPass
+    finish_passes:  [QuantizeEmbeddingsPass] -> [QuantizeFp8Pass] -> [EmitLowRankGemmPass]
+                    -> RemoveUnusedNodesPass
 
 ``apply`` runs both: the compile once to write the model, the ``auto`` search once per probe (so
 what is measured is what is written), ``inspect`` once per point of its trade-off curve. Between
@@ -24,6 +25,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from lrcompile.config import CompileConfig
 from lrcompile.numerics.ranges import ActivationRange
+from lrcompile.passes.embeddings import QuantizeEmbeddingsPass
 from lrcompile.passes.fp8 import QuantizedTensor, QuantizeFp8Pass
 from lrcompile.passes.low_rank import FactorizeLowRankPass, FactorPair
 from lrcompile.passes.plugin import EmitLowRankGemmPass
@@ -62,8 +64,11 @@ def factor_passes(
 def finish_passes(
     config: CompileConfig, ranges: Mapping[str, ActivationRange] | None = None
 ) -> ir.passes.PassManager:
-    """What ``config`` adds to a rewritten model (FP8 with ``ranges``, the plugin), then cleanup."""
+    """What ``config`` adds to a rewritten model (int8 embedding tables under ``quantize``, FP8
+    with ``ranges``, the plugin), then cleanup."""
     passes: list[ir.passes.PassBase] = []
+    if config.quantize is not None:
+        passes.append(QuantizeEmbeddingsPass())
     if config.fp8:
         passes.append(_quantize(config, ranges or {}))
     if config.plugin:

@@ -333,7 +333,72 @@ def test_a_budget_with_quantize_is_a_fraction_of_the_dense_bytes(quantizable_lm,
         verify=False,
     )  # fmt: skip
     searched = [layer for layer in result.layers if layer.status in ("quantized", "dense")
-                and layer.bytes_before]  # fmt: skip
+                and layer.op != "Gather"]  # fmt: skip
     before = sum(layer.bytes_before for layer in searched)
     after = sum(layer.bytes_after for layer in searched)
     assert after <= 0.3 * before and result.auto.cost_ratio == pytest.approx(after / before)
+
+
+def test_an_embedding_table_becomes_int8_rows_gathered_with_their_scales(tmp_path, rng):
+    table = rng.standard_normal((50, 32)).astype(np.float32) * rng.uniform(0.1, 3, (50, 1))
+    w = rng.standard_normal((32, 32)).astype(np.float32)
+    model = make_model(
+        """g (int64[B, S] ids) => (float[B, S, 32] y) {
+            h = Gather(T, ids)
+            y = MatMul(h, W)
+        }""",
+        {"T": table.astype(np.float32), "W": w},
+    )
+    path = save(model, tmp_path / "m.onnx")
+    result = lrcompile.compile_model(path, tmp_path / "q.onnx", quantize="int8", verify=False)
+    ops, inits, written = _structure(tmp_path / "q.onnx")
+    assert ops == ["Gather", "Gather", "Cast", "Mul", "DequantizeLinear", "MatMul"]
+    assert inits["T_q"] == (np.dtype(np.int8), (50, 32))
+    assert inits["T_q_scale"] == (np.dtype(np.float32), (50, 1)) and "T" not in inits
+    (layer,) = [layer for layer in result.layers if layer.op == "Gather"]
+    assert (layer.status, layer.bytes_before, layer.bytes_after) == (
+        "quantized", 50 * 32 * 4, 50 * 32 + 50 * 4,
+    )  # fmt: skip
+    # Each row is its int8 values times its own scale: round(row / (max|row| / 127)).
+    scale = np.abs(table).max(1, keepdims=True) / 127
+    expected_rows = np.round(table / scale) * scale
+    ids = rng.integers(0, 50, (3, 7))
+    (y,) = _basic_session(tmp_path / "q.onnx").run(None, {"ids": ids})
+    arrays = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    dq = arrays["W_q"].astype(np.float32) * arrays["W_q_scale"]
+    np.testing.assert_allclose(y, expected_rows[ids] @ dq, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tied_embedding_read_by_a_matmul_stays_float(tmp_path, rng):
+    table = rng.standard_normal((40, 32)).astype(np.float32)
+    model = make_model(
+        """g (int64[B, S] ids) => (float[B, S, 40] y) {
+            h = Gather(T, ids)
+            Tt = Transpose <perm = [1, 0]> (T)
+            y = MatMul(h, Tt)
+        }""",
+        {"T": table},
+    )
+    path = save(model, tmp_path / "m.onnx")
+    result = lrcompile.compile_model(path, tmp_path / "q.onnx", quantize="int8", verify=False)
+    assert not any(layer.op == "Gather" for layer in result.layers)
+    assert not (tmp_path / "q.onnx").exists()  # nothing quantized: the table has two readers
+
+
+def test_the_check_and_the_search_run_the_accuracy_level_asked_for(quantizable_lm, tmp_path):
+    model, calib = quantizable_lm
+    levels = {}
+    for level in (None, 1):
+        result = lrcompile.compile_model(
+            model, tmp_path / f"{level}.onnx", quantize="int4", group_size=16, rank="auto",
+            calib=str(calib), metric="kl", tolerance=0.05, accuracy_level=level,
+        )  # fmt: skip
+        check = result.verification
+        assert check.integer_weights is not None
+        assert ("level 1, fp32" if level else "default level (4), int8") in check.integer_weights
+        # The search measured the written model as the check runs it, at the same level.
+        assert check.outputs[0].error == pytest.approx(result.auto.measured_error, rel=1e-3)
+        levels[level] = check.outputs[0].error
+    assert levels[1] != levels[None]  # int8 activations change the numbers
+    plain = CliRunner().invoke(cli.main, [str(model), "--rank", "8", "--accuracy-level", "1"])
+    assert plain.exit_code == 2 and "--accuracy-level is a setting of --quantize" in plain.output

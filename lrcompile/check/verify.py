@@ -37,7 +37,12 @@ from lrcompile.io.spill import OutputStore
 from lrcompile.passes.inputs import index_ranges
 from lrcompile.runtime.metrics import METRICS, ErrorAccumulator, Labels, OutputMetrics, add_batch
 from lrcompile.runtime.rows import rows_per_run, split_rows, splittable
-from lrcompile.runtime.sessions import create_session, internal_error, runtime_errors
+from lrcompile.runtime.sessions import (
+    create_session,
+    integer_weights_note,
+    internal_error,
+    runtime_errors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,8 @@ class VerifyResult:
     data_source: str
     synthetic: bool = False
     metric: str = "rel-l2"
+    # How ONNX Runtime ran the candidate's integer weights (None: it has none, or an engine).
+    integer_weights: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -74,6 +81,7 @@ class VerifyResult:
             "batches": self.batches,
             "data_source": self.data_source,
             "synthetic": self.synthetic,
+            "integer_weights": self.integer_weights,
             "outputs": [o.to_dict() for o in self.outputs],
         }
 
@@ -95,6 +103,7 @@ def verify(
     engine: bool | None = None,
     labels: Labels | None = None,
     written: bool = False,
+    accuracy_level: int | None = None,
 ) -> VerifyResult:
     """Compares ``candidate`` against ``reference`` with Polygraphy and ONNX Runtime.
 
@@ -102,22 +111,20 @@ def verify(
         reference: The original ONNX model.
         candidate: The model to check (for example the compressed one).
         data: An ``.npz`` of inputs (samples along axis 0); synthetic inputs when None.
-        tolerance: Largest error allowed per output, under ``metric``.
-        metric: ``rel-l2``, ``cosine``, ``kl`` or ``top1`` (``lrcompile.runtime.metrics``).
-        input_shapes: Shapes for synthetic inputs with dynamic dimensions, by input name.
-        val_ranges: Value ranges of synthetic inputs, by input name (default ``[0, 1]``, or the
-            rows of the table an integer input indexes).
+        tolerance, metric: Largest error allowed per output, under ``rel-l2``, ``cosine``,
+            ``kl``, ``top1`` or ``ppl`` (``lrcompile.runtime.metrics``).
+        input_shapes, val_ranges, iterations, seed: Of synthetic inputs: shapes with dynamic
+            dimensions and value ranges (default ``[0, 1]``, or the rows of the table an
+            integer input indexes) by input name, how many batches, their seed.
         batch_size: Rows per batch for ``data`` and for a dynamic leading dimension.
-        iterations: Number of synthetic batches.
-        seed: Seed of the synthetic inputs.
         feeds: Ready feeds to use instead of ``data`` (for example the calibration feeds).
-        providers: ONNX Runtime execution providers for the ONNX models, in priority order
-            (``cpu``, ``cuda``, ``tensorrt``).
+        providers: ONNX Runtime's providers, in priority order (``cpu``, ``cuda``, ``tensorrt``).
         engine: The candidate is a TensorRT engine (default: its suffix is .engine or .plan).
-        labels: ``(input, output)``: the output's logits predict the input's next entry (a
-            causal LM's ``("input_ids", "logits")``); adds both perplexities (``ppl`` gates on
-            their ratio).
+        labels: ``(input, output)``: the output's logits predict the input's next entry
+            (``("input_ids", "logits")``); adds both perplexities (``ppl``: their ratio).
         written: lrcompile wrote ``candidate`` (a compile's check): its rejection is internal.
+        accuracy_level: Of the MatMulNBits ONNX Runtime fuses from the candidate's integer
+            weights (None: ONNX Runtime's default, int8 activations).
 
     Raises:
         LrcompileError: A model or the data is invalid, or the models' inputs/outputs differ.
@@ -131,13 +138,14 @@ def verify(
     outputs = [value.name for value in ref_model.graph.outputs]
     check_labels(reference, ref_model, labels)
     with _quiet_polygraphy():
-        runners = _runners(reference, candidate, providers, engine, written)
+        runners = _runners(reference, candidate, providers, engine, written, accuracy_level)
         pieces = _run_pair(runners, feeds.feeds, (reference, candidate), written, ref_model)
         accumulators = _accumulate(pieces, outputs, candidate, labels)
     _refuse_degenerate(reference, accumulators, feeds)
     metrics = tuple(accumulators[name].metrics(name, tolerance, metric) for name in outputs)
-    batches = len(feeds.feeds)
-    return VerifyResult(metrics, tolerance, batches, feeds.description, feeds.synthetic, metric)
+    fused = None if engine else integer_weights_note(candidate, accuracy_level)
+    batches, source = len(feeds.feeds), feeds.description
+    return VerifyResult(metrics, tolerance, batches, source, feeds.synthetic, metric, fused)
 
 
 def _refuse_degenerate(reference, accumulators, feeds) -> None:
@@ -244,7 +252,9 @@ def _accumulate(pieces, outputs, candidate, labels) -> dict[str, ErrorAccumulato
     return accumulators
 
 
-def _runners(reference, candidate, providers: Sequence[str], engine: bool, written: bool) -> list:
+def _runners(
+    reference, candidate, providers: Sequence[str], engine: bool, written: bool, level=None
+) -> list:
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     if engine:
@@ -252,7 +262,7 @@ def _runners(reference, candidate, providers: Sequence[str], engine: bool, writt
 
         candidate_runner = engine_runner(candidate)
     else:
-        loader = _session_loader(candidate, providers, candidate if written else None)
+        loader = _session_loader(candidate, providers, candidate if written else None, level)
         candidate_runner = OnnxrtRunner(loader, name="candidate")
     reference_runner = OnnxrtRunner(_session_loader(reference, providers), name="reference")
     return [reference_runner, candidate_runner]
@@ -300,9 +310,9 @@ def _quiet_polygraphy() -> Iterator[None]:
         yield
 
 
-def _session_loader(path: str | Path, providers: Sequence[str], written=None):
+def _session_loader(path: str | Path, providers: Sequence[str], written=None, level=None):
     def load():
-        return create_session(path, providers=providers, written=written)
+        return create_session(path, providers=providers, written=written, accuracy_level=level)
 
     return load
 

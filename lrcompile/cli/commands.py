@@ -142,6 +142,12 @@ def compile_command(model: Path, output: Path | None, report: Path | None, **opt
 )
 @config_option("--seed", field="seed", type=int, help="Seed of synthetic inputs.")
 @click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    help="ONNX Runtime's MatMulNBits accuracy level for CANDIDATE's int4/int8 weights"
+    " [default: ONNX Runtime's, 4: int8 activations].",
+)
+@click.option(
     "--providers",
     default="cpu",
     show_default=True,

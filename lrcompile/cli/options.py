@@ -114,6 +114,13 @@ COMPILE_OPTIONS = [
         help="How integers are chosen: rtn (round to nearest) or mse (range searched per block).",
     ),
     config_option(
+        "--accuracy-level",
+        field="accuracy_level",
+        type=click.IntRange(0, 4),
+        help="ONNX Runtime's MatMulNBits accuracy level for the quantized weights in the search"
+        " and the check (4: int8 activations) [default: ONNX Runtime's, 4].",
+    ),
+    config_option(
         "--overrides",
         field="overrides",
         type=PATH,

@@ -149,6 +149,8 @@ def print_verification(result: VerifyResult) -> None:
         f" {result.tolerance:g},"
         f" {result.batches} batches of {data})"
     )
+    if result.integer_weights is not None:
+        click.echo(f"  {result.integer_weights}")
 
 
 _METRIC_NAMES = {

@@ -229,10 +229,11 @@ def measure_error(
     reference: Sequence[Mapping[str, np.ndarray]],
     metric: str = "rel-l2",
     labels: Labels | None = None,
+    accuracy_level: int | None = None,
 ) -> float:
     """Largest error under ``metric`` of any output of ``model`` on ``feeds`` against the
     ``reference`` outputs, one per feed (one ``ErrorMeter`` use)."""
-    return ErrorMeter(model)(feeds, reference, metric, labels=labels)
+    return ErrorMeter(model, accuracy_level)(feeds, reference, metric, labels=labels)
 
 
 def add_batch(
@@ -272,12 +273,13 @@ class ErrorMeter:
     about one copy of the model.
     """
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, accuracy_level: int | None = None) -> None:
         proto, folder = runnable_proto(model)
         self.model = model  # lrcompile's candidate: kept for a bug report if ONNX Runtime fails
         self.session = create_session(
-            proto, data_folder=folder, low_memory=True, written=model, name="a candidate model"
-        )
+            proto, data_folder=folder, low_memory=True, written=model, name="a candidate model",
+            accuracy_level=accuracy_level,
+        )  # fmt: skip
         del proto
 
     def __call__(

@@ -34,9 +34,35 @@ _INTEGER_TYPES = frozenset(
 )
 
 
+# ONNX Runtime's session entry for the accuracy level of the MatMulNBits it fuses from a
+# DequantizeLinear(int4/int8) -> MatMul: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations.
+ACCURACY_LEVEL_KEY = "session.qdq_matmulnbits_accuracy_level"
+ACCURACY_MEANINGS = {
+    0: "unset (fp32 activations)",
+    1: "fp32 activations",
+    2: "fp16 activations",
+    3: "bf16 activations",
+    4: "int8 activations",
+}
+
+
 def has_integer_weights(model: onnx.ModelProto) -> bool:
     """Whether the main graph holds 4- or 8-bit integer initializers (quantized weights)."""
     return any(t.data_type in _INTEGER_TYPES for t in model.graph.initializer)
+
+
+def integer_weights_note(path: str | Path, level: int | None) -> str | None:
+    """How the model's int4/int8 weights run, when it has any: ONNX Runtime fuses
+    DequantizeLinear -> MatMul into MatMulNBits, whose accuracy level sets its numerics."""
+    proto, _ = inline.skeleton(Path(path))
+    if not has_integer_weights(proto):
+        return None
+    meaning = ACCURACY_MEANINGS[level if level is not None else 4]
+    chosen = f"level {level}" if level is not None else "ONNX Runtime's default level (4)"
+    return (
+        f"integer weights run as ONNX Runtime {onnxruntime().__version__} deploys them:"
+        f" fused MatMulNBits at {chosen}, {meaning}"
+    )
 
 
 def has_fp8(model: onnx.ModelProto) -> bool:
@@ -50,8 +76,11 @@ def session_options(
     data_folder: str | Path | None = None,
     low_memory: bool = False,
     spinning: bool = True,
+    accuracy_level: int | None = None,
 ) -> Any:
-    """Session options: BASIC optimisation for FP8 models, external data resolved in a folder.
+    """Session options: BASIC optimisation for FP8 models, external data resolved in a folder,
+    ``accuracy_level`` of the MatMulNBits ONNX Runtime fuses from DequantizeLinear -> MatMul
+    (``ACCURACY_LEVEL_KEY``; None: ONNX Runtime's default, int8 activations).
 
     ONNX Runtime's QDQ fusion at the default level builds FP8 ops with no CPU kernel (DESIGN.md).
     ``spinning=False`` for sessions timed side by side: each session's threads keep spinning
@@ -75,6 +104,8 @@ def session_options(
         options.enable_cpu_mem_arena = False
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if accuracy_level is not None:
+        options.add_session_config_entry(ACCURACY_LEVEL_KEY, str(accuracy_level))
     return options
 
 
@@ -141,11 +172,12 @@ def create_session(
     spinning: bool = True,
     written: Written | None = None,
     name: str | None = None,
+    accuracy_level: int | None = None,
 ):
     """A session for a model file, or for an in-memory model whose external data lies in
     ``data_folder``, on ``providers`` (names of ``PROVIDERS``, in priority order); see
-    ``session_options``. ``written``: lrcompile made the model (see ``runtime_errors``);
-    ``name``: what the model is, for errors (its path by default)."""
+    ``session_options`` (``accuracy_level`` too). ``written``: lrcompile made the model (see
+    ``runtime_errors``); ``name``: what the model is, for errors (its path by default)."""
     ort = onnxruntime()
 
     if isinstance(model, onnx.ModelProto):
@@ -154,15 +186,19 @@ def create_session(
         # (measured: a candidate's KL 8e-5 unpacked, 1.4e-4 as written and deployed).
         low_memory = low_memory and not has_integer_weights(model)
         options = session_options(
-            fp8=has_fp8(model), data_folder=data_folder, low_memory=low_memory, spinning=spinning
-        )
+            fp8=has_fp8(model), data_folder=data_folder, low_memory=low_memory, spinning=spinning,
+            accuracy_level=accuracy_level,
+        )  # fmt: skip
         source: Any = model.SerializeToString()
     else:
         # Inline weights are read in place, as external data of the file itself: ONNX Runtime
         # then holds no protobuf copy of them beside its tensors.
         proto, mapped = inline.skeleton(Path(model))
         folder = Path(model).parent if mapped is not None else None
-        options = session_options(fp8=has_fp8(proto), data_folder=folder, spinning=spinning)
+        options = session_options(
+            fp8=has_fp8(proto), data_folder=folder, spinning=spinning,
+            accuracy_level=accuracy_level,
+        )  # fmt: skip
         source = proto.SerializeToString() if mapped is not None else str(model)
     if name is None:
         name = str(model) if not isinstance(model, onnx.ModelProto) else "the model"

@@ -282,7 +282,9 @@ class _Prober:
             pipeline.apply(candidate, plan, factors, self.config, self.ranges, quantized)
             feeds, reference = self.calibration.measured()  # batches not fitted to
             config = self.config
-            error = measure_error(candidate, feeds, reference, config.metric, labels=config.labels)
+            error = measure_error(
+                candidate, feeds, reference, config.metric, config.labels, config.accuracy_level
+            )
             del candidate, fitted, factors, quantized
         passed = error <= self.tolerance
         self.steps.append(SearchStep(index, allocation.cost_ratio, predicted, error, passed))

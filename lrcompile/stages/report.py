@@ -9,11 +9,12 @@ each node left alone: why (``passes.candidates.Skipped``)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from lrcompile.factors.provider import Fitted
 from lrcompile.factors.quantized import QuantizedFit
 from lrcompile.passes.candidates import Skipped, WeightGroup
+from lrcompile.passes.embeddings import Embedding
 from lrcompile.pipeline import Fp8Report
 from lrcompile.plan import Factor, Keep, Plan, Quantize
 from lrcompile.report import LayerReport
@@ -113,6 +114,26 @@ def _quantized(layer: LayerReport, group: WeightGroup, decision: Quantize, fit: 
         factors=tuple(t.name for t in tensors if t is not None),
         seconds=fit.seconds,
     )
+
+
+def embedding_reports(tables: Sequence[Embedding]) -> list[LayerReport]:
+    """The embedding tables stored as int8 rows (``passes.embeddings``), every byte counted."""
+    return [
+        LayerReport(
+            nodes=table.nodes,
+            op="Gather",
+            weight=table.name,
+            status="quantized",
+            shape=table.shape,
+            method="int8 per-row (embedding)",
+            params_before=table.shape[0] * table.shape[1],
+            params_after=table.shape[0] * table.shape[1],
+            bytes_before=table.bytes_before,
+            bytes_after=table.bytes_after,
+            factors=(f"{table.name}_q", f"{table.name}_q_scale"),
+        )
+        for table in tables
+    ]
 
 
 def _kept_beside(layer: LayerReport, group: WeightGroup) -> LayerReport:

@@ -25,6 +25,7 @@ from lrcompile.config import CompileConfig
 from lrcompile.factors.provider import FactorProvider, Fitted, ProgressCallback
 from lrcompile.io.spill import Spill
 from lrcompile.passes.candidates import has_live_readers
+from lrcompile.passes.embeddings import embedding_tables
 from lrcompile.passes.quantized import tensor_names
 from lrcompile.pipeline import Fp8Report
 from lrcompile.plan import Plan
@@ -32,7 +33,7 @@ from lrcompile.profile import Profile
 from lrcompile.report import LayerReport
 from lrcompile.stages.calibrate import Calibrated
 from lrcompile.stages.load import Prepared
-from lrcompile.stages.report import layer_reports
+from lrcompile.stages.report import embedding_reports, layer_reports
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +76,14 @@ def rewrite(
         with profile("rewrite"):
             pipeline.factor_passes(plan, _pairs(fitted), quantized)(model)
     kept = {group.key for group in prepared.groups if has_live_readers(group.weight)}
+    tables = embedding_tables(model.graph) if config.quantize is not None else []
     ranges = None
     if config.fp8:
         ranges = _Timed(RangeCalibration(calibrated.fitted_feeds(), config.fp8_calib), profile)
     with profile("rewrite"):
         fp8 = pipeline.finish(model, config, ranges)
-    return Rewritten(layer_reports(prepared, plan, fitted, kept, fp8, quantized), fp8)
+    layers = layer_reports(prepared, plan, fitted, kept, fp8, quantized)
+    return Rewritten((*layers, *embedding_reports(tables)), fp8)
 
 
 def _compensated(prepared, calibrated, plan, provider, profile, spill, names, progress):
