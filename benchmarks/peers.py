@@ -4,10 +4,10 @@
     python benchmarks/peers.py lm lm/ [--compiled lm/lm.lr.onnx]   # the 0.5B LM of examples/llm
 
 MiniLM: the demo's export, calibration and held-out sentences (``lrcompile.demo.minilm``);
-``lrcompile demo`` (``--rank auto``, tolerance 0.1) against ``quantize_dynamic`` (int8 weights,
-per channel, its default ops: the embedding Gather too); held-out embedding cosine to the
-original (mean / min), file MB, ONNX Runtime CPU latency at batch 1 and 32 (interleaved medians,
-sessions without thread spinning).
+``lrcompile demo`` (``--quantize int8 --rank auto``, tolerance 0.1) against ``quantize_dynamic``
+(int8 weights, per channel, its default ops: the embedding Gather too); held-out embedding
+cosine to the original (mean / min), file MB, ONNX Runtime CPU latency at batch 1 and 32
+(interleaved medians, sessions without thread spinning).
 
 LM: the dense ``lm/lm.onnx`` of ``examples/llm/prepare.py``, a compiled one (by default lrcompile
 ``--rank auto --budget 0.9`` at the LM benchmark's options, compiled here), and ``quantize_dynamic``
@@ -62,7 +62,7 @@ def minilm(workdir: Path) -> None:
     feeds = [{k: v[:batch] for k, v in heldout.items()} for batch in (1, 32)]
     times = model_latencies([dense, compiled, int8], feeds, budget_s=3.0)
     print(f"{'variant':<34} {'cos mean':>8} {'cos min':>8} {'MB':>6} {'x b1':>5} {'x b32':>5}")
-    rows = [("dense fp32", dense), ("lrcompile demo (auto, tol 0.1)", compiled),
+    rows = [("dense fp32", dense), ("lrcompile demo (int8 auto, tol 0.1)", compiled),
             ("quantize_dynamic int8 per-channel", int8)]  # fmt: skip
     for index, (name, path) in enumerate(rows):
         cos = metrics.cosines(reference, embed(path, heldout))

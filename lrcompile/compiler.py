@@ -225,7 +225,7 @@ def checked(
         rewritten.fp8, tuple(prepared.left_alone), plan, profile.peaks,
     )  # fmt: skip
     if not rewritten.changed:
-        logger.info("%s: nothing to factor; no output written", prepared.path)
+        logger.info("%s: nothing to compress; no output written", prepared.path)
         return result
     verification = None
     if config.verify:

@@ -1,4 +1,5 @@
-"""The MiniLM demo end to end: the real all-MiniLM-L6-v2, --rank auto, held-out checks."""
+"""The MiniLM demo end to end: the real all-MiniLM-L6-v2, --quantize int8 --rank auto (and
+--rank auto with FP8), held-out checks, ONNX Runtime's quantize_dynamic beside it."""
 
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ def test_auto_meets_its_target_on_calibration_data(demo):
     assert auto.tolerance == pytest.approx(0.08)
     assert auto.measured_error <= auto.tolerance
     totals = result.compile.totals
-    # DESIGN.md: the legacy export has 36 weight MatMuls; attention's 12 are not weights.
-    assert (totals.factored + totals.dense, totals.skipped) == (36, 12)
-    assert totals.factored >= 1
-    assert 0.5 < result.params_ratio < 1.0
-    factored = [layer for layer in result.compile.layers if layer.status == "factored"]
-    assert {layer.method for layer in factored} == {"whitened"}
-    assert all(layer.rank % 16 == 0 for layer in factored)
+    # DESIGN.md: the legacy export has 36 weight MatMuls (attention's 12 are not weights), and
+    # three embedding tables read by Gather (word, position, token type).
+    assert (totals.quantized + totals.dense, totals.factored, totals.skipped) == (39, 0, 12)
+    tables = [layer for layer in result.compile.layers if layer.op == "Gather"]
+    assert [layer.status for layer in tables] == ["quantized"] * 3
+    quantized = [layer for layer in result.compile.layers if layer.status == "quantized"]
+    assert all(layer.method.startswith("int8") for layer in quantized)
+    assert result.bytes_ratio < 0.3  # int8 weights and tables: about a quarter of fp32
 
 
 def test_heldout_metrics_are_consistent(demo):
@@ -46,7 +48,7 @@ def test_heldout_metrics_are_consistent(demo):
     result, workdir = demo
     heldout = dict(np.load(workdir / "heldout.npz"))
     reference = embed(workdir / "minilm.onnx", heldout)
-    candidate = embed(workdir / "minilm.lr.onnx", heldout)
+    candidate = embed(workdir / "minilm.q8.onnx", heldout)
     assert reference.shape == (121, 384)
     rel = np.linalg.norm(candidate.astype(np.float64) - reference) / np.linalg.norm(reference)
     assert result.heldout_relative_l2 == pytest.approx(rel, rel=1e-5)
@@ -59,15 +61,21 @@ def test_heldout_metrics_are_consistent(demo):
         metrics.neighbour_agreement(reference, candidate)
     )
     assert result.compile.verification.data_source == str(workdir / "heldout.npz")
+    # ONNX Runtime's quantize_dynamic, beside it: its numbers are its own file's.
+    peer = metrics.cosines(reference, embed(workdir / "minilm.dynamic.onnx", heldout))
+    assert (result.peer.cosine_mean, result.peer.cosine_min) == (peer.mean(), peer.min())
+    assert result.peer.megabytes == (workdir / "minilm.dynamic.onnx").stat().st_size / 1e6
+    assert result.megabytes[1] == (workdir / "minilm.q8.onnx").stat().st_size / 1e6
 
 
 def test_outputs_written_and_valid(demo):
     result, workdir = demo
-    onnx.checker.check_model(str(workdir / "minilm.lr.onnx"))
+    onnx.checker.check_model(str(workdir / "minilm.q8.onnx"))
     report = json.loads((workdir / "demo.json").read_text())
     assert report["sentences"] == 121
     assert report["compile"]["auto"]["measured_error"] == result.compile.auto.measured_error
-    assert set(report["latency_ms"]) == {"batch 1", "batch 32"}
+    batches = {"batch 1", "batch 32"}
+    assert set(report["latency_ms"]) == set(report["peer"]["latency_ms"]) == batches
 
 
 def test_fp8_with_auto_meets_the_tolerance_on_heldout(tmp_path_factory):

@@ -4,6 +4,8 @@ Runtime's MatMulNBits fusion against exact execution, and the refusals."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -402,3 +404,18 @@ def test_the_check_and_the_search_run_the_accuracy_level_asked_for(quantizable_l
     assert levels[1] != levels[None]  # int8 activations change the numbers
     plain = CliRunner().invoke(cli.main, [str(model), "--rank", "8", "--accuracy-level", "1"])
     assert plain.exit_code == 2 and "--accuracy-level is a setting of --quantize" in plain.output
+
+
+def test_a_sweep_with_quantize_writes_what_each_compile_would(quantizable_lm, tmp_path):
+    model, calib = quantizable_lm
+    options = {"quantize": "int4", "group_size": 16, "rank": "auto", "calib": str(calib),
+               "metric": "kl", "batch_size": 8}  # fmt: skip
+    settings = {tmp_path / "a.onnx": {"tolerance": 0.002}, tmp_path / "b.onnx": {"budget": 0.3}}
+    swept = dict(lrcompile.compile_sweep(model, settings, **options))
+    for path, setting in settings.items():
+        alone = tmp_path / f"alone-{path.name}"
+        result = lrcompile.compile_model(model, alone, **options, **setting)
+        assert swept[path].plan == result.plan
+        # The same model (its external data file is named after it).
+        assert Path(f"{path}.data").read_bytes() == Path(f"{alone}.data").read_bytes()
+        assert _structure(path)[:2] == _structure(alone)[:2]

@@ -90,7 +90,8 @@ def print_compile(result: CompileResult) -> None:
         if result.auto is not None:
             _print_auto(result)
         dense = any(layer.status == "dense" for layer in result.layers)
-        why = "every layer stays dense" if dense else "nothing to factor"
+        verb = "quantize" if result.config.quantize else "factor"
+        why = "every layer stays dense" if dense else f"nothing to {verb}"
         click.echo(f"{result.input_path}: {why}; no output written.")
         return
     total = result.totals
@@ -221,10 +222,19 @@ def _print_latency(latency: LatencyEstimate) -> None:
 
 def print_demo(demo, workdir: Path) -> None:
     result = demo.compile
-    total, auto = result.totals, result.auto
-    weights = total.factored + total.dense
+    total, auto, peer = result.totals, result.auto, demo.peer
+    weights = total.factored + total.dense + total.quantized
+    quantized = result.config.quantize
+    done = (
+        (
+            f"{total.quantized} of {weights} weights {quantized} (+ correction where auto chose),"
+            f" {total.dense} dense"
+        )
+        if quantized
+        else f"{total.factored} of {weights} layers"
+    )
     rows = [
-        ("model", f"all-MiniLM-L6-v2 sentence embedder, {weights} weight MatMuls"),
+        ("model", f"all-MiniLM-L6-v2 sentence embedder, {weights} weights (MatMul, Gather)"),
         (
             "data",
             f"256 calibration / {demo.sentences} held-out sentences, {demo.sequence_length} tokens",
@@ -234,14 +244,13 @@ def print_demo(demo, workdir: Path) -> None:
             f"{result.config.tolerance:g} relative L2 (auto target {auto.tolerance:.4g}"
             f" on {auto.held_back} held-back calibration batches)",
         ),
-        ("factored", f"{total.factored} of {weights} layers"),
-        ("weight params kept", f"x{demo.params_ratio:.3f}"),
+        ("quantized" if quantized else "factored", done),
         (
             "weight bytes",
             f"{_megabytes(total.bytes_before)} -> {_megabytes(total.bytes_after)}"
-            f" (x{demo.bytes_ratio:.3f}{', FP8 E4M3' if result.fp8 else ''})",
+            f" (x{demo.bytes_ratio:.3f}{', FP8 E4M3' if result.fp8 else ''}); files"
+            f" {demo.megabytes[0]:.1f} -> {demo.megabytes[1]:.1f} MB",
         ),
-        ("predicted FLOPs", f"x{total.flop_ratio:.3f}"),
         ("held-back error", f"{auto.measured_error:.4f} (calibration batches not fitted to)"),
         (
             "held-out error",
@@ -255,6 +264,7 @@ def print_demo(demo, workdir: Path) -> None:
         rows.append(
             (f"ORT CPU {name}", f"{before:.2f} -> {after:.2f} ms (x{before / after:.2f}){note}")
         )
+    rows += _peer_rows(demo)
     searched = ", ".join(f"{k} {v:.1f}s" for k, v in auto.seconds.items())
     spent = [f"{k} {v:.1f}s" + (f" ({searched})" if k == "search" else "")
              for k, v in result.seconds.items()]  # fmt: skip
@@ -263,8 +273,23 @@ def print_demo(demo, workdir: Path) -> None:
     for name, value in rows:
         click.echo(f"{name.ljust(width)}  {value}")
     click.echo(
-        f"wrote {workdir}/minilm.onnx, {result.output_path.name}, calib.npz, heldout.npz, demo.json"
+        f"wrote {workdir}/minilm.onnx, {result.output_path.name}, {peer.path.name}, calib.npz,"
+        " heldout.npz, demo.json"
     )
+
+
+def _peer_rows(demo) -> list[tuple[str, str]]:
+    """The demo's ``quantize_dynamic`` model, measured beside lrcompile's."""
+    peer = demo.peer
+    rows = [
+        (f"beside: {peer.name}", "same data, machine and process"),
+        ("  held-out cosine", f"mean {peer.cosine_mean:.4f}, min {peer.cosine_min:.4f}"),
+        ("  file", f"{peer.megabytes:.1f} MB"),
+    ]
+    for name, (before, _) in demo.latency_ms.items():
+        ms = peer.latency_ms[name]
+        rows.append((f"  ORT CPU {name}", f"{before:.2f} -> {ms:.2f} ms (x{before / ms:.2f})"))
+    return rows
 
 
 def print_inspection(result) -> None:
