@@ -182,6 +182,7 @@ class CompileConfig:
             object.__setattr__(self, "labels", parse_labels(self.labels))
         if self.metric == "ppl" and self.labels is None:
             raise LrcompileError("`metric=ppl` needs `labels` INPUT:OUTPUT (e.g. input_ids:logits)")
+        self._check_quantize()  # first: what does not combine with it is refused as such
         if self.fp8 and self.calib is None and self.calib_script is None:
             raise LrcompileError(
                 "`fp8` needs calibration data for its scales: pass `calib` FILE.npz or"
@@ -204,7 +205,6 @@ class CompileConfig:
                 "`compensate` needs calibration data (it fits the layers to their activations):"
                 " pass `calib` FILE.npz or `calib_script` FILE.py"
             )
-        self._check_quantize()
 
     def _check_quantize(self) -> None:
         level = self.accuracy_level

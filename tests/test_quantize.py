@@ -217,6 +217,8 @@ def test_the_report_counts_every_byte(tmp_path, rng):
     [
         (["--quantize", "int4", "--group-size", "48"], "--group-size must be a power of 2"),
         (["--quantize", "int8", "--fp8", "--calib", "synthetic"], "--fp8 does not combine"),
+        (["--quantize", "int4", "--fp8"], "--fp8 does not combine"),
+        (["--quantize", "int4", "--calib", "missing.npz"], "missing.npz: no such file"),
         (["--rank", "8", "--group-size", "32"], "--group-size is a setting of --quantize"),
         ([], "--rank is required"),
     ],
@@ -371,7 +373,7 @@ def test_an_embedding_table_becomes_int8_rows_gathered_with_their_scales(tmp_pat
     np.testing.assert_allclose(y, expected_rows[ids] @ dq, rtol=1e-5, atol=1e-5)
 
 
-def test_a_tied_embedding_read_by_a_matmul_stays_float(tmp_path, rng):
+def test_a_tied_embedding_is_stored_as_int8_rows_and_as_its_lm_heads_integers(tmp_path, rng):
     table = rng.standard_normal((40, 32)).astype(np.float32)
     model = make_model(
         """g (int64[B, S] ids) => (float[B, S, 40] y) {
@@ -382,9 +384,21 @@ def test_a_tied_embedding_read_by_a_matmul_stays_float(tmp_path, rng):
         {"T": table},
     )
     path = save(model, tmp_path / "m.onnx")
-    result = lrcompile.compile_model(path, tmp_path / "q.onnx", quantize="int8", verify=False)
-    assert not any(layer.op == "Gather" for layer in result.layers)
-    assert not (tmp_path / "q.onnx").exists()  # nothing quantized: the table has two readers
+    result = lrcompile.compile_model(path, tmp_path / "q.onnx", quantize="int4", verify=False)
+    head, rows = result.layers
+    assert (head.op, head.status, rows.op, rows.status) == ("MatMul", "quantized", "Gather",
+                                                            "quantized")  # fmt: skip
+    assert head.reason is None  # not "kept beside": the float table is gone
+    ops, inits, written = _structure(tmp_path / "q.onnx")
+    assert "T" not in inits and "Transpose" not in ops
+    assert inits["T_q"][1] == (32, 40)  # the lm_head's int4 integers, [K, N]
+    assert inits["T_q_1"] == (np.dtype(np.int8), (40, 32))  # the Gather's rows
+    stored = sum(len(t.raw_data) for t in written.graph.initializer)
+    assert stored == head.bytes_after + rows.bytes_after < table.nbytes
+    ids = rng.integers(0, 40, (2, 5))
+    (y,) = _basic_session(tmp_path / "q.onnx").run(None, {"ids": ids})
+    expected = table[ids] @ table.T
+    assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 0.1
 
 
 def test_the_check_and_the_search_run_the_accuracy_level_asked_for(quantizable_lm, tmp_path):

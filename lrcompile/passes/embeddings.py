@@ -10,8 +10,9 @@ and dequantizes the whole table on every run (measured; docs/quantization.md).
 A table qualifies when it is a float initializer of rank 2, at least ``MIN_WIDTH`` wide, read
 only by Gathers along axis 0 as
 their data (a table also read as an lm_head's weight, tied, stays float: its MatMul reads it
-whole). Runs with ``--quantize`` in every model lrcompile measures and writes, so ``auto`` and
-the check see its error.
+whole, unless its MatMul is quantized too: its Gathers then read int8 rows and its MatMul the
+integers of its own plan, both from the same float table). Runs with ``--quantize`` in every
+model lrcompile measures and writes, so ``auto`` and the check see its error.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrcompile.numerics.quantize import quantize
+from lrcompile.passes.candidates import ALIAS_OPS, has_live_readers
 from lrcompile.passes.factored_graph import initializer
 
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
@@ -58,12 +60,22 @@ def embedding_tables(graph: ir.Graph) -> list[Embedding]:
             continue  # no embedding (the pass's own per-row scales are [V, 1])
         if value.is_graph_output() or value.is_graph_input():
             continue
-        readers = [user for user, _ in value.uses()]
+        readers = _readers(value)
         if readers and all(_gathers_rows(node, value) for node in readers):
             shape = (int(tensor.shape[0]), int(tensor.shape[1]))
             names = tuple(node.name or node.outputs[0].name for node in readers)
             tables.append(Embedding(value.name, shape, tensor.dtype, names))
     return tables
+
+
+def _readers(value: ir.Value) -> list[ir.Node]:
+    """The nodes reading ``value``, but for alias chains nothing live reads (a tied lm_head's
+    Transpose once its MatMul reads the quantized copy)."""
+    return [
+        node
+        for node, _ in value.uses()
+        if not (node.op_type in ALIAS_OPS and not has_live_readers(node.outputs[0]))
+    ]
 
 
 def _gathers_rows(node: ir.Node, value: ir.Value) -> bool:
@@ -104,7 +116,7 @@ def _rewrite(graph: ir.Graph, value: ir.Value, table: Embedding) -> None:
     scale = scale.astype(table.dtype.numpy())
     q_value = initializer(graph, ir.tensor(q, name=_free(graph, f"{table.name}_q")))
     scale_value = initializer(graph, ir.tensor(scale, name=_free(graph, f"{table.name}_q_scale")))
-    for node in [user for user, _ in value.uses()]:
+    for node in _readers(value):
         name, ids, output = node.name or node.outputs[0].name, node.inputs[1], node.outputs[0]
         rows = ir.node("Gather", [q_value, ids], {"axis": 0}, name=f"{name}_q")
         scales = ir.node("Gather", [scale_value, ids], {"axis": 0}, name=f"{name}_q_scale")

@@ -54,6 +54,8 @@ def refusal(
 ) -> str | None:
     """Why ``group`` stays dense whatever its rank, or None: its weight has other readers, so its
     factors (``quantized``: its integers) would be added beside it (unless ``allow_no_saving``)."""
+    if quantized and set(group.other_readers) == {"Gather"}:
+        return None  # a tied embedding: its Gathers will read int8 rows (``passes.embeddings``)
     if group.other_readers and not allow_no_saving:
         readers = ", ".join(group.other_readers)
         what, verb = ("integers", "quantizes") if quantized else ("factors", "factors")

@@ -57,7 +57,10 @@ def needs_cache(group: WeightGroup, prepared: Prepared, config, compensated: boo
     spec = prepared.specs[group.key]
     if spec.kind == "auto":
         return True
-    if spec.kind == "skip" or refusal(group, config.allow_no_saving) is not None:
+    if (
+        spec.kind == "skip"
+        or refusal(group, config.allow_no_saving, config.quantize is not None) is not None
+    ):
         return False
     if config.quantize is not None:
         return True  # its integers, and its residual's factors for a correction
@@ -93,9 +96,16 @@ def plain_facts(group, prepared, config, provider: FactorProvider) -> WeightFact
 def _finite(group, prepared: Prepared, config, provider: FactorProvider) -> bool:
     """Whether the weight is finite; not read for a layer that stays dense anyway."""
     spec = prepared.specs[group.key]
-    if spec.kind == "skip" or refusal(group, config.allow_no_saving) is not None:
+    if (
+        spec.kind == "skip"
+        or refusal(group, config.allow_no_saving, config.quantize is not None) is not None
+    ):
         return True
     return provider.finite(group)
+
+
+def _refused(group: WeightGroup, config: CompileConfig) -> bool:
+    return refusal(group, config.allow_no_saving, config.quantize is not None) is not None
 
 
 def _whitened(group: WeightGroup, prepared: Prepared) -> bool:

@@ -15,7 +15,7 @@ from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
 from lrcompile.check.verify import check_labels
 from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
-from lrcompile.errors import LrcompileError
+from lrcompile.errors import DataError, LrcompileError
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
 from lrcompile.io import overrides as override_files
@@ -57,6 +57,9 @@ def load(path: Path, config: CompileConfig, outputs: Sequence[Path] = ()) -> Pre
     for output_path in outputs:
         model_io.check_output_path(path, output_path)
     check_labels(path, model, config.labels)
+    for data in (config.calib, config.verify_data):  # before any work or warning
+        if data is not None and str(data) != "synthetic" and not Path(data).is_file():
+            raise DataError(f"{data}: no such file, expected an .npz of model inputs")
     inputs = data_lib.model_inputs(model)
     RemoveInitializersFromInputsPass()(model)
     if config.fp8:

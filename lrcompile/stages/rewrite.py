@@ -75,8 +75,11 @@ def rewrite(
             quantized = provider.fit_quantized(prepared.groups, plan, quantized_names, spill=spill)
         with profile("rewrite"):
             pipeline.factor_passes(plan, _pairs(fitted), quantized)(model)
-    kept = {group.key for group in prepared.groups if has_live_readers(group.weight)}
     tables = embedding_tables(model.graph) if config.quantize is not None else []
+    # A tied table the embedding pass takes is not kept beside its quantized MatMul.
+    taken = {table.name for table in tables}
+    kept = {group.key for group in prepared.groups
+            if has_live_readers(group.weight) and group.weight.name not in taken}  # fmt: skip
     ranges = None
     if config.fp8:
         ranges = _Timed(RangeCalibration(calibrated.fitted_feeds(), config.fp8_calib), profile)
