@@ -2,6 +2,7 @@
 
     factor_passes:  FactorizeLowRankPass (the plan's Factor decisions, the provider's factors)
                     -> [QuantizeWeightsPass] (its Quantize decisions, the provider's integers)
+                    -> [ShareFirstFactorPass] (one first factor per input the corrections read)
     finish_passes:  [QuantizeEmbeddingsPass] -> [QuantizeFp8Pass] -> [EmitLowRankGemmPass]
                     -> RemoveUnusedNodesPass
 
@@ -30,6 +31,7 @@ from lrcompile.passes.fp8 import QuantizedTensor, QuantizeFp8Pass
 from lrcompile.passes.low_rank import FactorizeLowRankPass, FactorPair
 from lrcompile.passes.plugin import EmitLowRankGemmPass
 from lrcompile.passes.quantized import QuantizeWeightsPass
+from lrcompile.passes.shared import ShareFirstFactorPass
 from lrcompile.plan import Plan
 
 # range_finder(model, names) -> {name: range}, measured on the model as it is when called.
@@ -57,7 +59,7 @@ def factor_passes(
     ``QuantizedFit`` per quantized group)."""
     passes: list[ir.passes.PassBase] = [FactorizeLowRankPass(plan, factors)]
     if plan.quantized:
-        passes.append(QuantizeWeightsPass(plan, quantized or {}))
+        passes += [QuantizeWeightsPass(plan, quantized or {}), ShareFirstFactorPass()]
     return ir.passes.PassManager(passes)
 
 

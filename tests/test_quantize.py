@@ -433,3 +433,36 @@ def test_a_sweep_with_quantize_writes_what_each_compile_would(quantizable_lm, tm
         # The same model (its external data file is named after it).
         assert Path(f"{path}.data").read_bytes() == Path(f"{alone}.data").read_bytes()
         assert _structure(path)[:2] == _structure(alone)[:2]
+
+
+def test_corrections_of_layers_reading_one_input_share_their_first_matmul(tmp_path, rng):
+    weights = {name: rng.standard_normal((64, n)).astype(np.float32)
+               for name, n in (("Wq", 64), ("Wk", 32), ("Wv", 32), ("Wo", 64))}  # fmt: skip
+    model = make_model(
+        """g (float[N, 64] x) => (float[N, 64] q, float[N, 32] k, float[N, 32] v, float[N, 64] o) {
+            q = MatMul(x, Wq)
+            k = MatMul(x, Wk)
+            v = MatMul(x, Wv)
+            t = Tanh(q)
+            o = MatMul(t, Wo)
+        }""",
+        weights,
+    )
+    _, out = _compile(tmp_path, model, "--quantize", "int4", "--rank", "8", "--rank-multiple", "8")
+    ops, inits, written = _structure(out)
+    assert ops.count("Split") == 1 and ops.count("MatMul") == 4 + 1 + 4 + 1
+    # q, k, v: one x @ [A_q A_k A_v] (fp16, read through one Cast), split into rank-8 pieces.
+    assert inits["x_lr_A_shared"] == (np.dtype(np.float16), (64, 24))
+    assert not {"Wq_lr_A", "Wk_lr_A", "Wv_lr_A"} & set(inits) and "Wo_lr_A" in inits
+    readers = [n for n in written.graph.node if "x" in n.input and n.op_type == "MatMul"]
+    assert len(readers) == 4  # three dequantized bases and the shared first factor
+    arrays = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    shared = arrays["x_lr_A_shared"].astype(np.float32)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    got = dict(zip(["q", "k", "v", "o"], _basic_session(out).run(None, {"x": x}), strict=True))
+    for index, name in enumerate(["q", "k", "v"]):
+        w = f"W{name}"
+        deq = _onnx_dequantize(arrays[f"{w}_q"], arrays[f"{w}_q_scale"], None, 0, 32)
+        a = shared[:, 8 * index : 8 * index + 8]
+        expected = x @ deq + (x @ a) @ arrays[f"{w}_lr_B"].astype(np.float32)
+        np.testing.assert_allclose(got[name], expected, rtol=1e-4, atol=1e-4)

@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from lrcompile.numerics.quantize import quantize
 from lrcompile.passes.candidates import ALIAS_OPS, has_live_readers
-from lrcompile.passes.factored_graph import initializer
+from lrcompile.passes.factored_graph import free_name, initializer
 
 FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 MIN_WIDTH = 16  # narrower tables stay float
@@ -114,8 +114,9 @@ def quantized_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _rewrite(graph: ir.Graph, value: ir.Value, table: Embedding) -> None:
     q, scale = quantized_rows(value.const_value.numpy())
     scale = scale.astype(table.dtype.numpy())
-    q_value = initializer(graph, ir.tensor(q, name=_free(graph, f"{table.name}_q")))
-    scale_value = initializer(graph, ir.tensor(scale, name=_free(graph, f"{table.name}_q_scale")))
+    q_value = initializer(graph, ir.tensor(q, name=free_name(graph, f"{table.name}_q")))
+    scale_name = free_name(graph, f"{table.name}_q_scale")
+    scale_value = initializer(graph, ir.tensor(scale, name=scale_name))
     for node in _readers(value):
         name, ids, output = node.name or node.outputs[0].name, node.inputs[1], node.outputs[0]
         rows = ir.node("Gather", [q_value, ids], {"axis": 0}, name=f"{name}_q")
@@ -129,11 +130,3 @@ def _rewrite(graph: ir.Graph, value: ir.Value, table: Embedding) -> None:
             graph, node, [node], [rows, scales, cast, product], [output], [product.outputs[0]]
         )
     graph.initializers.pop(table.name)
-
-
-def _free(graph: ir.Graph, name: str) -> str:
-    """``name``, or ``name_1``, ``name_2``... where the graph holds it."""
-    unique, suffix = name, 1
-    while unique in graph.initializers:
-        unique, suffix = f"{name}_{suffix}", suffix + 1
-    return unique

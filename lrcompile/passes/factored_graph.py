@@ -110,6 +110,11 @@ def tensors(arrays: Mapping[str, tuple], names: Mapping[str, tuple[str, str]]) -
     }
 
 
+def free_name(graph: ir.Graph, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``... where the graph holds an initializer of it."""
+    return _unique(name, set(graph.initializers))
+
+
 def _unique(name: str, taken: set[str]) -> str:
     unique, suffix = name, 1
     while unique in taken:
