@@ -128,6 +128,10 @@ class CompileConfig:
             quantized weights, in ``auto``'s probes and the check (0-4; None: ONNX Runtime's
             default, 4: int8 activations). Set the same session entry,
             ``session.qdq_matmulnbits_accuracy_level``, where the model is deployed.
+        share_first_factor: The corrections of layers that read one input (q/k/v, gate/up)
+            share one first MatMul, split for each layer's second (``passes.shared``): the same
+            numbers, fewer kernels; on ONNX Runtime CPU it measured no faster (within 3%,
+            ``benchmarks/quantized_speed.py``), so it is off by default.
     """
 
     rank: str | None = None
@@ -165,6 +169,7 @@ class CompileConfig:
     symmetric: bool = True
     quant_base: str = "rtn"
     accuracy_level: int | None = None
+    share_first_factor: bool = False
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
@@ -211,6 +216,8 @@ class CompileConfig:
         if level is not None and level not in ACCURACY_MEANINGS:
             raise LrcompileError(f"`accuracy_level` must be one of 0-4, got {level}")
         if self.quantize is None:
+            if self.share_first_factor:
+                raise LrcompileError("`share_first_factor` is a setting of `quantize`: give both")
             if level is not None:
                 raise LrcompileError("`accuracy_level` is a setting of `quantize`: give both")
             if self.rank is None:

@@ -2,9 +2,8 @@
 
     factor_passes:  FactorizeLowRankPass (the plan's Factor decisions, the provider's factors)
                     -> [QuantizeWeightsPass] (its Quantize decisions, the provider's integers)
-                    -> [ShareFirstFactorPass] (one first factor per input the corrections read)
-    finish_passes:  [QuantizeEmbeddingsPass] -> [QuantizeFp8Pass] -> [EmitLowRankGemmPass]
-                    -> RemoveUnusedNodesPass
+    finish_passes:  [ShareFirstFactorPass] -> [QuantizeEmbeddingsPass] -> [QuantizeFp8Pass]
+                    -> [EmitLowRankGemmPass] -> RemoveUnusedNodesPass
 
 ``apply`` runs both: the compile once to write the model, the ``auto`` search once per probe (so
 what is measured is what is written), ``inspect`` once per point of its trade-off curve. Between
@@ -59,7 +58,7 @@ def factor_passes(
     ``QuantizedFit`` per quantized group)."""
     passes: list[ir.passes.PassBase] = [FactorizeLowRankPass(plan, factors)]
     if plan.quantized:
-        passes += [QuantizeWeightsPass(plan, quantized or {}), ShareFirstFactorPass()]
+        passes.append(QuantizeWeightsPass(plan, quantized or {}))
     return ir.passes.PassManager(passes)
 
 
@@ -69,6 +68,8 @@ def finish_passes(
     """What ``config`` adds to a rewritten model (int8 embedding tables under ``quantize``, FP8
     with ``ranges``, the plugin), then cleanup."""
     passes: list[ir.passes.PassBase] = []
+    if config.share_first_factor:
+        passes.append(ShareFirstFactorPass())
     if config.quantize is not None:
         passes.append(QuantizeEmbeddingsPass())
     if config.fp8:

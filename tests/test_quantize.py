@@ -448,7 +448,10 @@ def test_corrections_of_layers_reading_one_input_share_their_first_matmul(tmp_pa
         }""",
         weights,
     )
-    _, out = _compile(tmp_path, model, "--quantize", "int4", "--rank", "8", "--rank-multiple", "8")
+    args = ["--quantize", "int4", "--rank", "8", "--rank-multiple", "8"]
+    _, plain = _compile(tmp_path, model, *args, name="plain.onnx")
+    assert "Split" not in _structure(plain)[0]  # off by default
+    _, out = _compile(tmp_path, model, *args, "--share-first-factor")
     ops, inits, written = _structure(out)
     assert ops.count("Split") == 1 and ops.count("MatMul") == 4 + 1 + 4 + 1
     # q, k, v: one x @ [A_q A_k A_v] (fp16, read through one Cast), split into rank-8 pieces.

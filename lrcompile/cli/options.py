@@ -121,6 +121,12 @@ COMPILE_OPTIONS = [
         " and the check (4: int8 activations) [default: ONNX Runtime's, 4].",
     ),
     config_option(
+        "--share-first-factor",
+        field="share_first_factor",
+        is_flag=True,
+        help="Corrections of layers reading one input share one first MatMul (same numbers).",
+    ),
+    config_option(
         "--overrides",
         field="overrides",
         type=PATH,
