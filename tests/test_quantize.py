@@ -4,6 +4,7 @@ Runtime's MatMulNBits fusion against exact execution, and the refusals."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import ml_dtypes
@@ -324,6 +325,15 @@ def test_auto_with_quantize_chooses_a_form_per_layer_within_the_tolerance(quanti
         )
         decisions = [w.decision for w in result.plan]
         assert all(isinstance(d, (Quantize, Keep)) for d in decisions) and len(decisions) == 15
+        # Each layer's predicted share of the output error: they add up to the allocation's.
+        auto = result.auto
+        chosen = next(step for step in auto.steps if step.measured_error == auto.measured_error)
+        assert set(auto.predicted) == {w.key for w in result.plan}
+        total = sum(error**2 for error in auto.predicted.values())
+        assert math.sqrt(total) == pytest.approx(chosen.predicted_error, rel=1e-9)
+        assert all(
+            auto.predicted[w.key] == 0.0 for w in result.plan if isinstance(w.decision, Keep)
+        )
     tight, loose = (results[t] for t in (0.002, 0.05))
     assert loose.auto.cost_ratio <= tight.auto.cost_ratio < 1.0
     labels = {str(d) for d in (w.decision for w in tight.plan)}

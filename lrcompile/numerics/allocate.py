@@ -88,6 +88,8 @@ class Allocation:
     cost: float
     dense_cost: float
     predicted_error: float
+    # Each layer's part of ``predicted_error`` (squared relative output error, x sensitivity).
+    errors: dict[str, float] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def cost_ratio(self) -> float:
@@ -213,5 +215,5 @@ def _turns_up(option: _Options, a: int, b: int, c: int) -> bool:
 def _allocation(layers, options, choice, dense_cost) -> Allocation:
     ranks = {layer.name: options[i].ranks[choice[i]] for i, layer in enumerate(layers)}
     cost = float(sum(options[i].costs[choice[i]] for i in range(len(layers))))
-    error = float(sum(options[i].errors[choice[i]] for i in range(len(layers))))
-    return Allocation(ranks, cost, dense_cost, error)
+    errors = {layer.name: float(options[i].errors[choice[i]]) for i, layer in enumerate(layers)}
+    return Allocation(ranks, cost, dense_cost, float(sum(errors.values())), errors)

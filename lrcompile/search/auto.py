@@ -93,6 +93,8 @@ class AutoResult:
     batches: int = 0  # calibration batches in all
     held_back: int = 0  # of them, held back from the statistics: the ones measured on (0: all)
     latency: LatencyEstimate | None = None  # the latency objective's table and prediction
+    # Each searched layer's predicted relative L2 of the outputs from its choice alone.
+    predicted: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def dense_layers(self) -> int:
@@ -110,6 +112,7 @@ class AutoResult:
             "batches": self.batches,
             "held_back": self.held_back,
             "latency": self.latency.to_dict() if self.latency is not None else None,
+            "predicted": self.predicted,
             # A probe whose outputs went non-finite measured no error: null, never NaN/Infinity.
             "steps": [
                 dataclasses.asdict(step)
@@ -218,9 +221,8 @@ def choose_ranks(
     clock.lap("bisection")
     prober.done()
     measured = next((s.measured_error for s in prober.steps if s.index == best), 0.0)
-    latency = None
-    if table is not None:
-        latency = estimate(table, path[best].dense_cost, path[best].cost, shapes)
+    chosen = path[best]
+    latency = estimate(table, chosen.dense_cost, chosen.cost, shapes) if table is not None else None
     return AutoResult(
         dict(path[best].ranks),
         prober.tolerance,
@@ -233,6 +235,7 @@ def choose_ranks(
         len(calibration.feeds),
         calibration.held_back,
         latency,
+        {name: math.sqrt(error) for name, error in path[best].errors.items()},
     )
 
 
