@@ -93,21 +93,13 @@ class FactorProvider:
         entry = self.cached(group.key)
         if entry is not None:
             return entry
-        weight = effective_weight(group)
-        if not np.all(np.isfinite(weight)):
-            del weight
-            release_weight(group)
+        weight = _finite_weight(group)
+        if weight is None:
             return None
         k, n = weight.shape
         top = min(k, n) if self.allow_no_saving else max(1, min(k, n, (k * n - 1) // (k + n)))
-        if whitening is not None:
-            svd = whiten.whitened_svd(weight, whitening)
-            factors = whiten.factorize_whitened(weight, top, whitening, svd=svd, overwrite=True)
-        else:
-            svd = decompose.svd_exact(weight)
-            factors = decompose.factorize(weight, top, svd=svd, overwrite=True)
-        spectrum = svd[1]
-        del svd, weight
+        factors, spectrum = whiten.factorize_top(weight, top, whitening)
+        del weight
         release_weight(group)
         if self._cache is None:
             self._cache = FactorCache()
@@ -127,10 +119,8 @@ class FactorProvider:
         entry = self.cached(key)
         if entry is not None:
             return entry
-        weight = effective_weight(group)
-        if not np.all(np.isfinite(weight)):
-            del weight
-            release_weight(group)
+        weight = _finite_weight(group)
+        if weight is None:
             return None
         read = (group.cast or group.tensor.dtype).numpy()
         quantized, residual = quantized_lib.quantized_with_residual(weight, template, read)
@@ -165,9 +155,9 @@ class FactorProvider:
         """Whether ``group``'s weight holds no NaN or Inf (read once and unmapped)."""
         if self.cached(group.key) is not None:
             return True
-        weight = effective_weight(group)
-        finite = bool(np.all(np.isfinite(weight)))
-        del weight
+        weight = _finite_weight(group)
+        finite = weight is not None
+        del weight  # no view of the mapped file may outlive it
         release_weight(group)
         return finite
 
@@ -326,3 +316,13 @@ class FactorProvider:
         factors = decompose.factorize(weight, rank, method=method, seed=seed, device=device)
         logger.debug("%s: rank %d of %dx%d by %s SVD", group.name, rank, k, n, factors.method)
         return factors
+
+
+def _finite_weight(group: WeightGroup) -> np.ndarray | None:
+    """``group``'s effective weight, or None (and the weight unmapped) when it holds NaN or Inf."""
+    weight = effective_weight(group)
+    if np.all(np.isfinite(weight)):
+        return weight
+    del weight
+    release_weight(group)
+    return None

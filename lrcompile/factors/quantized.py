@@ -80,13 +80,7 @@ def residual_factors(
         method = "whitened" if whitening is not None else "exact"
         left, right = np.zeros((k, 0), np.float32), np.zeros((0, n), np.float32)
         return decompose.Factorization(left, right, empty, 0.0, method), empty
-    if whitening is not None:
-        svd = whiten.whitened_svd(residual, whitening)
-        factors = whiten.factorize_whitened(residual, top, whitening, svd=svd, overwrite=True)
-    else:
-        svd = decompose.svd_exact(residual)
-        factors = decompose.factorize(residual, top, svd=svd, overwrite=True)
-    return factors, svd[1]
+    return whiten.factorize_top(residual, top, whitening)
 
 
 def stored_arrays(

@@ -30,7 +30,15 @@ import dataclasses
 
 import numpy as np
 
-from lrcompile.numerics.decompose import Factorization, compute_dtype, fix_signs, is_wide, svd_wide
+from lrcompile.numerics.decompose import (
+    Factorization,
+    compute_dtype,
+    factorize,
+    fix_signs,
+    is_wide,
+    svd_exact,
+    svd_wide,
+)
 
 _JITTER_START = 1e-8
 _JITTER_TRIES = 12
@@ -51,6 +59,20 @@ class Whitening:
     def target(self) -> np.ndarray:
         """The matrix the weight is multiplied by before its SVD: ``L^T``, or ``L^{-1} C``."""
         return self.lower.T if self.transform is None else self.transform
+
+
+def factorize_top(
+    matrix: np.ndarray, top: int, whitening: Whitening | None = None
+) -> tuple[Factorization, np.ndarray]:
+    """``matrix``'s rank-``top`` factors (whitened with ``whitening``, else by exact SVD) and its
+    whole spectrum, from one SVD (whose ``vt`` becomes the right factor)."""
+    if whitening is not None:
+        svd = whitened_svd(matrix, whitening)
+        factors = factorize_whitened(matrix, top, whitening, svd=svd, overwrite=True)
+    else:
+        svd = svd_exact(matrix)
+        factors = factorize(matrix, top, svd=svd, overwrite=True)
+    return factors, svd[1]
 
 
 def accumulate_gram(gram: np.ndarray | None, x: np.ndarray) -> np.ndarray:
