@@ -26,27 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from lrcompile.demo.minilm import megabytes
+from lrcompile.demo.minilm import quantize_dynamic as quantize
+
 HERE = Path(__file__).resolve().parent
-
-
-def quantize(model: Path, output: Path, external: bool = False) -> Path:
-    """ONNX Runtime's ``quantize_dynamic`` with its defaults (every op it quantizes, the embedding
-    Gather included), int8 weights per output channel."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(model),
-        str(output),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        use_external_data_format=external,
-    )
-    return output
-
-
-def megabytes(path: Path) -> float:
-    data = path.with_name(f"{path.name}.data")
-    return (path.stat().st_size + (data.stat().st_size if data.exists() else 0)) / 1e6
 
 
 def minilm(workdir: Path) -> None:

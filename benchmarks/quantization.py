@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from lrcompile.demo.minilm import megabytes
+from lrcompile.demo.minilm import quantize_dynamic as quantize
 
-from peers import megabytes, quantize  # noqa: E402  (quantize_dynamic, as the peers benchmark)
+HERE = Path(__file__).resolve().parent
 
 
 def nbits(model: Path, output: Path, bits: int, block: int, algorithm: str, external=False):
