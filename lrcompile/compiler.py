@@ -243,7 +243,9 @@ def checked(
             )
     if config.objective == "latency":
         with profile("timing"):  # the latency table's prediction against a measurement
-            auto = search_stage.timed(calibrated, prepared, auto, output_path)
+            auto = search_stage.timed(
+                calibrated, prepared, auto, output_path, config.accuracy_level
+            )
     return dataclasses.replace(
         result, output_path=output_path, verification=verification, auto=auto,
         seconds=profile.seconds, peak_mib=profile.peaks,

@@ -81,7 +81,9 @@ class CompileConfig:
             (the weights' bytes as stored), or ``latency``: the searched MatMuls' seconds on
             ONNX Runtime CPU, measured at the calibration batches' rows and cached per machine
             (``lrcompile.runtime.latency``); a layer stays dense unless factoring it measured
-            faster. None: ``flops``, or ``bytes`` with ``quantize`` (the only one it takes).
+            faster (with ``quantize``: each stored form timed as written, at ``accuracy_level``).
+            None: ``flops``, or ``bytes`` with ``quantize`` (which takes ``bytes`` or
+            ``latency``).
         fp8: Add FP8 E4M3 Q/DQ (TensorRT-ready) on the factored MatMuls; needs calibration.
         fp8_weights: FP8 weight scales ``per-tensor`` or ``per-channel`` (explicit axis).
         fp8_scope: ``factored`` (the factored pairs) or ``all`` (dense MatMul/Gemm too).
@@ -235,10 +237,10 @@ class CompileConfig:
                               ("compensate", self.compensate)):  # fmt: skip
             if given:
                 raise LrcompileError(f"`{option}` does not combine with `quantize` (yet)")
-        if self.objective != "bytes":
+        if self.objective not in ("bytes", "latency"):
             raise LrcompileError(
                 f"`objective={self.objective}` prices factored layers; with `quantize` auto"
-                " minimizes `objective=bytes` (leave `objective` out)"
+                " minimizes `objective=bytes` (the default) or `objective=latency`"
             )
 
     @property

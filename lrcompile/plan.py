@@ -64,6 +64,9 @@ class Quantize:
     base: str = "rtn"  # how the integers are chosen (``numerics.quantize``)
     correction: int = 0  # the rank of ``A @ B`` fitted to ``W - DQ(Q(W))`` (0: none)
     fit: Fit = "svd"  # how the correction is fitted
+    # int8 per-channel weights multiplied by the activations quantized to uint8 at run time
+    # (DynamicQuantizeLinear -> MatMulInteger, ``passes.quantized``): W8A8, not weight-only.
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -72,6 +75,8 @@ class Quantize:
             raise ValueError(f"a correction rank must be >= 0, got {self.correction}")
         if self.fit not in FITS:
             raise ValueError(f"fit must be one of {FITS}, got {self.fit!r}")
+        if self.dynamic and (self.bits != 8 or self.group is not None):
+            raise ValueError("dynamic activations need int8 weights per output channel")
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "quantize", **dataclasses.asdict(self)}
@@ -79,7 +84,8 @@ class Quantize:
     def __str__(self) -> str:
         text = f"int{self.bits}" + (f" g{self.group}" if self.group else " per-channel")
         text += f" {self.base}" + ("" if self.symmetric else " asym")
-        return text + (f" + {self.fit} r{self.correction}" if self.correction else "")
+        text += f" + {self.fit} r{self.correction}" if self.correction else ""
+        return text + (", dynamic int8 activations" if self.dynamic else "")
 
 
 Decision = Keep | Factor | Quantize

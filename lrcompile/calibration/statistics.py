@@ -48,12 +48,26 @@ class ActivationStats:
     gram: np.ndarray | None = None
     rows: int = 0  # rows in the Gram matrix
     batch_rows: int = 0  # the most rows of one batch, padding included
+    # Sum over all rows of the squared step of ONNX DynamicQuantizeLinear on their batch (uint8
+    # over the batch's range, 0 included), and the rows it sums over.
+    steps: float = 0.0
+    stepped_rows: int = 0
+
+    @property
+    def dynamic_noise(self) -> float | None:
+        """The mean variance per element of the rounding DynamicQuantizeLinear adds to this
+        activation (``step^2 / 12``), None without data."""
+        return self.steps / self.stepped_rows / 12 if self.stepped_rows else None
 
     def add(self, x: np.ndarray, keep: np.ndarray | None = None) -> None:
         """Adds one batch; ``keep`` (a boolean per row, ``real_rows``) selects the rows that
         enter the Gram matrix."""
         rows = np.reshape(x, (-1, x.shape[-1]))
         self.batch_rows = max(self.batch_rows, len(rows))
+        if rows.size:
+            low, high = min(float(rows.min()), 0.0), max(float(rows.max()), 0.0)
+            self.steps += len(rows) * ((high - low) / 255) ** 2
+            self.stepped_rows += len(rows)
         if keep is not None:
             rows = rows[keep]
         self.gram = accumulate_gram(self.gram, rows)
@@ -126,6 +140,15 @@ class Calibration:
         if any(stat.gram is None for stat in stats):
             return None
         return np.sum([stat.gram for stat in stats], axis=0) / max(sum(s.rows for s in stats), 1)
+
+    def dynamic_noise(self, group: WeightGroup) -> float | None:
+        """The mean variance per element of DynamicQuantizeLinear's rounding of what the group's
+        nodes multiply (``ActivationStats.dynamic_noise``); None without statistics."""
+        stats = [self.stats.get(activation_key(node)) for node in group.nodes]
+        noises = [stat.dynamic_noise for stat in stats if stat is not None]
+        if not noises or None in noises:
+            return None
+        return max(noises)
 
     def batch_rows(self, group: WeightGroup) -> int:
         """The most rows of activation one of the group's nodes multiplies in one batch (what

@@ -125,6 +125,7 @@ class FactorProvider:
         read = (group.cast or group.tensor.dtype).numpy()
         quantized, residual = quantized_lib.quantized_with_residual(weight, template, read)
         energy = whiten.whitened_energy(weight, whitening)
+        plain = whiten.whitened_energy(weight, None) if whitening is not None else energy
         del weight
         release_weight(group)
         k, n = residual.shape
@@ -133,8 +134,9 @@ class FactorProvider:
         extra = {
             "q": quantized.q,
             "scale": quantized.scale,
-            # Output-space energies (whitened): the weight's and its quantization error's.
-            "energies": np.array([energy, residual_energy], np.float64),
+            # Output-space energies (whitened): the weight's and its quantization error's; and
+            # the weight's plain ``||W||^2`` (what white noise on its input reaches).
+            "energies": np.array([energy, residual_energy, plain], np.float64),
         }
         if quantized.zero is not None:
             extra["zero"] = quantized.zero
@@ -148,8 +150,12 @@ class FactorProvider:
         cache_key = quantized_lib.cache_key(key, template)
         if self.cached(cache_key) is None:
             return None
-        weight, residual = np.asarray(self._cache.extra(cache_key)["energies"], np.float64)
+        weight, residual, _ = np.asarray(self._cache.extra(cache_key)["energies"], np.float64)
         return float(weight), float(residual)
+
+    def plain_energy(self, key: str, template: Quantize) -> float:
+        """``||W||^2`` of the group ``key``'s weight (cached with its quantized form)."""
+        return float(self._cache.extra(quantized_lib.cache_key(key, template))["energies"][2])
 
     def finite(self, group: WeightGroup) -> bool:
         """Whether ``group``'s weight holds no NaN or Inf (read once and unmapped)."""
@@ -229,7 +235,7 @@ class FactorProvider:
 
     def _fit_quantized(self, group, decision: Quantize, names, spill, weight_errors):
         start = time.perf_counter()
-        template = dataclasses.replace(decision, correction=0, fit="svd")
+        template = dataclasses.replace(decision, correction=0, fit="svd", dynamic=False)
         key = quantized_lib.cache_key(group.key, template)
         entry, arrays = self.cached(key), self._cache.extra(key) if self._cache else {}
         if entry is None:

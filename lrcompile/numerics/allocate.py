@@ -19,8 +19,9 @@ on that sweep, from all-dense to the cheapest, so a search can bisect over it: t
 error where it saves the most cost" across all layers.
 
 A quantized layer (``QuantizedLayer``) has its options listed: dense, or a stored form (integers
-with a correction of some rank, or a higher precision), each with its bytes and its relative
-squared error in output space; the sweep is the same.
+with a correction of some rank, or a higher precision), each with its bytes (or, under the
+``latency`` objective, its measured seconds x the nodes; a form slower than dense is never on the
+hull) and its relative squared error in output space; the sweep is the same.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ import numpy as np
 
 Objective = Literal["flops", "params", "bytes", "latency"]
 OBJECTIVES: tuple[str, ...] = ("flops", "params", "bytes", "latency")
-# A layer's measured seconds per run: dense (None) or factored at a rank.
-Seconds = Callable[[int | None], float]
+# A layer's measured seconds per run: dense (None), factored at a rank, or (quantized) a
+# ``Choice.label``.
+Seconds = Callable[[int | str | None], float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,8 @@ class QuantizedLayer:
     choices: tuple[Choice, ...]
     nodes: int = 1
     sensitivity: float = 1.0
+    rows: int = 1  # rows of activation each node multiplies per calibration batch
+    dtype: str = "float32"
 
 
 Layer = LayerSpectrum | QuantizedLayer
@@ -134,12 +138,22 @@ def layer_options(
     return _Options([None, *ranks], np.asarray(costs, float), np.asarray(errors, float))
 
 
-def quantized_options(layer: QuantizedLayer) -> _Options:
-    """Dense, then each stored form that is smaller, with bytes and errors x sensitivity."""
+def quantized_options(
+    layer: QuantizedLayer, objective: Objective = "bytes", seconds: Seconds | None = None
+) -> _Options:
+    """Dense, then each stored form that is smaller, with its cost (bytes, or measured
+    ``seconds`` x nodes under ``latency``) and error x sensitivity."""
     choices = [c for c in layer.choices if c.nbytes < layer.dense_bytes]
+    labels = [None, *(c.label for c in choices)]
+    if objective == "latency":
+        if seconds is None:
+            raise ValueError(f"{layer.name}: the latency objective needs measured seconds")
+        costs = [seconds(label) * layer.nodes for label in labels]
+    else:
+        costs = [layer.dense_bytes, *(c.nbytes for c in choices)]
     return _Options(
-        [None, *(c.label for c in choices)],
-        np.asarray([layer.dense_bytes, *(c.nbytes for c in choices)], float),
+        labels,
+        np.asarray(costs, float),
         np.asarray([0.0, *(c.error * layer.sensitivity for c in choices)], float),
     )
 
@@ -159,7 +173,7 @@ def allocation_path(
     """
     seconds = seconds or {}
     options = [
-        quantized_options(layer)
+        quantized_options(layer, objective, seconds.get(layer.name))
         if isinstance(layer, QuantizedLayer)
         else layer_options(layer, multiple, objective, seconds.get(layer.name))
         for layer in layers

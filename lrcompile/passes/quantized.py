@@ -5,9 +5,14 @@
     Gemm(a, W, C; alpha, tA, tB) -> Gemm(a, DQ(Wq, s, z), C; tA, beta)       (alpha, tB folded)
                                  [+ Gemm(Gemm(a, Cast(A); tA), Cast(B))]
 
+    MatMul(x, W), dynamic  -> Mul(Cast(MatMulInteger(xq, Wq, xz[, z]), float), Mul(xs, s))
+                              with xq, xs, xz = DynamicQuantizeLinear(x)    (W8A8)
+
 ``DQ`` is ONNX DequantizeLinear along axis 0 in blocks of ``group`` rows (``block_size``), or
 per output channel (axis 1), which ONNX Runtime fuses with the MatMul into MatMulNBits at its
-default optimisation level. The scales are in the float type the node reads; the correction's
+default optimisation level. The dynamic form is the pattern ONNX Runtime's ``quantize_dynamic``
+writes, which it fuses into DynamicQuantizeMatMul (activations quantized to uint8 per tensor at
+run time, integer GEMM). The scales are in the float type the node reads; the correction's
 factors are stored in float16 and read through a Cast where the node reads another type. The
 sum keeps the original output name. The pass takes the plan (``Quantize`` decisions) and the
 provider's tensors (``factors.quantized.QuantizedFit``) and only rewrites the graph.
@@ -83,7 +88,7 @@ def _candidates(model: ir.Model) -> list[WeightGroup]:
 
 def _rewrite(graph: ir.Graph, group: WeightGroup, decision, fit) -> None:
     read = group.cast or group.tensor.dtype
-    weight = _dequantized(graph, group, decision, fit, read)
+    weight = None if decision.dynamic else _dequantized(graph, group, decision, fit, read)
     factors = None
     if fit.left is not None:
         factors = tuple(
@@ -91,8 +96,12 @@ def _rewrite(graph: ir.Graph, group: WeightGroup, decision, fit) -> None:
         )
     for node in group.nodes:
         output = node.outputs[0]
-        base = _base_node(node, weight)
+        if weight is None:
+            *before, base = _dynamic_nodes(graph, node, fit)
+        else:
+            before, base = [], _base_node(node, weight)
         base.metadata_props[QUANTIZED_KEY] = "base"
+        graph.insert_before(node, before)
         nodes, result = [base], base
         if factors is not None:
             first, second = _correction_nodes(node, *factors)
@@ -145,6 +154,27 @@ def _base_node(node: ir.Node, weight: ir.Value) -> ir.Node:
         inputs.append(node.inputs[2])
         attributes["beta"] = node.attributes.get_float("beta", 1.0)
     return ir.node("Gemm", inputs, attributes, name=f"{_name(node)}_q")
+
+
+def _dynamic_nodes(graph: ir.Graph, node: ir.Node, fit) -> list[ir.Node]:
+    """``quantize_dynamic``'s pattern for ``MatMul(x, W)``, its last node the float result."""
+    name = _name(node)
+    quantized = ir.node(
+        "DynamicQuantizeLinear", [node.inputs[0]], num_outputs=3, name=f"{name}_q_act"
+    )
+    xq, xs, xz = quantized.outputs
+    for value, suffix in zip(quantized.outputs, ("quantized", "scale", "zero_point"), strict=True):
+        value.name = f"{name}_x_{suffix}"
+    scales = ir.node("Mul", [xs, initializer(graph, fit.scale)], name=f"{name}_q_scales")
+    inputs = [xq, initializer(graph, fit.q), xz]
+    if fit.zero is not None:
+        inputs.append(initializer(graph, fit.zero))
+    integer = ir.node("MatMulInteger", inputs, name=f"{name}_q_int")
+    cast = ir.node("Cast", [integer.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}_q_cast")
+    result = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{name}_q")
+    for part, suffix in ((scales, "_q_scales"), (integer, "_q_int"), (cast, "_q_float")):
+        part.outputs[0].name = f"{name}{suffix}"
+    return [quantized, scales, integer, cast, result]
 
 
 def _correction_nodes(node: ir.Node, a: ir.Value, b: ir.Value) -> tuple[ir.Node, ir.Node]:

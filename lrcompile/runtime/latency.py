@@ -15,6 +15,12 @@ LM head (896 x 151,936 at 256 rows) about 4.4 GB while it is timed.
 Timings are noisy, so the ranks chosen from a fresh table may differ from run to run; with the
 cache they are reproducible (a compile with a warm cache measures nothing).
 
+A quantized weight (``Form``) is timed as ``lrcompile --quantize`` writes it
+(``latency_models``): DequantizeLinear of its
+integers feeding the MatMul (ONNX Runtime fuses them into MatMulNBits, at the ``accuracy_level``
+its sessions will run at: it changes the kernel), alone and with each correction rank
+(``MatMul(MatMul(x, Cast(A)), Cast(B))`` added).
+
 The cache is a JSON file (``cache_path``: ``$LRCOMPILE_CACHE_DIR/latency.json``, default
 ``~/.cache/lrcompile/latency.json``), written atomically; one that cannot be read is measured
 afresh, never trusted.
@@ -35,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
+from lrcompile.runtime.latency_models import Form, layer_model
 from lrcompile.runtime.sessions import create_session, onnxruntime, runtime_errors
 from lrcompile.runtime.timing import interleaved_medians
 
@@ -68,17 +74,27 @@ class Curve:
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """What a latency is measured for: a weight, the rows it multiplies, the ranks it may take."""
+    """What a latency is measured for: a weight, the rows it multiplies, the ranks it may take
+    (factored at ``grid``'s ranks, or, with a ``form``, quantized with its corrections)."""
 
     k: int
     n: int
     rows: int
     multiple: int
     dtype: str = "float32"
+    form: Form | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.k}x{self.n} {self.dtype} rows={self.rows} multiple={self.multiple}"
+        key = f"{self.k}x{self.n} {self.dtype} rows={self.rows} multiple={self.multiple}"
+        return key if self.form is None else f"{key} {self.form.key}"
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """The ranks timed beside dense: factored, or the quantized form's corrections."""
+        if self.form is not None:
+            return self.form.corrections
+        return grid(self.k, self.n, self.multiple)
 
 
 def grid(k: int, n: int, multiple: int, points: int = GRID) -> tuple[int, ...]:
@@ -142,7 +158,7 @@ class LatencyTable:
     def _holds(self, shape: Shape) -> bool:
         """Whether the table has a usable curve of ``shape`` (measured at its rank grid)."""
         curve = self._curves.get(shape.key)
-        return curve is not None and curve.ranks == grid(shape.k, shape.n, shape.multiple)
+        return curve is not None and curve.ranks == shape.ranks
 
     def _save(self) -> None:
         data = _read(self.path)  # another process may have added its own machine's since
@@ -170,12 +186,13 @@ class LatencyTable:
 
 
 def measure(shape: Shape, budget_s: float = SECONDS_PER_SHAPE) -> Curve:
-    """Seconds per run of the dense and the factored MatMuls of ``shape`` (interleaved).
+    """Seconds per run of the dense and the factored (or quantized) MatMuls of ``shape``
+    (interleaved).
 
     Raises:
         LrcompileError: ONNX Runtime cannot build or run them (the shape is named).
     """
-    ranks = grid(shape.k, shape.n, shape.multiple)
+    ranks = shape.ranks
     dtype = np.dtype(shape.dtype)
     x = np.full((shape.rows, shape.k), 0.5, dtype)
     with (
@@ -190,16 +207,21 @@ def measure(shape: Shape, budget_s: float = SECONDS_PER_SHAPE) -> Curve:
 
 
 def model_latencies(
-    models: Sequence[str | Path], feeds: Sequence[dict[str, np.ndarray]], budget_s: float = 2.0
+    models: Sequence[str | Path],
+    feeds: Sequence[dict[str, np.ndarray]],
+    budget_s: float = 2.0,
+    accuracy_level: int | None = None,
 ) -> list[list[float]]:
     """Median seconds per run of each model on each feed (a row per feed; the models timed
     interleaved, ``budget_s`` per feed), with the default session options but thread spinning
-    off (see ``sessions.session_options``); each model is loaded once.
+    off (see ``sessions.session_options``; ``accuracy_level`` too); each model is loaded once.
 
     Raises:
         LrcompileError: ONNX Runtime cannot load or run one of them.
     """
-    sessions = [create_session(model, spinning=False) for model in models]
+    sessions = [
+        create_session(model, spinning=False, accuracy_level=accuracy_level) for model in models
+    ]
     with runtime_errors("timing the models"):
         return [
             interleaved_medians(
@@ -210,32 +232,12 @@ def model_latencies(
 
 
 def _session(folder: Path, shape: Shape, rank: int | None):
-    elem = helper.np_dtype_to_tensor_dtype(np.dtype(shape.dtype))
-    # Constant weights: their values do not change a GEMM's time, and filling is fast.
-    if rank is None:
-        weights = {"W": (shape.k, shape.n)}
-        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
-    else:
-        weights = {"A": (shape.k, rank), "B": (rank, shape.n)}
-        nodes = [
-            helper.make_node("MatMul", ["x", "A"], ["h"]),
-            helper.make_node("MatMul", ["h", "B"], ["y"]),
-        ]
-    initializers = [
-        onnx.numpy_helper.from_array(np.full(dims, 0.01, np.dtype(shape.dtype)), name)
-        for name, dims in weights.items()
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "latency",
-        [helper.make_tensor_value_info("x", elem, ["M", shape.k])],
-        [helper.make_tensor_value_info("y", elem, ["M", shape.n])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    """A session of ``shape``'s layer dense (None) or at ``rank`` (``latency_models``)."""
     path = folder / f"{'dense' if rank is None else rank}.onnx"
+    model = layer_model(shape.k, shape.n, shape.dtype, rank, shape.form)
     onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
-    return create_session(path, spinning=False, written=folder)
+    level = shape.form.accuracy_level if shape.form is not None else None
+    return create_session(path, spinning=False, written=folder, accuracy_level=level)
 
 
 def _read(path: Path) -> dict[str, dict[str, Curve]]:

@@ -48,7 +48,12 @@ from lrcompile.passes.quantized import tensor_names
 from lrcompile.runtime.latency import LatencyTable, cache_path
 from lrcompile.runtime.metrics import measure_error
 from lrcompile.search.decisions import Planner
-from lrcompile.search.latency import LatencyEstimate, estimate, layer_seconds
+from lrcompile.search.latency import (
+    LatencyEstimate,
+    estimate,
+    layer_seconds,
+    quantized_seconds,
+)
 from lrcompile.search.sensitivity import (
     StepCallback,
     layer_spectra,
@@ -147,6 +152,7 @@ def measure_layers(
     calibration: Calibration,
     on_sensitivity: StepCallback | None = None,
     rows: Mapping[str, int] | None = None,
+    noise: Mapping[str, float | None] | None = None,
 ) -> MeasuredLayers:
     """The spectra and sensitivities of the ``auto`` layers: what ``choose_ranks`` starts from.
 
@@ -158,10 +164,12 @@ def measure_layers(
         on_sensitivity: Called as ``on_sensitivity(layers_done, layers, layer)``.
         rows: Rows of activation per batch by group key (``Calibration.batch_rows``), what the
             latency objective measures at.
+        noise: The rounding noise of DynamicQuantizeLinear on each group's input, by group key
+            (``Calibration.dynamic_noise``): with ``quantize``, what its W8A8 option costs.
     """
     clock = _Clock()
     if planner.quantize is not None:
-        layers = quantized_layers(planner, provider)
+        layers = quantized_layers(planner, provider, rows, noise)
         clock.lap("spectra")
         layers = measure_quantized_sensitivities(
             model, layers, planner, provider, calibration, on_step=on_sensitivity
@@ -209,7 +217,7 @@ def choose_ranks(
     table = seconds = shapes = None
     if objective == "latency":
         table = LatencyTable(cache_path())
-        seconds, shapes = layer_seconds(layers.spectra, multiple, table, on_latency)
+        seconds, shapes = _seconds(layers, planner, config, table, on_latency)
         clock.lap("latency")
     path = allocation_path(layers.spectra, multiple=multiple, objective=objective, seconds=seconds)
     prober = _Prober(model, planner, provider, calibration, config, path, on_step)
@@ -237,6 +245,15 @@ def choose_ranks(
         latency,
         {name: math.sqrt(error) for name, error in path[best].errors.items()},
     )
+
+
+def _seconds(layers: MeasuredLayers, planner: Planner, config, table, on_latency):
+    """The latency objective's seconds of every layer and option, and how many shapes."""
+    if planner.quantize is not None:
+        return quantized_seconds(
+            layers.spectra, planner.quantize, config.accuracy_level, table, on_latency
+        )
+    return layer_seconds(layers.spectra, planner.multiple, table, on_latency)
 
 
 class _Clock:

@@ -137,11 +137,12 @@ def decide(
 
 def _quantized(spec, facts, k, n, multiple, auto_rank, template: Quantize) -> Decision:
     """``template`` with its correction's rank from ``spec`` (none: no correction); under
-    ``auto`` the search's choice: dense (None), a correction rank, or ``"int8"`` alone."""
+    ``auto`` the search's choice: dense (None), a correction rank, ``"int8"`` alone, or
+    ``"w8a8"`` (int8 per channel times dynamically quantized activations)."""
     if spec.kind == "auto" and auto_rank is None:
         return Keep("its quantization error costs more than it saves (auto)")
-    if auto_rank == "int8":
-        return dataclasses.replace(template, bits=8, group=None)
+    if auto_rank in ("int8", "w8a8"):
+        return dataclasses.replace(template, bits=8, group=None, dynamic=auto_rank == "w8a8")
     if spec.kind == "none":
         rank = 0
     elif spec.kind == "auto":

@@ -17,8 +17,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lrcompile.numerics.allocate import LayerSpectrum, Seconds
+from lrcompile.numerics.allocate import LayerSpectrum, QuantizedLayer, Seconds
+from lrcompile.plan import Quantize
 from lrcompile.runtime.latency import LatencyTable, Shape
+from lrcompile.runtime.latency_models import Form
 
 # The dtypes ONNX Runtime CPU's MatMul runs; a weight in another (bfloat16) is timed as float32.
 _TIMED_DTYPES = ("float32", "float16", "float64")
@@ -82,6 +84,41 @@ def layer_seconds(
     }
     curves = table.curves(list(shapes.values()), on_step)
     return {name: curves[shape.key].seconds for name, shape in shapes.items()}, len(curves)
+
+
+def quantized_seconds(
+    layers: Sequence[QuantizedLayer],
+    template: Quantize,
+    accuracy_level: int | None,
+    table: LatencyTable,
+    on_step: Callable[[int, int, str], None] | None = None,
+) -> tuple[dict[str, Seconds], int]:
+    """``layer_seconds`` of quantized layers: each one's seconds per node run dense (None) and
+    in each stored form it may take (a ``Choice.label``: a correction rank, 0 for none,
+    ``"int8"`` or ``"w8a8"``), measured as written and run at ``accuracy_level``."""
+    forms: dict[str, dict[int | str, tuple[Shape, int]]] = {}
+    for layer in layers:
+        dtype = layer.dtype if layer.dtype in _TIMED_DTYPES else "float32"
+        ranks = tuple(c.label for c in layer.choices if isinstance(c.label, int))
+        own = Form(template.bits, template.group, template.symmetric, accuracy_level, ranks)
+        shape = Shape(layer.k, layer.n, max(layer.rows, 1), 1, dtype, own)
+        forms[layer.name] = {rank: (shape, rank) for rank in ranks}
+        for label, dynamic in (("int8", False), ("w8a8", True)):
+            if any(c.label == label for c in layer.choices):
+                higher = Form(8, None, template.symmetric, accuracy_level, (0,), dynamic)
+                forms[layer.name][label] = (dataclasses.replace(shape, form=higher), 0)
+    shapes = [shape for options in forms.values() for shape, _ in options.values()]
+    curves = table.curves(shapes, on_step)
+
+    def seconds(options: dict[int | str, tuple[Shape, int]]) -> Seconds:
+        def of(label: int | str | None) -> float:
+            shape, rank = options[0 if label is None else label]
+            curve = curves[shape.key]
+            return curve.dense if label is None else curve.seconds(rank)
+
+        return of
+
+    return {name: seconds(options) for name, options in forms.items() if options}, len(curves)
 
 
 def estimate(

@@ -101,11 +101,21 @@ def measure_sensitivities(
     return _with_sensitivities(spectra, measured)
 
 
-def quantized_layers(planner: Planner, provider: FactorProvider) -> list[QuantizedLayer]:
+def quantized_layers(
+    planner: Planner,
+    provider: FactorProvider,
+    rows: Mapping[str, int] | None = None,
+    noise: Mapping[str, float | None] | None = None,
+) -> list[QuantizedLayer]:
     """The stored forms every ``auto`` group whose quantized form the provider cached may take
-    (see the module docstring), by bytes and relative squared error in output space."""
+    (see the module docstring), by bytes and relative squared error in output space, with its
+    ``rows`` per batch (by group key) and dtype. With the ``noise`` of its input
+    (``Calibration.dynamic_noise``), a float32 MatMul may also take ``"w8a8"``: int8 weights per
+    channel times activations quantized at run time (DynamicQuantizeLinear), whose rounding
+    adds ``noise * ||W||^2`` of output error (white noise through the weight)."""
     template = planner.quantize
     higher = dataclasses.replace(template, bits=8, group=None) if template.bits == 4 else None
+    per_channel = template if template.bits == 8 and template.group is None else higher
     layers = []
     for group in planner.groups:
         entry = provider.cached(cache_key(group.key, template))
@@ -123,9 +133,25 @@ def quantized_layers(planner: Planner, provider: FactorProvider) -> list[Quantiz
             choices.append(Choice(rank, base + correction_bytes(rank, k, n), error))
         if higher is not None and (energies := provider.quantized_energies(group.key, higher)):
             choices.append(Choice("int8", stored_bytes(group, higher), energies[1] / weight))
+        dtype = (group.cast or group.tensor.dtype).numpy().name
+        variance = (noise or {}).get(group.key)
+        if variance is not None and _dynamic_eligible(group, dtype):
+            int8 = provider.quantized_energies(group.key, per_channel) if per_channel else None
+            if int8 is not None:
+                rounding = variance * provider.plain_energy(group.key, per_channel)
+                error = (int8[1] + rounding) / weight
+                choices.append(Choice("w8a8", stored_bytes(group, per_channel), error))
         dense = k * n * int(group.tensor.dtype.itemsize)
-        layers.append(QuantizedLayer(group.key, k, n, dense, tuple(choices), len(group.nodes)))
+        per_batch = (rows or {}).get(group.key, 1)
+        shape = {"nodes": len(group.nodes), "rows": per_batch, "dtype": dtype}
+        layers.append(QuantizedLayer(group.key, k, n, dense, tuple(choices), **shape))
     return layers
+
+
+def _dynamic_eligible(group, dtype: str) -> bool:
+    """Whether ``group`` may run W8A8: float32 MatMuls (DynamicQuantizeLinear reads float32;
+    MatMulInteger has no Gemm's transposes or bias)."""
+    return dtype == "float32" and all(node.op_type == "MatMul" for node in group.nodes)
 
 
 def measure_quantized_sensitivities(

@@ -51,6 +51,9 @@ class Calibrated:
     rows: dict[str, int]
     fitted: int | None = None  # auto: the statistics are of the first ``fitted`` batches
     blocks: tuple[tuple[WeightGroup, ...], ...] | None = None
+    # Per layer, the rounding noise DynamicQuantizeLinear would add to its input
+    # (``Calibration.dynamic_noise``): what a W8A8 option of ``--quantize`` costs in error.
+    noise: dict[str, float | None] = dataclasses.field(default_factory=dict)
 
     def fitted_feeds(self) -> list:
         """The feeds factors and FP8 ranges may fit (under ``auto``, the first ``fitted``)."""
@@ -91,7 +94,7 @@ def calibrate_and_cache(
     fitted = fitted_batches(source, config.validation) if auto else None
     run = _Run(prepared, config, source, provider, profile, auto, fitted, progress)
     chunks = calibration_chunks.memory_chunks(prepared.model, prepared.groups if auto else cached)
-    statistics, rows = run.chunks(chunks, cached)
+    statistics, rows, noise = run.chunks(chunks, cached)
     if auto:
         _warn_if_synthetic(source)  # after the checks: a refusal is the one line the user sees
     facts = {}
@@ -99,7 +102,7 @@ def calibrate_and_cache(
         for group in prepared.groups:
             later_block = group.key in later
             facts[group.key] = calibrated_facts(group, prepared, config, provider, later_block)
-    return Calibrated(source, statistics, facts, rows, fitted, blocks)
+    return Calibrated(source, statistics, facts, rows, fitted, blocks, noise)
 
 
 @dataclasses.dataclass
@@ -115,10 +118,10 @@ class _Run:
     fitted: int | None
     progress: ProgressCallback | None
 
-    def chunks(self, chunks, cached) -> tuple[Calibration | None, dict[str, int]]:
+    def chunks(self, chunks, cached) -> tuple[Calibration | None, dict[str, int], dict]:
         """The first chunk's statistics (with the reference outputs under ``auto``), and each
-        gathered layer's rows per batch."""
-        prepared, first, rows = self.prepared, None, {}
+        gathered layer's rows per batch and dynamic-quantization noise."""
+        prepared, first, rows, noise = self.prepared, None, {}, {}
         with self.profile("calibrate"):
             original = ir.serde.serialize_model(prepared.model)  # serialized once, for every run
         wanted = {group.key for group in cached}
@@ -130,9 +133,10 @@ class _Run:
                 if self.auto:
                     refusals.refuse_degenerate_output(statistics, prepared.path, self.source)
             rows |= {group.key: statistics.batch_rows(group) for group in chunk}
+            noise |= {group.key: statistics.dynamic_noise(group) for group in chunk}
             with self.profile("factors"):
                 self._cache(statistics, chunk, wanted)
-        return first, rows
+        return first, rows, noise
 
     def _gather(self, original, chunk, *, keep_reference: bool) -> Calibration:
         on_batch = None

@@ -67,6 +67,7 @@ def measure(
         calibrated.statistics,
         _callback(progress, "sensitivity"),
         calibrated.rows,
+        calibrated.noise,
     )
 
 
@@ -94,15 +95,24 @@ def choose(
     return plans(auto.ranks), auto
 
 
-def timed(calibrated: Calibrated, prepared: Prepared, auto: AutoResult | None, output: Path):
+def timed(
+    calibrated: Calibrated,
+    prepared: Prepared,
+    auto: AutoResult | None,
+    output: Path,
+    accuracy_level: int | None = None,
+):
     """``auto`` with, under the latency objective, the original and the written model measured
-    side by side on the largest fitted calibration batch (the rows the table was measured at).
+    side by side on the largest fitted calibration batch (the rows the table was measured at),
+    quantized weights at ``accuracy_level``.
     The timing only informs: when ONNX Runtime cannot time a model it is logged, not raised."""
     if auto is None or auto.latency is None:
         return auto
     feed = max(calibrated.fitted_feeds(), key=lambda feed: sum(v.size for v in feed.values()))
     try:
-        [[dense, compiled]] = model_latencies([prepared.path, output], [feed])
+        [[dense, compiled]] = model_latencies(
+            [prepared.path, output], [feed], accuracy_level=accuracy_level
+        )
     except LrcompileError as e:
         logger.warning("the whole-model timing failed, no measured speedup: %s", e)
         return auto
