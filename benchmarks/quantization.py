@@ -9,15 +9,18 @@ dense fp32; lrcompile factoring (``--rank auto``, the demo's tolerance 0.1); ONN
 Runtime's ``MatMulNBitsQuantizer`` at its defaults (MatMul only, asymmetric) with its RTN, HQQ and
 k-quant algorithms, at 8 and 4 bits; lrcompile ``--quantize int8|int4 --rank auto`` (integers
 plus a searched correction per layer, embeddings in int8) at two tolerances of ``--metric
-cosine`` on the calibration batches it holds back. Columns: held-out embedding cosine to the
-original per sentence (mean / min), file MB, speed against dense at batch 1 and 32 (ONNX Runtime
-CPU, default optimisation, interleaved medians, no thread spinning), compile seconds.
+cosine`` on the calibration batches it holds back, and int8 with ``--objective latency`` (each
+layer's fastest form within the tolerance: weight-only int8, W8A8 with activations quantized at
+run time, or dense; the forms timed on this machine at the calibration batch's rows) at three.
+Columns: held-out embedding cosine to the original per sentence (mean / min), file MB, speed
+against dense at batch 1 and 32 (ONNX Runtime CPU, default optimisation, interleaved medians, no
+thread spinning), compile seconds.
 
 LM: the dense ``lm/lm.onnx`` of ``examples/llm/prepare.py``; held-out perplexity ratio, mean KL,
 top-1 changes, GB and prefill latency (``examples/llm/evaluate.py``) of ``quantize_dynamic``,
 ``MatMulNBitsQuantizer`` 4-bit (RTN, HQQ at group 128 and 32; k-quant) and lrcompile int4 group
 128 with ``--rank auto`` at a perplexity-ratio tolerance (``--metric ppl``, on the calibration
-batches held back).
+batches held back), by bytes and by ``--objective latency`` (timed at the 1 x 256 prefill).
 """
 
 from __future__ import annotations
@@ -98,6 +101,12 @@ def minilm_variants(workdir: Path, prepared) -> list[tuple[str, Path, float]]:
         for bits in ("int8", "int4")
         for tolerance in (0.005, 0.002)
     ]  # fmt: skip
+    makers += [
+        (f"lrcompile int8 auto --objective latency, 1-cos {tolerance}",
+         ours(f"lat-{tolerance}.onnx", quantize="int8", rank="auto", metric="cosine",
+              tolerance=tolerance, objective="latency"))
+        for tolerance in (0.02, 0.005, 0.002)
+    ]  # fmt: skip
     rows = []
     for name, make in makers:
         print(f"  compiling: {name}", file=sys.stderr, flush=True)
@@ -133,13 +142,14 @@ def lm(folder: Path, workdir: Path, tolerance: float) -> None:
 
     dense = folder / "lm.onnx"
 
-    def ours(group: int) -> Callable[[], Path]:
+    def ours(group: int, objective: str = "bytes") -> Callable[[], Path]:
         def make() -> Path:
-            out = workdir / f"lm.int4g{group}.onnx"
+            out = workdir / f"lm.int4g{group}.{objective}.onnx"
             lrcompile.compile_model(
                 dense, out, quantize="int4", group_size=group, rank="auto",
                 calib=str(folder / "calib.npz"), batch_size=1, metric="ppl",
                 labels="input_ids:logits", tolerance=tolerance, verify=False, symmetric=False,
+                objective=objective,
             )  # fmt: skip
             return out
 
@@ -155,6 +165,8 @@ def lm(folder: Path, workdir: Path, tolerance: float) -> None:
         ("MatMulNBits 4-bit g32 HQQ",
          lambda: nbits(dense, workdir / "h32.onnx", 4, 32, "hqq", True)),
         (f"lrcompile int4 g128 auto, ppl x{1 + tolerance:g}", ours(128)),
+        (f"lrcompile int4 g128 auto --objective latency, ppl x{1 + tolerance:g}",
+         ours(128, "latency")),
     ]  # fmt: skip
     print(
         f"| variant | ppl | ratio | KL | top-1 chg | GB | prefill ms | compile s |\n|{'---|' * 8}"

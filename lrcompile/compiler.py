@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +139,9 @@ def compile_model(
         with profile("search"):
             plan, auto = search_stage.search(prepared, calibrated, config, provider, progress)
         rewritten = rewrite_and_save(
-            prepared, calibrated, plan, config, provider, output_path, profile, progress
-        )
+            prepared, calibrated, plan, config, provider, output_path, profile, progress,
+            predicted=auto.local if auto is not None else None,
+        )  # fmt: skip
     return checked(
         prepared, calibrated, config, (plan, auto), rewritten, output_path, profile, check_feeds
     )
@@ -187,8 +188,10 @@ def rewrite_and_save(
     output_path: Path,
     profile: Profile,
     progress: ProgressCallback | None,
+    predicted: Mapping[str, float] | None = None,
 ) -> Rewritten:
-    """Rewrites the model and saves it atomically, unless no layer was factored.
+    """Rewrites the model and saves it atomically, unless no layer was factored (``predicted``:
+    see ``stages.rewrite.rewrite``).
 
     Each layer's factors are spilled to the staging folder as they are made, so memory holds a
     few layers, never the model's factors; saving then copies file to file (external data) or
@@ -198,7 +201,7 @@ def rewrite_and_save(
     external = config.external_data or model_io.needs_external_data(model)
     with model_io.write_errors(output_path), model_io.staging_folder(output_path.parent) as scratch:
         rewritten = rewrite(
-            prepared, calibrated, plan, config, provider, profile, scratch, progress
+            prepared, calibrated, plan, config, provider, profile, scratch, progress, predicted
         )
         if rewritten.changed:
             with profile("save"):

@@ -33,6 +33,10 @@ class LayerReport:
     factors: tuple[str, ...] = ()
     reason: str | None = None
     seconds: float = 0.0
+    # A quantized layer's own output error, relative L2: auto's prediction, and measured on the
+    # batches auto held back (``check.layer_errors``).
+    predicted_output_error: float | None = None
+    output_error: float | None = None
 
     @property
     def flop_ratio(self) -> float | None:

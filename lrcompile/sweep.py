@@ -108,9 +108,11 @@ def _sweep(prepared, configs, config, check_feeds, profile, progress):
                 )
             with own("load"):  # a fresh copy to rewrite in place
                 fresh = load_stage.load(prepared.path, setting)
+            auto = searched[1]
             rewritten = rewrite_and_save(
-                fresh, calibrated, searched[0], setting, provider, output, own, progress
-            )
+                fresh, calibrated, searched[0], setting, provider, output, own, progress,
+                predicted=auto.local if auto is not None else None,
+            )  # fmt: skip
             result = checked(
                 fresh, calibrated, setting, searched, rewritten, output, own, check_feeds
             )

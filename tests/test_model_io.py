@@ -226,3 +226,36 @@ def test_external_data_linked_from_outside_the_folder_is_refused_with_the_fix(tm
     os.symlink("data.bin", snapshot / "model.onnx_data")
     with pytest.raises(ModelLoadError, match="symbolic link"):
         load_model(path)
+
+
+def test_a_constant_whose_value_lies_in_external_data_is_written_with_the_output(tmp_path, rng):
+    # Optimum's exports keep some Constant values in the input's data file; the output, written
+    # to another folder, must not name that file.
+    from tests.conftest import low_rank_matrix, make_model
+
+    shift = rng.standard_normal(64).astype(np.float32)
+    model = make_model(
+        "g (float[N, 64] x) => (float[N, 64] y) { h = MatMul(x, W)\n y = Add(h, shift) }",
+        {"W": low_rank_matrix(rng, 64, 64), "shift": shift},
+    )
+    del model.graph.initializer[1]  # shift becomes a Constant's value
+    value = onnx.numpy_helper.from_array(shift)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["shift"], value=value))
+    source_folder, output_folder = tmp_path / "in", tmp_path / "out"
+    source_folder.mkdir()
+    output_folder.mkdir()
+    source = source_folder / "m.onnx"
+    onnx.save(model, str(source), save_as_external_data=True, location="m.data",
+              size_threshold=0, convert_attribute=True)  # fmt: skip
+    stored = onnx.load(str(source), load_external_data=False)
+    assert onnx.external_data_helper.uses_external_data(stored.graph.node[0].attribute[0].t)
+    result = lrcompile.compile_model(source, output_folder / "m.lr.onnx", rank="8", verify=False)
+    written = onnx.load(str(result.output_path), load_external_data=False)
+    locations = {e.value for t in written.graph.initializer for e in t.external_data
+                 if e.key == "location"}  # fmt: skip
+    assert locations == {"m.lr.onnx.data"}  # the input's external data: the output's too
+    assert not onnx.external_data_helper.uses_external_data(written.graph.node[0].attribute[0].t)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    (expected,) = run(source, {"x": x})
+    (got,) = run(result.output_path, {"x": x})
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.5

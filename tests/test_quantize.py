@@ -221,6 +221,7 @@ def test_the_report_counts_every_byte(tmp_path, rng):
         (["--quantize", "int4", "--fp8"], "--fp8 does not combine"),
         (["--quantize", "int4", "--calib", "missing.npz"], "missing.npz: no such file"),
         (["--rank", "8", "--group-size", "32"], "--group-size is a setting of --quantize"),
+        (["--quantize", "int8", "--objective", "flops"], "prices factored layers"),
         ([], "--rank is required"),
     ],
 )
@@ -479,3 +480,22 @@ def test_corrections_of_layers_reading_one_input_share_their_first_matmul(tmp_pa
         a = shared[:, 8 * index : 8 * index + 8]
         expected = x @ deq + (x @ a) @ arrays[f"{w}_lr_B"].astype(np.float32)
         np.testing.assert_allclose(got[name], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_each_quantized_layers_own_error_is_measured_on_the_held_back_batches(tmp_path, rng):
+    # One MatMul: its own output error is the model's, which the check measures on the same
+    # held-back batches (float32 compute, accuracy level 1, so both compute the same numbers).
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    model = make_model("g (float[N, 64] x) => (float[N, 48] y) { y = MatMul(x, W) }", {"W": w})
+    path = save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((128, 64)).astype(np.float32))
+    result = lrcompile.compile_model(
+        path, tmp_path / "q.onnx", quantize="int4", group_size=16, rank="auto",
+        calib=str(tmp_path / "calib.npz"), batch_size=16, tolerance=0.5, accuracy_level=1,
+    )  # fmt: skip
+    (layer,) = [layer for layer in result.layers if layer.status == "quantized"]
+    assert result.verification.data_source.endswith("held back from fitting)")
+    assert layer.output_error == pytest.approx(result.verification.outputs[0].error, rel=1e-3)
+    # The prediction, from the fitted batches' statistics, is of the same size.
+    assert 0.5 < layer.predicted_output_error / layer.output_error < 2.0
+    assert result.to_dict()["layers"][0]["output_error"] == layer.output_error

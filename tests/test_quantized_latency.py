@@ -82,7 +82,7 @@ def test_the_latency_objective_takes_w8a8_for_float_matmuls_and_emits_its_patter
     path, calib = matmul_then_gemm
     result = lrcompile.compile_model(
         path, tmp_path / "q.onnx", quantize="int4", rank="auto", calib=str(calib),
-        objective="latency", tolerance=1.0, group_size=16,
+        objective="latency", tolerance=1.0, group_size=16, batch_size=32,
     )  # fmt: skip
     # The MatMul runs W8A8 (the fastest); a Gemm cannot (MatMulInteger has no bias or
     # transposes): it takes its fastest weight-only form, int4 without a correction.
@@ -119,6 +119,15 @@ def test_the_latency_objective_takes_w8a8_for_float_matmuls_and_emits_its_patter
     for session in (fused, _session(tmp_path / "exposed.onnx", unfused)):
         _, h = session.run(["y", "h"], {"x": x})
         np.testing.assert_allclose(h, emulated, rtol=1e-5, atol=1e-4)
+    # The report's measured error of W1's own output: its input is the model's, so it is the
+    # error of h on the batch auto held back (the last of 96 rows in batches of 32).
+    held_back = np.load(calib)["x"][64:]
+    w1 = numpy_helper.to_array(onnx.load(str(path)).graph.initializer[0])
+    exact = held_back @ w1
+    error = np.linalg.norm(_emulated_w8a8(held_back, arrays["W1_q"], arrays["W1_q_scale"]) - exact)
+    (report,) = [layer for layer in result.layers if layer.weight == "W1"]
+    assert report.output_error == pytest.approx(error / np.linalg.norm(exact), rel=1e-4)
+    assert report.predicted_output_error == pytest.approx(result.auto.local["W1"])
 
 
 def _session(path, options):

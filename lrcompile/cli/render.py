@@ -15,7 +15,9 @@ from lrcompile.compiler import CompileResult
 from lrcompile.report import LayerReport, totals
 from lrcompile.search.latency import LatencyEstimate
 
-_COLUMNS = ("layer", "shape", "rank", "energy", "W err", "params", "bytes", "FLOPs", "status")
+_COLUMNS = (
+    "layer", "shape", "rank", "energy", "W err", "out err", "params", "bytes", "FLOPs", "status"
+)  # fmt: skip
 
 
 def layer_table(layers: Sequence[LayerReport]) -> str:
@@ -23,10 +25,7 @@ def layer_table(layers: Sequence[LayerReport]) -> str:
     total = totals(layers)
     total_row = (
         "total",
-        "",
-        "",
-        "",
-        "",
+        *[""] * 5,
         f"{_human(total.params_before)}->{_human(total.params_after)}",
         f"{_human(total.bytes_before)}->{_human(total.bytes_after)}",
         f"{total.flop_ratio:.3f}",
@@ -57,7 +56,7 @@ def _row(layer: LayerReport) -> tuple[str, ...]:
     status = layer.status if layer.status != "quantized" else f"quantized {layer.method}"
     status = status if layer.reason is None else f"{status}: {as_flags(layer.reason)}"
     if layer.status == "skipped":
-        return (name, shape, "-", "-", "-", "-", "-", "-", status)
+        return (name, shape, "-", "-", "-", "-", "-", "-", "-", status)
     energy = f"{layer.kept_energy:.4f}" if layer.kept_energy is not None else "-"
     error = f"{layer.relative_error:.4f}" if layer.relative_error is not None else "-"
     ratio = f"{layer.flop_ratio:.3f}" if layer.flop_ratio is not None else "-"
@@ -67,10 +66,21 @@ def _row(layer: LayerReport) -> tuple[str, ...]:
         str(layer.rank) if layer.rank is not None else "-",
         energy,
         error,
+        _output_error(layer),
         f"{_human(layer.params_before)}->{_human(layer.params_after)}",
         f"{_human(layer.bytes_before)}->{_human(layer.bytes_after)}",
         ratio,
         status,
+    )
+
+
+def _output_error(layer: LayerReport) -> str:
+    """``predicted/measured`` relative L2 of the layer's own output (auto with ``quantize``)."""
+    if layer.predicted_output_error is None:
+        return "-"
+    measured = layer.output_error
+    return f"{layer.predicted_output_error:.3f}/" + (
+        f"{measured:.3f}" if measured is not None else "-"
     )
 
 

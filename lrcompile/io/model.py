@@ -53,9 +53,31 @@ def load_model(path: str | Path) -> ir.Model:
     validate.check_tensors(path, proto, source)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
+    _inline_attribute_tensors(model)
     if source is not None:
         model.meta[inline.META_KEY] = source
     return model
+
+
+def _inline_attribute_tensors(model: ir.Model) -> None:
+    """Reads into memory the tensors of node attributes (a Constant's value) that lie in external
+    data: a saved model writes only its initializers to its own data file, and an attribute would
+    keep naming the input's (Optimum's exports store some Constants there)."""
+    graphs = (model.graph, *model.functions.values())
+    for node in (node for graph in graphs for node in ir.traversal.RecursiveGraphIterator(graph)):
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                node.attributes[name] = ir.AttrTensor(name, _in_memory(attr.value))
+            elif attr.type == ir.AttributeType.TENSORS and any(
+                isinstance(t, ir.ExternalTensor) for t in attr.value
+            ):
+                node.attributes[name] = ir.AttrTensors(name, [_in_memory(t) for t in attr.value])
+
+
+def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    if not isinstance(tensor, ir.ExternalTensor):
+        return tensor
+    return ir.Tensor(tensor.numpy().copy(), dtype=tensor.dtype, name=tensor.name)
 
 
 def runnable_proto(model: ir.Model) -> tuple[onnx.ModelProto, Path | None]:

@@ -48,12 +48,7 @@ from lrcompile.passes.quantized import tensor_names
 from lrcompile.runtime.latency import LatencyTable, cache_path
 from lrcompile.runtime.metrics import measure_error
 from lrcompile.search.decisions import Planner
-from lrcompile.search.latency import (
-    LatencyEstimate,
-    estimate,
-    layer_seconds,
-    quantized_seconds,
-)
+from lrcompile.search.latency import LatencyEstimate, estimate, objective_seconds
 from lrcompile.search.sensitivity import (
     StepCallback,
     layer_spectra,
@@ -102,6 +97,16 @@ class AutoResult:
     predicted: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
+    def local(self) -> dict[str, float]:
+        """Each searched layer's predicted relative L2 of its own output (``predicted`` without
+        its sensitivity): what ``check.layer_errors`` measures."""
+        sensitivity = self.sensitivities
+        return {
+            name: error / math.sqrt(sensitivity[name]) if sensitivity.get(name) else 0.0
+            for name, error in self.predicted.items()
+        }
+
+    @property
     def dense_layers(self) -> int:
         """How many of the searched layers the chosen allocation leaves dense."""
         return sum(rank is None for rank in self.ranks.values())
@@ -118,6 +123,7 @@ class AutoResult:
             "held_back": self.held_back,
             "latency": self.latency.to_dict() if self.latency is not None else None,
             "predicted": self.predicted,
+            "local": self.local,
             # A probe whose outputs went non-finite measured no error: null, never NaN/Infinity.
             "steps": [
                 dataclasses.asdict(step)
@@ -217,7 +223,10 @@ def choose_ranks(
     table = seconds = shapes = None
     if objective == "latency":
         table = LatencyTable(cache_path())
-        seconds, shapes = _seconds(layers, planner, config, table, on_latency)
+        level, spectra = config.accuracy_level, layers.spectra
+        seconds, shapes = objective_seconds(
+            spectra, planner.quantize, multiple, level, table, on_latency
+        )
         clock.lap("latency")
     path = allocation_path(layers.spectra, multiple=multiple, objective=objective, seconds=seconds)
     prober = _Prober(model, planner, provider, calibration, config, path, on_step)
@@ -232,28 +241,11 @@ def choose_ranks(
     chosen = path[best]
     latency = estimate(table, chosen.dense_cost, chosen.cost, shapes) if table is not None else None
     return AutoResult(
-        dict(path[best].ranks),
-        prober.tolerance,
-        measured,
-        path[best].cost_ratio,
-        tuple(prober.steps),
-        tuple(path),
-        {layer.name: layer.sensitivity for layer in layers.spectra},
-        layers.seconds | clock.seconds,
-        len(calibration.feeds),
-        calibration.held_back,
-        latency,
-        {name: math.sqrt(error) for name, error in path[best].errors.items()},
-    )
-
-
-def _seconds(layers: MeasuredLayers, planner: Planner, config, table, on_latency):
-    """The latency objective's seconds of every layer and option, and how many shapes."""
-    if planner.quantize is not None:
-        return quantized_seconds(
-            layers.spectra, planner.quantize, config.accuracy_level, table, on_latency
-        )
-    return layer_seconds(layers.spectra, planner.multiple, table, on_latency)
+        dict(chosen.ranks), prober.tolerance, measured, chosen.cost_ratio, tuple(prober.steps),
+        tuple(path), {layer.name: layer.sensitivity for layer in layers.spectra},
+        layers.seconds | clock.seconds, len(calibration.feeds), calibration.held_back, latency,
+        {name: math.sqrt(error) for name, error in chosen.errors.items()},
+    )  # fmt: skip
 
 
 class _Clock:

@@ -121,6 +121,20 @@ def quantized_seconds(
     return {name: seconds(options) for name, options in forms.items() if options}, len(curves)
 
 
+def objective_seconds(
+    layers: Sequence[LayerSpectrum | QuantizedLayer],
+    quantize: Quantize | None,
+    multiple: int,
+    accuracy_level: int | None,
+    table: LatencyTable,
+    on_step: Callable[[int, int, str], None] | None = None,
+) -> tuple[dict[str, Seconds], int]:
+    """``quantized_seconds`` of quantized layers (``quantize`` given), else ``layer_seconds``."""
+    if quantize is not None:
+        return quantized_seconds(layers, quantize, accuracy_level, table, on_step)
+    return layer_seconds(layers, multiple, table, on_step)
+
+
 def estimate(
     table: LatencyTable, layers_dense: float, layers: float, shapes: int
 ) -> LatencyEstimate:

@@ -29,6 +29,7 @@ def layer_reports(
     kept: Collection[str],
     fp8: Fp8Report | None = None,
     quantized: Mapping[str, QuantizedFit] | None = None,
+    errors: Mapping[str, tuple[float, float | None]] | None = None,
 ) -> tuple[LayerReport, ...]:
     """One report per weight group of ``prepared`` (in graph order), then one per node left alone.
 
@@ -39,8 +40,9 @@ def layer_reports(
         kept: Keys of the groups whose dense weight the written model still reads.
         fp8: The FP8 pass's report: quantized weights count one byte per element.
         quantized: The stored form of the groups the plan quantizes.
+        errors: (predicted, measured) own-output error of quantized groups, by key.
     """
-    quantized = quantized or {}
+    quantized, errors = quantized or {}, errors or {}
     layers, counted = [], set()
     for group in prepared.groups:
         decision = plan.decision(group.key)
@@ -50,6 +52,11 @@ def layer_reports(
                 layer = _factored(layer, group, decision, fitted[group.key])
             else:
                 layer = _quantized(layer, group, decision, quantized[group.key])
+                if group.key in errors:
+                    predicted, measured = errors[group.key]
+                    layer = dataclasses.replace(
+                        layer, predicted_output_error=predicted, output_error=measured
+                    )
             if group.key in kept and id(group.weight) not in counted:
                 counted.add(id(group.weight))
                 layer = _kept_beside(layer, group)

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from lrcompile import pipeline
 from lrcompile.calibration.compensation import compensating_whitenings
 from lrcompile.calibration.ranges import RangeCalibration
+from lrcompile.check.layer_errors import measure_layer_errors
 from lrcompile.config import CompileConfig
 from lrcompile.factors.provider import FactorProvider, Fitted, ProgressCallback
 from lrcompile.io.spill import Spill
@@ -31,6 +32,7 @@ from lrcompile.pipeline import Fp8Report
 from lrcompile.plan import Plan
 from lrcompile.profile import Profile
 from lrcompile.report import LayerReport
+from lrcompile.search.sensitivity import SENSITIVITY_BATCHES
 from lrcompile.stages.calibrate import Calibrated
 from lrcompile.stages.load import Prepared
 from lrcompile.stages.report import embedding_reports, layer_reports
@@ -58,21 +60,25 @@ def rewrite(
     profile: Profile,
     scratch: Path | None = None,
     progress: ProgressCallback | None = None,
+    predicted: Mapping[str, float] | None = None,
 ) -> Rewritten:
     """Rewrites ``prepared.model`` in place as ``plan`` says (see the module docstring).
 
     With a ``scratch`` folder (large models), each layer's factors are spilled there as they are
-    made, so memory holds a few weights at a time, not the model.
+    made, so memory holds a few weights at a time, not the model. ``predicted``: auto's predicted
+    own-output error of each layer it searched (``AutoResult.local``); each quantized one's is
+    then measured on the batches auto held back (``check.layer_errors``), for the report.
     """
     model, spill = prepared.model, Spill(scratch) if scratch is not None else None
     names, quantized_names = tensor_names(model, prepared.groups, plan)
     if calibrated.blocks is not None and calibrated.source is not None:
         fitted = _compensated(prepared, calibrated, plan, provider, profile, spill, names, progress)
-        quantized = {}
+        quantized, errors = {}, {}
     else:
         with profile("factors"):
             fitted = provider.fit(prepared.groups, plan, names, spill=spill, progress=progress)
             quantized = provider.fit_quantized(prepared.groups, plan, quantized_names, spill=spill)
+        errors = _layer_errors(prepared, calibrated, plan, quantized, predicted, profile)
         with profile("rewrite"):
             pipeline.factor_passes(plan, _pairs(fitted), quantized)(model)
     tables = embedding_tables(model.graph) if config.quantize is not None else []
@@ -85,8 +91,25 @@ def rewrite(
         ranges = _Timed(RangeCalibration(calibrated.fitted_feeds(), config.fp8_calib), profile)
     with profile("rewrite"):
         fp8 = pipeline.finish(model, config, ranges)
-    layers = layer_reports(prepared, plan, fitted, kept, fp8, quantized)
+    layers = layer_reports(prepared, plan, fitted, kept, fp8, quantized, errors)
     return Rewritten((*layers, *embedding_reports(tables)), fp8)
+
+
+def _layer_errors(prepared, calibrated, plan, quantized, predicted, profile) -> dict:
+    """(predicted, measured) own-output error of each quantized layer auto searched, by key;
+    measured on the held-back batches (none without them)."""
+    statistics = calibrated.statistics
+    searched = {key: plan.quantized[key] for key in predicted or {} if key in plan.quantized}
+    if not searched or statistics is None or not statistics.held_back:
+        return {}
+    feeds, _ = statistics.measured(SENSITIVITY_BATCHES)
+    with profile("measure"):
+        original = ir.serde.serialize_model(prepared.model)  # before the rewrite
+        measured = measure_layer_errors(
+            original, prepared.path.parent, prepared.groups, searched, quantized, feeds
+        )
+        del original
+    return {key: (predicted[key], measured.get(key)) for key in searched}
 
 
 def _compensated(prepared, calibrated, plan, provider, profile, spill, names, progress):
