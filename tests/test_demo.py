@@ -109,3 +109,15 @@ def test_auto_without_calibration_data_is_refused(demo, tmp_path):
     assert line.startswith("lrcompile: error: ") and "384 wide) have numerical rank" in line
     assert "too few or too alike for --rank auto; pass --calib with at least 384" in line
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_the_latency_demo_refuses_fp8_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from lrcompile import cli
+
+    args = ["demo", "--fp8", "factored", "--objective", "latency", "--workdir", str(tmp_path / "d")]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2
+    assert "--objective latency times --quantize int8's forms" in result.output
+    assert not (tmp_path / "d").exists()

@@ -285,7 +285,15 @@ def inspect_command(
     type=click.Choice(CHOICES["fp8_scope"]),
     help="Factor instead, and add FP8 Q/DQ to the factored MatMuls, or to all of them.",
 )
-def demo_command(workdir: Path, tolerance: float, fp8_scope: str | None) -> None:
+@click.option(
+    "--objective",
+    type=click.Choice(("bytes", "latency")),
+    default="bytes",
+    show_default=True,
+    help="What auto minimizes: the weights' bytes, or ONNX Runtime CPU time measured here"
+    " (int8 activations where the tolerance allows).",
+)
+def demo_command(workdir: Path, tolerance: float, fp8_scope: str | None, objective: str) -> None:
     """Compress the real all-MiniLM-L6-v2 (--quantize int8 --rank auto; with --fp8, --rank auto
     and FP8 Q/DQ), check it on held-out sentences, beside ONNX Runtime's quantize_dynamic.
 
@@ -293,8 +301,13 @@ def demo_command(workdir: Path, tolerance: float, fp8_scope: str | None) -> None
     """
     from lrcompile.demo.minilm import run_demo
 
+    if fp8_scope is not None and objective == "latency":
+        raise click.UsageError("--objective latency times --quantize int8's forms; --fp8 factors")
     with user_errors(), Progress() as progress:
-        result = run_demo(workdir, tolerance=tolerance, fp8_scope=fp8_scope, progress=progress)
+        result = run_demo(
+            workdir, tolerance=tolerance, fp8_scope=fp8_scope, progress=progress,
+            objective=None if fp8_scope else objective,
+        )  # fmt: skip
     render.print_demo(result, workdir)
     if not result.compile.passed:
         sys.exit(EXIT_FAILED)

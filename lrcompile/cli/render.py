@@ -235,14 +235,12 @@ def print_demo(demo, workdir: Path) -> None:
     total, auto, peer = result.totals, result.auto, demo.peer
     weights = total.factored + total.dense + total.quantized
     quantized = result.config.quantize
-    done = (
-        (
-            f"{total.quantized} of {weights} weights {quantized} (+ correction where auto chose),"
-            f" {total.dense} dense"
-        )
-        if quantized
-        else f"{total.factored} of {weights} layers"
-    )
+    dynamic = sum("dynamic int8 activations" in (layer.method or "") for layer in result.layers)
+    done = f"{total.factored} of {weights} layers"
+    if quantized:
+        also = f"; {dynamic} with int8 activations" if dynamic else ""
+        done = f"{total.quantized} of {weights} weights {quantized} (+ correction where auto chose"
+        done += f"{also}), {total.dense} dense"
     rows = [
         ("model", f"all-MiniLM-L6-v2 sentence embedder, {weights} weights (MatMul, Gather)"),
         (

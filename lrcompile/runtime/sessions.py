@@ -53,16 +53,28 @@ def has_integer_weights(model: onnx.ModelProto) -> bool:
 
 def integer_weights_note(path: str | Path, level: int | None) -> str | None:
     """How the model's int4/int8 weights run, when it has any: ONNX Runtime fuses
-    DequantizeLinear -> MatMul into MatMulNBits, whose accuracy level sets its numerics."""
+    DequantizeLinear -> MatMul into MatMulNBits, whose accuracy level sets its numerics, and
+    DynamicQuantizeLinear -> MatMulInteger (W8A8) into DynamicQuantizeMatMul."""
     proto, _ = inline.skeleton(Path(path))
     if not has_integer_weights(proto):
         return None
-    meaning = ACCURACY_MEANINGS[level if level is not None else 4]
-    chosen = f"level {level}" if level is not None else "ONNX Runtime's default level (4)"
-    return (
-        f"integer weights run as ONNX Runtime {onnxruntime().__version__} deploys them:"
-        f" fused MatMulNBits at {chosen}, {meaning}"
+    integer = {t.name for t in proto.graph.initializer if t.data_type in _INTEGER_TYPES}
+    dequantized = sum(
+        n.op_type == "DequantizeLinear" and n.input[0] in integer for n in proto.graph.node
     )
+    dynamic = sum(n.op_type == "MatMulInteger" for n in proto.graph.node)
+    parts = []
+    if dequantized or not dynamic:
+        meaning = ACCURACY_MEANINGS[level if level is not None else 4]
+        chosen = f"level {level}" if level is not None else "ONNX Runtime's default level (4)"
+        parts.append(f"fused MatMulNBits at {chosen}, {meaning}")
+    if dynamic:
+        parts.append(
+            f"{dynamic} MatMulInteger on activations quantized to uint8 at run time (W8A8,"
+            " fused into DynamicQuantizeMatMul)"
+        )
+    version = onnxruntime().__version__
+    return f"integer weights run as ONNX Runtime {version} deploys them: {'; '.join(parts)}"
 
 
 def has_fp8(model: onnx.ModelProto) -> bool:
