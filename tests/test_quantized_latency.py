@@ -187,3 +187,35 @@ def test_a_real_table_times_each_form_once_and_a_second_compile_reads_it(tmp_pat
         assert data[0] == data[1]
     labels = collections.Counter(str(d) for d in (w.decision for w in first.plan))
     assert sum(labels.values()) == 8  # 7 searched layers and the embedding table
+
+
+def test_a_weight_two_matmuls_read_is_stored_once_under_w8a8(tmp_path, monkeypatch, rng):
+    monkeypatch.setattr(latency, "measure", _fake_measure)
+    model = make_model(
+        "g (float[N, 64] x) => (float[N, 64] y) {h = MatMul(x, W)\nr = Relu(h)\ny = MatMul(r, W)}",
+        {"W": low_rank_matrix(rng, 64, 64, 0.95) * 4},
+    )
+    path = save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((96, 64)).astype(np.float32))
+    result = lrcompile.compile_model(
+        path, tmp_path / "q.onnx", quantize="int8", rank="auto", calib=str(tmp_path / "calib.npz"),
+        objective="latency", tolerance=1.0, batch_size=32,
+    )  # fmt: skip
+    assert result.auto.ranks == {"W": "w8a8"}
+    written = onnx.load(str(result.output_path))
+    assert [n.op_type for n in written.graph.node].count("MatMulInteger") == 2
+    arrays = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert sorted(arrays) == ["W_q", "W_q_scale"]  # once, for both readers
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    first = _emulated_w8a8(x, arrays["W_q"], arrays["W_q_scale"])
+    expected = _emulated_w8a8(np.maximum(first, 0), arrays["W_q"], arrays["W_q_scale"])
+    (got,) = _session(result.output_path, _unfused()).run(None, {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _unfused():
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lrcompile.calibration.statistics import activation_key
+from lrcompile.calibration.statistics import activation_key, real_rows
 from lrcompile.factors.quantized import QuantizedFit
 from lrcompile.io.data import Feed
 from lrcompile.numerics.quantize import QuantizedWeight
@@ -39,10 +39,12 @@ def measure_layer_errors(
     decisions: Mapping[str, Quantize],
     fits: Mapping[str, QuantizedFit],
     feeds: Sequence[Feed],
+    mask: str | None = None,
 ) -> dict[str, float]:
     """The relative L2 of each decided group's output against the original's, by group key, on
     ``feeds`` (see the module docstring); ``original`` is the model before the rewrite, its
-    external data in ``data_folder``.
+    external data in ``data_folder``. Rows the input ``mask`` marks as padding are left out, as
+    the statistics the prediction comes from leave them out (``calibration.statistics``).
 
     Raises:
         LrcompileError: ONNX Runtime cannot run the original model with its activations exposed.
@@ -50,38 +52,49 @@ def measure_layer_errors(
     chosen = [group for group in groups if group.key in decisions and group.key in fits]
     if not chosen or not feeds:
         return {}
-    inputs = _activations(original, data_folder, chosen, feeds)
-    errors = {}
-    for group in chosen:
-        weight = np.asarray(effective_weight(group), np.float32)
-        written = _written(group, decisions[group.key], fits[group.key])
-        difference = reference = 0.0
-        for node in group.nodes:
-            for x in inputs[activation_key(node)]:
-                exact = x @ weight
-                difference += float(np.sum(np.square(written(x) - exact, dtype=np.float64)))
-                reference += float(np.sum(np.square(exact, dtype=np.float64)))
-        del weight
-        release_weight(group)
-        errors[group.key] = float(np.sqrt(difference / reference)) if reference else 0.0
-        logger.debug("%s: measured output error %.4g", group.key, errors[group.key])
-    return errors
-
-
-def _activations(original, data_folder, groups, feeds) -> dict[tuple[str, bool], list]:
-    """Each group input's rows (``[rows, K]``, transposed where a Gemm reads it so) per feed."""
-    keys = {activation_key(node) for group in groups for node in group.nodes}
+    keys = {activation_key(node) for group in chosen for node in group.nodes}
     exposed = sorted({name for name, _ in keys} - set(feeds[0]))
     run = _exposing(original, data_folder, exposed)
-    found: dict[tuple[str, bool], list] = {key: [] for key in keys}
+    sums = {group.key: np.zeros(2) for group in chosen}  # ||x W_hat - x W||^2, ||x W||^2
+    # A feed at a time (each is a piece of rows, ``Calibration.measured``), every layer's input
+    # of it at once, as calibration holds them; the weights are read again for each feed.
     with runtime_errors("measuring each layer's error"):
         for feed in feeds:
             values = dict(zip(exposed, run(feed), strict=True)) | dict(feed)
-            for name, transposed in keys:
-                x = np.asarray(values[name], np.float32)
-                x = x.T if transposed else x
-                found[name, transposed].append(np.reshape(x, (-1, x.shape[-1])))
-    return found
+            for group in chosen:
+                decision, fit = decisions[group.key], fits[group.key]
+                sums[group.key] += _squares(group, decision, fit, values, feed, mask)
+            del values
+    errors = {key: float(np.sqrt(d / r)) if r else 0.0 for key, (d, r) in sums.items()}
+    for key, error in errors.items():
+        logger.debug("%s: measured output error %.4g", key, error)
+    return errors
+
+
+def _squares(group, decision, fit, values, feed, mask) -> np.ndarray:
+    """``||x W_hat - x W||^2`` and ``||x W||^2`` over the group's inputs in ``values`` (their
+    real rows: ``mask``'s padding left out)."""
+    weight = np.asarray(effective_weight(group), np.float32)
+    written = _written(group, decision, fit)
+    squares = np.zeros(2)
+    for node in group.nodes:
+        name, transposed = activation_key(node)
+        x = np.asarray(values[name], np.float32)
+        x = x.T if transposed else x  # a Gemm's transA: [K, M]
+        keep = real_rows(x, feed, mask)
+        x = np.reshape(x, (-1, x.shape[-1]))
+        # The whole run's rows go through the layer (W8A8's range is the run's), the real ones
+        # are counted.
+        exact, approximate = x @ weight, written(x)
+        if keep is not None:
+            exact, approximate = exact[keep], approximate[keep]
+        squares += [
+            np.sum(np.square(approximate - exact, dtype=np.float64)),
+            np.sum(np.square(exact, dtype=np.float64)),
+        ]
+    del weight
+    release_weight(group)
+    return squares
 
 
 def _exposing(original, data_folder, exposed: list[str]):
@@ -123,7 +136,7 @@ def _written(group: WeightGroup, decision: Quantize, fit: QuantizedFit):
 def dynamic_product(x: np.ndarray, integers: np.ndarray) -> np.ndarray:
     """``(xq - xz) @ integers * xs``: ``x`` quantized as ONNX DynamicQuantizeLinear does (uint8
     over its range, 0 included, round half to even), times the weight's integers (exact while
-    the sums stay within float32's 24 bits: K x 255 x 128 < 2^24 up to K = 513; beyond, within
+    the sums stay within float32's 24 bits, K x 255 x 255 < 2^24, up to K = 258; beyond, to
     float32 rounding)."""
     low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     step = np.float32((high - low) / 255) if high > low else np.float32(1.0)

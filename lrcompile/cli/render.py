@@ -235,7 +235,7 @@ def print_demo(demo, workdir: Path) -> None:
     total, auto, peer = result.totals, result.auto, demo.peer
     weights = total.factored + total.dense + total.quantized
     quantized = result.config.quantize
-    dynamic = sum("dynamic int8 activations" in (layer.method or "") for layer in result.layers)
+    dynamic = sum(getattr(weight.decision, "dynamic", False) for weight in result.plan or ())
     done = f"{total.factored} of {weights} layers"
     if quantized:
         also = f"; {dynamic} with int8 activations" if dynamic else ""

@@ -11,11 +11,13 @@
 ``DQ`` is ONNX DequantizeLinear along axis 0 in blocks of ``group`` rows (``block_size``), or
 per output channel (axis 1), which ONNX Runtime fuses with the MatMul into MatMulNBits at its
 default optimisation level. The dynamic form is the pattern ONNX Runtime's ``quantize_dynamic``
-writes, which it fuses into DynamicQuantizeMatMul (activations quantized to uint8 per tensor at
-run time, integer GEMM). The scales are in the float type the node reads; the correction's
-factors are stored in float16 and read through a Cast where the node reads another type. The
-sum keeps the original output name. The pass takes the plan (``Quantize`` decisions) and the
-provider's tensors (``factors.quantized.QuantizedFit``) and only rewrites the graph.
+writes, which it fuses alike (DynamicQuantizeMatMul, or MatMulIntegerToFloat where layers
+reading one input share one DynamicQuantizeLinear after its common-subexpression pass):
+activations quantized to uint8 per tensor at run time, integer GEMM. The scales are in the float
+type the node reads; the correction's factors are stored in float16 and read through a Cast
+where the node reads another type. The sum keeps the original output name. The pass takes the
+plan (``Quantize`` decisions) and the provider's tensors (``factors.quantized.QuantizedFit``) and
+only rewrites the graph.
 
 Preconditions: opset >= 21 (blocked and 4-bit DequantizeLinear); every quantized group is a
 candidate of the model with tensors of its shape. Runs after the factorize pass, before cleanup.
@@ -89,6 +91,9 @@ def _candidates(model: ir.Model) -> list[WeightGroup]:
 def _rewrite(graph: ir.Graph, group: WeightGroup, decision, fit) -> None:
     read = group.cast or group.tensor.dtype
     weight = None if decision.dynamic else _dequantized(graph, group, decision, fit, read)
+    # W8A8 reads the integers (and scales, zero points) directly, once per group.
+    integers = [initializer(graph, t) if t is not None else None
+                for t in (fit.q, fit.scale, fit.zero)] if decision.dynamic else None  # fmt: skip
     factors = None
     if fit.left is not None:
         factors = tuple(
@@ -97,7 +102,7 @@ def _rewrite(graph: ir.Graph, group: WeightGroup, decision, fit) -> None:
     for node in group.nodes:
         output = node.outputs[0]
         if weight is None:
-            *before, base = _dynamic_nodes(graph, node, fit)
+            *before, base = _dynamic_nodes(node, *integers)
         else:
             before, base = [], _base_node(node, weight)
         base.metadata_props[QUANTIZED_KEY] = "base"
@@ -156,7 +161,7 @@ def _base_node(node: ir.Node, weight: ir.Value) -> ir.Node:
     return ir.node("Gemm", inputs, attributes, name=f"{_name(node)}_q")
 
 
-def _dynamic_nodes(graph: ir.Graph, node: ir.Node, fit) -> list[ir.Node]:
+def _dynamic_nodes(node: ir.Node, q: ir.Value, scale: ir.Value, zero) -> list[ir.Node]:
     """``quantize_dynamic``'s pattern for ``MatMul(x, W)``, its last node the float result."""
     name = _name(node)
     quantized = ir.node(
@@ -165,10 +170,8 @@ def _dynamic_nodes(graph: ir.Graph, node: ir.Node, fit) -> list[ir.Node]:
     xq, xs, xz = quantized.outputs
     for value, suffix in zip(quantized.outputs, ("quantized", "scale", "zero_point"), strict=True):
         value.name = f"{name}_x_{suffix}"
-    scales = ir.node("Mul", [xs, initializer(graph, fit.scale)], name=f"{name}_q_scales")
-    inputs = [xq, initializer(graph, fit.q), xz]
-    if fit.zero is not None:
-        inputs.append(initializer(graph, fit.zero))
+    scales = ir.node("Mul", [xs, scale], name=f"{name}_q_scales")
+    inputs = [xq, q, xz] if zero is None else [xq, q, xz, zero]
     integer = ir.node("MatMulInteger", inputs, name=f"{name}_q_int")
     cast = ir.node("Cast", [integer.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}_q_cast")
     result = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{name}_q")

@@ -54,7 +54,8 @@ def has_integer_weights(model: onnx.ModelProto) -> bool:
 def integer_weights_note(path: str | Path, level: int | None) -> str | None:
     """How the model's int4/int8 weights run, when it has any: ONNX Runtime fuses
     DequantizeLinear -> MatMul into MatMulNBits, whose accuracy level sets its numerics, and
-    DynamicQuantizeLinear -> MatMulInteger (W8A8) into DynamicQuantizeMatMul."""
+    DynamicQuantizeLinear -> MatMulInteger (W8A8) into DynamicQuantizeMatMul or
+    MatMulIntegerToFloat."""
     proto, _ = inline.skeleton(Path(path))
     if not has_integer_weights(proto):
         return None
@@ -71,7 +72,7 @@ def integer_weights_note(path: str | Path, level: int | None) -> str | None:
     if dynamic:
         parts.append(
             f"{dynamic} MatMulInteger on activations quantized to uint8 at run time (W8A8,"
-            " fused into DynamicQuantizeMatMul)"
+            " fused as quantize_dynamic's are)"
         )
     version = onnxruntime().__version__
     return f"integer weights run as ONNX Runtime {version} deploys them: {'; '.join(parts)}"

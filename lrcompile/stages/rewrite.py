@@ -106,8 +106,9 @@ def _layer_errors(prepared, calibrated, plan, quantized, predicted, profile) -> 
     with profile("measure"):
         original = ir.serde.serialize_model(prepared.model)  # before the rewrite
         measured = measure_layer_errors(
-            original, prepared.path.parent, prepared.groups, searched, quantized, feeds
-        )
+            original, prepared.path.parent, prepared.groups, searched, quantized, feeds,
+            calibrated.source.mask,
+        )  # fmt: skip
         del original
     return {key: (predicted[key], measured.get(key)) for key in searched}
 
