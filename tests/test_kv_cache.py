@@ -80,3 +80,24 @@ def test_an_lm_with_a_kv_cache_calibrates_searches_and_verifies_on_prompts_alone
     }
     logits, present = run(tmp_path / "o.onnx", feeds)
     assert logits.shape == (2, 3, 200) and present.shape == (2, 8, 32)
+
+
+def test_a_kv_cache_output_is_gated_on_rel_l2_under_top1_and_kl(lm, tmp_path, rng):
+    # The candidate changes only the cache slightly: its last axis (the head size) is no class
+    # axis, so argmax changes along it must not fail the check.
+    model = onnx.load(str(lm))
+    wk = next(t for t in model.graph.initializer if t.name == "Wk")
+    values = onnx.numpy_helper.to_array(wk)
+    noisy = values + 0.01 * np.abs(values).mean() * rng.standard_normal(values.shape)
+    wk.CopyFrom(onnx.numpy_helper.from_array(noisy.astype(np.float32), "Wk"))
+    candidate = save(model, tmp_path / "candidate.onnx")
+    for metric in ("top1", "kl"):
+        result = lrcompile.verify(
+            lm, candidate, data=lm.with_name("heldout.npz"), metric=metric, tolerance=0.02
+        )
+        outputs = {o.name: o for o in result.outputs}
+        cache = outputs["present.0.key"]
+        assert cache.kl is None and cache.top1 is None
+        assert cache.error == cache.relative_l2 < 0.02
+        assert outputs["logits"].kl is not None  # the logits keep their class statistics
+        assert result.passed == all(o.error <= 0.02 for o in result.outputs)

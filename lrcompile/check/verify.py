@@ -33,6 +33,7 @@ from lrcompile.errors import DataError, LrcompileError, ModelLoadError
 from lrcompile.io import data as data_lib
 from lrcompile.io.indices import check_index_values
 from lrcompile.io.model import load_model
+from lrcompile.io.past import is_present
 from lrcompile.io.spill import OutputStore
 from lrcompile.passes.inputs import index_ranges
 from lrcompile.runtime.metrics import METRICS, ErrorAccumulator, Labels, OutputMetrics, add_batch
@@ -243,7 +244,7 @@ def _load_pair(reference, candidate, engine: bool, written: bool):
 
 def _accumulate(pieces, outputs, candidate, labels) -> dict[str, ErrorAccumulator]:
     """Each output's error over every (feed, reference, candidate) piece of a batch."""
-    accumulators = {name: ErrorAccumulator() for name in outputs}
+    accumulators = {name: ErrorAccumulator(classes=not is_present(name)) for name in outputs}
     for feed, ref_out, cand_out in pieces:
         missing = [name for name in outputs if name not in cand_out]
         if missing:

@@ -16,11 +16,18 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 PAST_PREFIXES = ("past_key_values", "past.", "past_key", "past_value")
+PRESENT_PREFIX = "present"  # Optimum's present.N.key, genai's present.N.key, present_key_values
 
 
 def is_past(name: str) -> bool:
     """Whether the input ``name`` is a KV-cache input."""
     return name.startswith(PAST_PREFIXES)
+
+
+def is_present(name: str) -> bool:
+    """Whether the output ``name`` is a KV cache: keys and values, never class scores (its last
+    axis is the head size), so the checks gate it on ``rel-l2`` under ``kl`` and ``top1``."""
+    return name.startswith(PRESENT_PREFIX)
 
 
 def with_empty_past(feed: Mapping[str, np.ndarray], inputs: Sequence) -> dict[str, np.ndarray]:

@@ -15,7 +15,8 @@ in nats and the fraction of positions whose argmax differs. The gate is one of t
   output predicts, as a causal LM's ``input_ids:logits``), the candidate's perplexity over the
   reference's, minus one (0.02 = perplexity up 2%).
 
-Outputs without a class axis (or, under ``ppl``, without labels) are gated on ``rel-l2``.
+Outputs without a class axis, KV-cache outputs (``present.*``: their last axis is the head size),
+and under ``ppl`` outputs without labels are gated on ``rel-l2``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import onnx_ir as ir
 
 from lrcompile.errors import DataError
 from lrcompile.io.model import runnable_proto
+from lrcompile.io.past import is_present
 from lrcompile.runtime.sessions import create_session, runtime_errors
 
 METRICS: tuple[str, ...] = ("rel-l2", "cosine", "kl", "top1", "ppl")
@@ -253,7 +255,7 @@ def add_batch(
     if labels is not None and labels[1] not in reference:
         raise DataError(f"`labels` {labels[0]}:{labels[1]}: the model has no output {labels[1]!r}")
     for name, expected in reference.items():
-        accumulator = sums.setdefault(name, ErrorAccumulator(classes))
+        accumulator = sums.setdefault(name, ErrorAccumulator(classes and not is_present(name)))
         try:
             accumulator.add(expected, candidate[name])
         except ValueError as e:
