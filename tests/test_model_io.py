@@ -259,3 +259,34 @@ def test_a_constant_whose_value_lies_in_external_data_is_written_with_the_output
     (expected,) = run(source, {"x": x})
     (got,) = run(result.output_path, {"x": x})
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.5
+
+
+@pytest.mark.parametrize(("op", "accepted"), [("SimplifiedLayerNormalization", True),
+                                              ("NoSuchNormalization", False)])  # fmt: skip
+def test_an_op_the_checker_does_not_know_is_judged_by_onnx_runtime(tmp_path, rng, op, accepted):
+    # onnxruntime-genai's builder writes SimplifiedLayerNormalization in the default domain: the
+    # ONNX checker has no schema of it, ONNX Runtime runs it.
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node(op, ["x", "g"], ["n"], axis=-1, epsilon=1e-6),
+             helper.make_node("MatMul", ["n", "W"], ["y"])]  # fmt: skip
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    weights = [numpy_helper.from_array(np.ones(64, np.float32), "g"),
+               numpy_helper.from_array(w, "W")]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 48])], weights,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 22)], ir_version=10)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    if accepted:
+        result = lrcompile.compile_model(path, tmp_path / "o.onnx", rank="8", verify=False)
+        assert result.totals.factored == 1 and result.output_path.is_file()
+        assert onnx.load(str(result.output_path)).graph.node[0].op_type == op
+    else:
+        with pytest.raises(
+            ModelLoadError, match=f"fails the ONNX checker: No Op registered for {op}"
+        ):
+            lrcompile.compile_model(path, tmp_path / "o.onnx", rank="8", verify=False)
+        assert not (tmp_path / "o.onnx").exists()
