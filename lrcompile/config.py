@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lrcompile.errors import LrcompileError
+from lrcompile.io.past import is_past
 from lrcompile.numerics.allocate import OBJECTIVES
 from lrcompile.numerics.decompose import METHODS
 from lrcompile.numerics.quantize import BASES
@@ -298,7 +299,8 @@ def parse_labels(labels: str | Sequence[str]) -> tuple[str, str]:
 
 
 def checked_shapes(shapes: InputShapes | None) -> dict[str, tuple[int, ...]]:
-    """``shapes`` as ``{name: tuple of ints}``.
+    """``shapes`` as ``{name: tuple of ints}``; a KV-cache input (``io.past.is_past``) may hold
+    a 0 (an empty past).
 
     Raises:
         LrcompileError: A shape is not a sequence of positive integers.
@@ -306,11 +308,13 @@ def checked_shapes(shapes: InputShapes | None) -> dict[str, tuple[int, ...]]:
     result = {}
     for name, shape in (shapes or {}).items():
         dims = tuple(shape) if not isinstance(shape, str | bytes) else ()
+        least = 0 if is_past(str(name)) else 1
         if not dims or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims
+            isinstance(d, int) and not isinstance(d, bool) and d >= least for d in dims
         ):
+            what = "integers >= 0 (a KV-cache input)" if least == 0 else "positive integers"
             raise LrcompileError(
-                f"input shape of {name!r} must be a sequence of positive integers, got {shape!r}"
+                f"input shape of {name!r} must be a sequence of {what}, got {shape!r}"
             )
         result[str(name)] = dims
     return result

@@ -101,3 +101,22 @@ def test_a_kv_cache_output_is_gated_on_rel_l2_under_top1_and_kl(lm, tmp_path, rn
         assert cache.error == cache.relative_l2 < 0.02
         assert outputs["logits"].kl is not None  # the logits keep their class statistics
         assert result.passed == all(o.error <= 0.02 for o in result.outputs)
+
+
+def test_input_shapes_may_give_a_past_input_an_empty_sequence(lm, tmp_path):
+    from click.testing import CliRunner
+
+    from lrcompile import cli
+
+    out = tmp_path / "o.onnx"
+    shapes = "input_ids:4x16,past_key_values.0.key:4x0x32"
+    args = [str(lm), "-o", str(out), "--rank", "16", "--input-shapes", shapes, "--tolerance", "1"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    assert "present.0.key" in result.output and out.is_file()
+    # 0 stays refused where it is not a past: a prompt cannot be empty.
+    bad = [str(lm), "-o", str(tmp_path / "b.onnx"), "--rank", "16", "--input-shapes",
+           "input_ids:4x0"]  # fmt: skip
+    refused = CliRunner().invoke(cli.main, bad)
+    assert refused.exit_code == 2 and "must be a sequence of positive integers" in refused.output
+    assert not (tmp_path / "b.onnx").exists()
