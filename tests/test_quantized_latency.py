@@ -43,23 +43,11 @@ def _fake_measure(shape, budget_s=0.0):
 
 
 @pytest.fixture
-def matmul_then_gemm(tmp_path, rng):
-    """x[N, 64] -> MatMul(64x64) -> Relu -> Gemm(64x32, bias) -> y, and calibration data."""
-    model = make_model(
-        """g (float[N, 64] x) => (float[N, 32] y) {
-            h = MatMul(x, W1)
-            r = Relu(h)
-            y = Gemm(r, W2, C)
-        }""",
-        {
-            "W1": low_rank_matrix(rng, 64, 64, 0.95) * 4,
-            "W2": low_rank_matrix(rng, 64, 32, 0.95) * 4,
-            "C": rng.standard_normal(32).astype(np.float32),
-        },
-    )
+def matmul_then_gemm(mlp, tmp_path, rng):
+    """conftest's ``mlp`` (a MatMul 64x96, Relu, a Gemm 96x48 with bias) and calibration data."""
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=rng.standard_normal((96, 64)).astype(np.float32))
-    return save(model, tmp_path / "m.onnx"), calib
+    return mlp, calib
 
 
 def _emulated_w8a8(x, q, scale):
@@ -99,10 +87,10 @@ def test_the_latency_objective_takes_w8a8_for_float_matmuls_and_emits_its_patter
     dynamic = ["DynamicQuantizeLinear", "Mul", "MatMulInteger", "Cast", "Mul"]
     assert ops == [*dynamic, "Relu", "DequantizeLinear", "Gemm"]
     # The table timed the pattern the rewrite wrote.
-    timed = layer_model(64, 64, "float32", 0, Form(8, None, True, None, (0,), dynamic=True))
+    timed = layer_model(64, 96, "float32", 0, Form(8, None, True, None, (0,), dynamic=True))
     assert [n.op_type for n in timed.graph.node] == dynamic
     arrays = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
-    assert arrays["W1_q"].dtype == np.int8 and arrays["W1_q_scale"].shape == (64,)
+    assert arrays["W1_q"].dtype == np.int8 and arrays["W1_q_scale"].shape == (96,)
     # ONNX Runtime fuses it as it does quantize_dynamic's, and computes what ONNX defines.
     exposed = onnx.load(str(result.output_path))
     exposed.graph.output.append(onnx.ValueInfoProto(name="h"))

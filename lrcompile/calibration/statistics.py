@@ -23,6 +23,7 @@ import onnx
 
 from lrcompile.io.data import Feed, FeedSource
 from lrcompile.io.spill import OutputStore
+from lrcompile.numerics.quantize import dynamic_quantization
 from lrcompile.numerics.whiten import (
     Whitening,
     accumulate_gram,
@@ -65,8 +66,7 @@ class ActivationStats:
         rows = np.reshape(x, (-1, x.shape[-1]))
         self.batch_rows = max(self.batch_rows, len(rows))
         if rows.size:
-            low, high = min(float(rows.min()), 0.0), max(float(rows.max()), 0.0)
-            self.steps += len(rows) * ((high - low) / 255) ** 2
+            self.steps += len(rows) * dynamic_quantization(rows)[0] ** 2
             self.stepped_rows += len(rows)
         if keep is not None:
             rows = rows[keep]

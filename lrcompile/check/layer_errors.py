@@ -24,7 +24,7 @@ import onnx
 from lrcompile.calibration.statistics import activation_key, real_rows
 from lrcompile.factors.quantized import QuantizedFit
 from lrcompile.io.data import Feed
-from lrcompile.numerics.quantize import QuantizedWeight
+from lrcompile.numerics.quantize import QuantizedWeight, dynamic_quantization
 from lrcompile.passes.candidates import WeightGroup, effective_weight, release_weight
 from lrcompile.plan import Quantize
 from lrcompile.runtime.sessions import create_session, runtime_errors
@@ -138,8 +138,7 @@ def dynamic_product(x: np.ndarray, integers: np.ndarray) -> np.ndarray:
     over its range, 0 included, round half to even), times the weight's integers (exact while
     the sums stay within float32's 24 bits, K x 255 x 255 < 2^24, up to K = 258; beyond, to
     float32 rounding)."""
-    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    step = np.float32((high - low) / 255) if high > low else np.float32(1.0)
-    zero = np.clip(np.round(-low / step), 0, 255)
+    step, zero = dynamic_quantization(x)
+    step = np.float32(step) if step else np.float32(1.0)
     quantized = np.clip(np.round(x / step) + zero, 0, 255) - zero
     return (quantized.astype(np.float32) @ integers) * step

@@ -111,6 +111,16 @@ def quantize(
     return QuantizedWeight(q, scale.astype(np.float32), zeros, bits, group)
 
 
+def dynamic_quantization(x: np.ndarray) -> tuple[float, float]:
+    """ONNX DynamicQuantizeLinear's step and zero point for ``x``: uint8 over its range, 0
+    included (the zero point rounded half to even from the float32 step; a step of 0 when ``x``
+    is all zeros, then a zero point of 0)."""
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    step = (high - low) / 255
+    zero = float(np.clip(np.round(-low / np.float32(step)), 0, 255)) if step else 0.0
+    return step, zero
+
+
 def _range(shaped: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each block's minimum and maximum over its real rows ([blocks, N] each)."""
     real = rows[..., None]
