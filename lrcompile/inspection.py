@@ -40,6 +40,7 @@ class LayerInfo:
     op: str
     shape: tuple[int, int]
     nodes: int
+    fused: str | None = None  # what the weight packs: "q/k/v"
     plain: np.ndarray | None = None
     whitened: np.ndarray | None = None
     sensitivity: float | None = None
@@ -85,6 +86,7 @@ class Inspection:
                     "op": layer.op,
                     "shape": list(layer.shape),
                     "nodes": layer.nodes,
+                    "fused": layer.fused,
                     "break_even_rank": layer.break_even,
                     "rank_energy_0.99": layer.energy_rank(0.99),
                     "rank_whitened_energy_0.99": layer.energy_rank(0.99, whitened=True),
@@ -153,6 +155,7 @@ def _layer_info(group, spectra: bool) -> LayerInfo:
         op=group.nodes[0].op_type,
         shape=group.shape,
         nodes=len(group.nodes),
+        fused=group.fused,
         plain=plain,
     )
 

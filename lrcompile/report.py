@@ -37,6 +37,7 @@ class LayerReport:
     # batches auto held back (``check.layer_errors``).
     predicted_output_error: float | None = None
     output_error: float | None = None
+    fused: str | None = None  # what one weight packs: "q/k/v" (genai's qkv_proj, GPT-2's c_attn)
 
     @property
     def flop_ratio(self) -> float | None:

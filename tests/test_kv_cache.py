@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -120,3 +122,141 @@ def test_input_shapes_may_give_a_past_input_an_empty_sequence(lm, tmp_path):
     refused = CliRunner().invoke(cli.main, bad)
     assert refused.exit_code == 2 and "must be a sequence of positive integers" in refused.output
     assert not (tmp_path / "b.onnx").exists()
+
+
+def _gqa_lm(path, rng):
+    """An onnxruntime-genai-style layer: q, k and v in one weight feeding GroupQueryAttention
+    (2 query heads, 1 KV head of 16), the past's head size named ``kv_cache_dim`` as genai's
+    builder names it."""
+    d, heads, kv, head, vocab = 32, 2, 1, 16, 100
+    batch, past, total = "batch_size", "past_sequence_length", "total_sequence_length"
+    cache = {
+        f"{kind}.0.{part}": [batch, kv, past if kind != "present" else total, "kv_cache_dim"]
+        for kind in ("past_key_values", "present")
+        for part in ("key", "value")
+    }
+    value_info = onnx.helper.make_tensor_value_info
+    nodes = [
+        ("Gather", ["E", "input_ids"], ["e"], {}),
+        ("MatMul", ["e", "Wqkv"], ["qkv"], {"name": "/attn/qkv_proj/MatMul"}),
+        ("ReduceSum", ["attention_mask", "one"], ["length"], {"keepdims": 0}),
+        ("Sub", ["length", "one"], ["last"], {}),
+        ("Cast", ["last"], ["seqlens_k"], {"to": onnx.TensorProto.INT32}),
+        ("Shape", ["attention_mask"], ["mask_shape"], {"start": 1}),
+        ("Cast", ["mask_shape"], ["total_1"], {"to": onnx.TensorProto.INT32}),
+        ("Squeeze", ["total_1"], ["total"], {}),
+        ("GroupQueryAttention",
+         ["qkv", "", "", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k", "total"],
+         ["attn", "present.0.key", "present.0.value"],
+         {"domain": "com.microsoft", "num_heads": heads, "kv_num_heads": kv}),
+        ("MatMul", ["attn", "Wo"], ["logits"], {"name": "/lm_head/MatMul"}),
+    ]  # fmt: skip
+    weights = {
+        "E": rng.standard_normal((vocab, d)),
+        "Wqkv": rng.standard_normal((d, (heads + 2 * kv) * head)) / 6,
+        "Wo": rng.standard_normal((heads * head, vocab)) / 6,
+    }
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(op, i, o, **a) for op, i, o, a in nodes],
+        "gqa",
+        [
+            value_info("input_ids", onnx.TensorProto.INT64, [batch, "sequence_length"]),
+            value_info("attention_mask", onnx.TensorProto.INT64, [batch, total]),
+            *(value_info(n, onnx.TensorProto.FLOAT, s) for n, s in cache.items() if "past" in n),
+        ],
+        [
+            value_info("logits", onnx.TensorProto.FLOAT, [batch, "sequence_length", vocab]),
+            *(value_info(n, onnx.TensorProto.FLOAT, s) for n, s in cache.items() if "pres" in n),
+        ],
+        [
+            *(onnx.numpy_helper.from_array(w.astype(np.float32), n) for n, w in weights.items()),
+            onnx.numpy_helper.from_array(np.array([1], np.int64), "one"),
+        ],
+    )
+    opsets = [onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)]
+    save(onnx.helper.make_model(graph, opset_imports=opsets, ir_version=10), path)
+    ids = rng.integers(0, vocab, (16, 12), dtype=np.int64)
+    np.savez(path.with_name("heldout.npz"), input_ids=ids, attention_mask=np.ones_like(ids))
+    return path
+
+
+def test_an_empty_past_takes_its_head_size_from_group_query_attention(tmp_path, rng):
+    from click.testing import CliRunner
+
+    from lrcompile import cli
+
+    lm = _gqa_lm(tmp_path / "gqa.onnx", rng)
+    pasts = [s for s in data_lib.model_inputs(load_model(lm)) if is_past(s.name)]
+    assert [s.shape for s in pasts] == [("batch_size", 1, "past_sequence_length", 16)] * 2
+    # ONNX Runtime runs the model on prompts alone: the empty past it got has head size 16
+    # (a 0 there, as before, fails inside GroupQueryAttention).
+    out = tmp_path / "o.onnx"
+    heldout = str(lm.with_name("heldout.npz"))
+    args = [str(lm), "-o", str(out), "--rank", "8", "--verify-data", heldout, "--tolerance", "10"]
+    result = CliRunner().invoke(cli.main, [*args, "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "/attn/qkv_proj/MatMul (fused q/k/v)" in result.output
+    layers = {
+        layer["nodes"][0]: layer
+        for layer in json.loads((tmp_path / "r.json").read_text())["layers"]
+    }
+    assert layers["/attn/qkv_proj/MatMul"]["fused"] == "q/k/v"
+    assert layers["/lm_head/MatMul"]["fused"] is None
+    assert layers["/attn/qkv_proj/MatMul"]["status"] == "factored"
+
+
+def test_genai_config_gives_the_sizes_the_graph_does_not_else_the_past_is_refused(tmp_path, rng):
+    from click.testing import CliRunner
+
+    from lrcompile import cli
+
+    # Nothing in the graph tells the past's heads or head size: no attention node reads it, and
+    # the keys it is concatenated with have no shape in the file.
+    model = make_model(
+        """g (int64[batch_size, sequence_length] input_ids,
+              float[batch_size, heads, past_sequence_length, head] past_key_values_0_key)
+          => (float[batch_size, sequence_length, 50] logits,
+              float[batch_size, heads, total, head] present_0_key) {
+            e = Gather(E, input_ids)
+            logits = MatMul(e, W)
+            k = MatMul(e, Wk)
+            split = Constant<value = int64[4] {0, 0, 3, 4}>()
+            heads = Reshape(k, split)
+            keys = Transpose<perm = [0, 2, 1, 3]>(heads)
+            present_0_key = Concat<axis = 2>(past_key_values_0_key, keys)
+        }""",
+        {
+            "E": rng.standard_normal((50, 32)).astype(np.float32),
+            "W": low_rank_matrix(rng, 32, 50),
+            "Wk": low_rank_matrix(rng, 32, 12),
+        },
+    )
+    model.graph.input[1].name = model.graph.node[-1].input[0] = "past_key_values.0.key"
+    model.graph.output[1].name = model.graph.node[-1].output[0] = "present.0.key"
+    path = save(model, tmp_path / "lm.onnx")
+    (tmp_path / "typed").mkdir()
+    np.savez(tmp_path / "heldout.npz", input_ids=rng.integers(0, 50, (8, 6), dtype=np.int64))
+    out = tmp_path / "o.onnx"
+    args = [str(path), "-o", str(out), "--rank", "8", "--tolerance", "10"]
+    args += ["--verify-data", str(tmp_path / "heldout.npz")]
+    refused = CliRunner().invoke(cli.main, args)
+    assert refused.exit_code == 2 and not out.exists()
+    assert (
+        "does not tell the sizes of its dimensions ['heads', 'past_sequence_length', 'head']"
+        in (refused.output)
+    )
+    assert "--input-shapes past_key_values.0.key:8x<heads>x0x<head>" in refused.output
+    # The keys' shape in value_info tells them: the Concat's other axes are the past's.
+    keys = onnx.helper.make_tensor_value_info("keys", onnx.TensorProto.FLOAT, ["b", 3, "s", 4])
+    model.graph.value_info.append(keys)
+    typed = load_model(save(model, tmp_path / "typed" / "lm.onnx"))
+    assert data_lib.model_inputs(typed)[1].shape == ("batch_size", 3, "past_sequence_length", 4)
+    config = {"model": {"decoder": {"head_size": 4, "num_key_value_heads": 3}}}
+    (tmp_path / "genai_config.json").write_text(json.dumps(config))
+    pasts = [s for s in data_lib.model_inputs(load_model(path)) if is_past(s.name)]
+    assert pasts[0].shape == ("batch_size", 3, "past_sequence_length", 4)
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    _, present = run(out, {"input_ids": np.zeros((2, 6), np.int64),
+                           "past_key_values.0.key": np.ones((2, 3, 5, 4), np.float32)})  # fmt: skip
+    assert present.shape == (2, 3, 11, 4)

@@ -52,6 +52,7 @@ def _row(layer: LayerReport) -> tuple[str, ...]:
     name = layer.nodes[0] or layer.weight or "?"
     if len(layer.nodes) > 1:
         name += f" (x{len(layer.nodes)})"
+    name += f" (fused {layer.fused})" if layer.fused else ""
     shape = "x".join(str(d) for d in layer.shape) if layer.shape else "-"
     status = layer.status if layer.status != "quantized" else f"quantized {layer.method}"
     status = status if layer.reason is None else f"{status}: {as_flags(layer.reason)}"
@@ -304,7 +305,7 @@ def print_inspection(result) -> None:
     header = ("layer", "op", "shape", "readers", "break-even", "r99", "r99 whitened", "sensitivity")
     rows = [
         (
-            layer.node or layer.weight,
+            (layer.node or layer.weight) + (f" (fused {layer.fused})" if layer.fused else ""),
             layer.op,
             f"{layer.shape[0]}x{layer.shape[1]}",
             str(layer.nodes),

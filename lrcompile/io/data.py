@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lrcompile.errors import DataError
-from lrcompile.io.past import is_past, with_empty_past
+from lrcompile.io.past import GENAI_META_KEY, dims_of, is_past, past_dims, with_empty_past
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +41,16 @@ class InputSpec:
 
 
 def model_inputs(model: ir.Model) -> list[InputSpec]:
-    """The graph inputs that are fed at run time (initializers listed as inputs excluded)."""
+    """The graph inputs that are fed at run time (initializers listed as inputs excluded); a
+    KV-cache input's symbolic dimensions that the graph tells are given as sizes
+    (``io.past.past_dims``)."""
+    pasts = past_dims(model.graph, model.meta.get(GENAI_META_KEY))
     specs = []
     for value in model.graph.inputs:
         if value.const_value is not None or value.name in model.graph.initializers:
             continue
         dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
-        dims = tuple(
-            d if isinstance(d, int) else (d.value if d is not None else None)
-            for d in (value.shape or ())
-        )
+        dims = pasts.get(value.name, dims_of(value.shape))
         specs.append(InputSpec(value.name or "", np.dtype(dtype), dims))
     return specs
 

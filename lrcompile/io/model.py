@@ -21,7 +21,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from lrcompile.errors import ModelLoadError, OutputPathError
-from lrcompile.io import inline, validate
+from lrcompile.io import inline, past, validate
 from lrcompile.io.validate import external_data_files
 
 # ONNX Runtime rejects IR version 14 (what onnx 1.23 writes); 10 is accepted everywhere we target.
@@ -56,6 +56,9 @@ def load_model(path: str | Path) -> ir.Model:
     _inline_attribute_tensors(model)
     if source is not None:
         model.meta[inline.META_KEY] = source
+    genai = past.genai_sizes(path)
+    if genai is not None:
+        model.meta[past.GENAI_META_KEY] = genai
     return model
 
 

@@ -65,6 +65,7 @@ class WeightGroup:
     nodes: tuple[ir.Node, ...]
     cast: ir.DataType | None = None  # the nodes read the weight cast to this dtype
     other_readers: tuple[str, ...] = ()  # op types of non-candidate readers of the weight
+    fused: str | None = None  # what the weight packs: "q/k/v" (``fused_role``)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -132,10 +133,33 @@ def find_candidates(
             tuple(nodes),
             key[3],
             tuple(sorted(_other_readers(sources[key].value, members))),
+            fused_role(sources[key].value, nodes),
         )
         for key, nodes in groups.items()
     ]
     return candidates, skipped
+
+
+def fused_role(weight: ir.Value, nodes: Iterable[ir.Node]) -> str | None:
+    """``"q/k/v"`` when the weight packs an attention's query, key and value in one matrix:
+    its product (plus a bias) is the packed query of a ``GroupQueryAttention`` or
+    ``MultiHeadAttention`` given no key (onnxruntime-genai's builder writes these), or the weight
+    or node is named so (``qkv``, ``query_key_value``, ``c_attn``: HF exports). It is one candidate
+    like any other; the report names it."""
+    names = " ".join([weight.name or "", *(node.name or "" for node in nodes)]).lower()
+    if any(mark in names for mark in ("qkv", "query_key_value", "c_attn")):
+        return "q/k/v"
+    for node in nodes:
+        product = node.outputs[0]
+        biased = [u.node.outputs[0] for u in product.uses() if u.node.op_type == "Add"]
+        for value in (product, *biased):
+            for use in value.uses():
+                reader = use.node
+                packed = len(reader.inputs) < 2 or reader.inputs[1] is None
+                attention = reader.op_type in ("GroupQueryAttention", "MultiHeadAttention")
+                if attention and use.idx == 0 and packed:
+                    return "q/k/v"
+    return None
 
 
 def resolve_weight(value: ir.Value) -> WeightSource | None:

@@ -76,6 +76,7 @@ def _base(group: WeightGroup, spec: str | None) -> LayerReport:
         weight=group.weight.name,
         status="dense",
         shape=(k, n),
+        fused=group.fused,
         spec=spec,
         params_before=k * n,
         params_after=k * n,
