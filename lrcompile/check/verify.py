@@ -35,7 +35,7 @@ from lrcompile.io.indices import check_index_values
 from lrcompile.io.model import load_model
 from lrcompile.io.past import is_present
 from lrcompile.io.spill import OutputStore
-from lrcompile.passes.inputs import index_ranges
+from lrcompile.passes.inputs import index_ranges, synthetic_ranges
 from lrcompile.runtime.metrics import METRICS, ErrorAccumulator, Labels, OutputMetrics, add_batch
 from lrcompile.runtime.rows import rows_per_run, split_rows, splittable
 from lrcompile.runtime.sessions import (
@@ -183,7 +183,7 @@ def _feeds(ref_model, data, shapes, ranges, batch_size, iterations, seed):
         batch_size=batch_size,
         iterations=iterations,
         seed=seed,
-        val_ranges=limits | dict(ranges or {}),
+        val_ranges=synthetic_ranges(ref_model.graph) | dict(ranges or {}),
     )
     if not feeds.synthetic:
         check_index_values(feeds.description, feeds.feeds, limits)

@@ -5,7 +5,10 @@
 
 Token ids into an embedding, node or edge indices into a feature table: synthetic values must
 stay in the table's range, or every row looks alike (all 0/1) or the model reads out of bounds.
-When an input reaches several tables the smallest range applies.
+When an input reaches several tables the smallest range applies. An integer attention mask
+(``*attention_mask``) is all ones in synthetic data: every token attended, as in a prompt without
+padding (random 0/1 masks leave rows with no token, which onnxruntime-genai's
+``GroupQueryAttention`` refuses).
 """
 
 from __future__ import annotations
@@ -31,6 +34,17 @@ def index_ranges(graph: ir.Graph) -> dict[str, tuple[int, int]]:
         if highs and min(highs) >= 0:
             ranges[value.name or ""] = (0, min(highs))
     return ranges
+
+
+def synthetic_ranges(graph: ir.Graph) -> dict[str, tuple[int, int]]:
+    """``index_ranges`` with every integer attention mask at ``(1, 1)``: the value ranges of
+    synthetic inputs (not a bound on real data, whose masks may pad)."""
+    masks = {
+        value.name: (1, 1)
+        for value in graph.inputs
+        if value.dtype in _INTEGER_TYPES and (value.name or "").endswith("attention_mask")
+    }
+    return masks | index_ranges(graph)
 
 
 def _gather_limits(value: ir.Value, offset: int, seen: set[int]):

@@ -22,7 +22,7 @@ from lrcompile.io import overrides as override_files
 from lrcompile.io.indices import check_index_values
 from lrcompile.numerics.ranks import RankSpec
 from lrcompile.passes.candidates import Skipped, WeightGroup, find_candidates, ops_left_alone
-from lrcompile.passes.inputs import index_ranges
+from lrcompile.passes.inputs import index_ranges, synthetic_ranges
 from lrcompile.passes.opset import with_opset
 from lrcompile.passes.quantized import MIN_OPSET as QUANTIZED_OPSET
 from lrcompile.plan import Quantize
@@ -110,7 +110,7 @@ def feeds(
         batch_size=config.batch_size,
         iterations=DEFAULT_ITERATIONS,
         seed=config.seed,
-        val_ranges=limits | dict(config.val_ranges),
+        val_ranges=synthetic_ranges(prepared.model.graph) | dict(config.val_ranges),
     )
     if not source.synthetic:
         check_index_values(source.description, source.feeds, limits)
