@@ -23,6 +23,7 @@ from lrcompile.errors import InternalError, LrcompileError
 from lrcompile.factors.provider import FactorProvider, ProgressCallback
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
+from lrcompile.io import runtime_files
 from lrcompile.pipeline import Fp8Report
 from lrcompile.plan import Plan
 from lrcompile.profile import Profile
@@ -55,6 +56,7 @@ class CompileResult:
     left_alone: tuple[tuple[str, str, int], ...] = ()  # (op, why, count): not MatMul/Gemm
     plan: Plan | None = None
     peak_mib: dict[str, float] = dataclasses.field(default_factory=dict)  # per stage
+    runtime_files: tuple[str, ...] = ()  # copied beside the output (``io.runtime_files``)
 
     @property
     def totals(self) -> Totals:
@@ -81,6 +83,7 @@ class CompileResult:
             "left_alone": [
                 {"op": op, "reason": why, "count": count} for op, why, count in self.left_alone
             ],
+            "runtime_files": list(self.runtime_files),
         }
 
     def write_report(self, path: str | Path) -> None:
@@ -142,9 +145,13 @@ def compile_model(
             prepared, calibrated, plan, config, provider, output_path, profile, progress,
             predicted=auto.local if auto is not None else None,
         )  # fmt: skip
-    return checked(
+    result = checked(
         prepared, calibrated, config, (plan, auto), rewritten, output_path, profile, check_feeds
     )
+    if result.output_path is None:
+        return result
+    files = runtime_files.copy_beside(input_path, result.output_path)
+    return dataclasses.replace(result, runtime_files=files)
 
 
 def load_checked(input_path: Path, config: CompileConfig, outputs: list[Path]):

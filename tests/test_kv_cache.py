@@ -276,3 +276,33 @@ def test_synthetic_attention_masks_attend_to_every_token_real_ones_may_pad(tmp_p
     masks = np.stack([feed["attention_mask"] for feed in source.feeds])
     assert masks.shape[:2] == (3, 4) and np.all(masks == 1)
     assert len({int(feed["input_ids"].max()) for feed in source.feeds}) > 1
+
+
+def test_the_runtimes_files_are_copied_beside_an_output_in_another_folder(tmp_path, rng, caplog):
+    from click.testing import CliRunner
+
+    from lrcompile import cli
+
+    lm = _gqa_lm(tmp_path / "model.onnx", rng)
+    config = {"model": {"decoder": {"filename": "model.onnx", "head_size": 16}}, "search": {}}
+    (tmp_path / "genai_config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer_config.json").write_text("the user's own")
+    args = [str(lm), "--rank", "8", "--no-verify", "-o"]
+    result = CliRunner().invoke(cli.main, [*args, str(out / "model.lr.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "beside it, for the runtime: genai_config.json, tokenizer.json" in result.output
+    copied = json.loads((out / "genai_config.json").read_text())
+    assert copied == {**config, "model": {"decoder": {**config["model"]["decoder"],
+                                                     "filename": "model.lr.onnx"}}}  # fmt: skip
+    assert (out / "tokenizer.json").read_text() == "tokenizer.json"
+    assert (out / "tokenizer_config.json").read_text() == "the user's own"  # never overwritten
+    assert not (out / "notes.txt").exists()
+    # Beside the input, nothing is copied: the config still names the original, and says so.
+    same = CliRunner().invoke(cli.main, [*args, str(tmp_path / "model.lr.onnx")])
+    assert same.exit_code == 0 and "beside it" not in same.output
+    assert "names model.onnx, not model.lr.onnx" in caplog.text
+    assert json.loads((tmp_path / "genai_config.json").read_text()) == config

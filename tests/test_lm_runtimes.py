@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -48,16 +47,16 @@ def _prompts(folder: Path, names: tuple[str, ...]) -> tuple[Path, Path]:
     return folder / "calib.npz", folder / "heldout.npz"
 
 
-def _compiled(model: Path, out: Path, how: str, metas: tuple[str, ...]):
-    """``model`` compiled into the folder ``out``, beside copies of the runtime's files."""
+def _compiled(model: Path, out: Path, how: str, runtime_files: tuple[str, ...]):
+    """``model`` compiled into the folder ``out``: lrcompile copies the runtime's files."""
     out.mkdir()
-    for name in metas:
-        shutil.copy(model.with_name(name), out / name)
     calib, heldout = model.with_name("calib.npz"), model.with_name("heldout.npz")
     options, _ = COMPILES[how]
-    return lrcompile.compile_model(
+    result = lrcompile.compile_model(
         model, out / "model.onnx", calib=str(calib), verify_data=heldout, metric="kl", **options
     )
+    assert sorted(result.runtime_files) == sorted(runtime_files)
+    return result
 
 
 def _agree(tokens: list[int], reference: list[int]) -> int:
@@ -105,8 +104,8 @@ def _recomputed(path: Path, new: list[int]) -> list[int]:
 
 @pytest.mark.parametrize("how", COMPILES)
 def test_a_genai_builder_model_compiles_and_generates_with_its_cache(genai_lm, how, tmp_path):
-    metas = ("genai_config.json", "tokenizer.json", "tokenizer_config.json")
-    result = _compiled(genai_lm, tmp_path / "out", how, metas)
+    files = ("genai_config.json", "tokenizer.json", "tokenizer_config.json")
+    result = _compiled(genai_lm, tmp_path / "out", how, files)
     assert result.output_path is not None and result.passed
     qkv = [layer for layer in result.layers if "qkv_proj" in layer.nodes[0]]
     assert len(qkv) == 2 and all(layer.fused == "q/k/v" for layer in qkv)

@@ -13,6 +13,7 @@ generated tokens equal the reference's (position by position, and before the fir
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -40,7 +41,10 @@ def generate(model, prompt: np.ndarray, new_tokens: int) -> tuple[list[int], flo
 
 
 def _bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.iterdir() if ".onnx" in f.name)
+    """The model file genai_config.json names, with its external data beside it."""
+    name = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+    files = [folder / name, folder / f"{name}.data"]
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def _agreement(tokens: list[int], reference: list[int]) -> tuple[int, int]:
@@ -61,7 +65,8 @@ def main() -> None:
 
     prompts = np.load(args.prompts)["input_ids"][: args.count, : args.prompt_tokens]
     models = [og.Model(str(folder)) for folder in args.folders]
-    generate(models[0], prompts[0], 4)  # warm-up
+    for model in models:
+        generate(model, prompts[0], 4)  # warm-up
     runs: list[list[tuple]] = [[] for _ in models]
     for prompt in prompts:
         for model, results in zip(models, runs, strict=True):

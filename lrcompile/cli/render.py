@@ -111,6 +111,8 @@ def print_compile(result: CompileResult) -> None:
         f" weight bytes {_megabytes(total.bytes_before)} -> {_megabytes(total.bytes_after)},"
         f" predicted FLOPs x{total.flop_ratio:.3f}"
     )
+    if result.runtime_files:
+        click.echo(f"  beside it, for the runtime: {', '.join(result.runtime_files)}")
     if result.fp8 is not None:
         activations = [t for t in result.fp8.tensors if t.kind == "activation"]
         weights = [t for t in result.fp8.tensors if t.kind == "weight"]
