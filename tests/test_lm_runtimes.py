@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,17 @@ def test_an_optimum_export_compiles_and_generates_with_its_cache(optimum_lm, how
     assert compiled["cached"] == compiled["recomputed"]  # the cache path = recomputing
     assert len(dense["cached"]) == tiny_lm.NEW_TOKENS
     assert _agree(compiled["cached"], dense["cached"]) >= COMPILES[how][1]
+
+
+def test_the_generation_example_runs_the_compiled_model_beside_the_dense_one(genai_lm, tmp_path):
+    _compiled(genai_lm, tmp_path / "int4", "int4", ("genai_config.json", "tokenizer.json",
+                                                   "tokenizer_config.json"))  # fmt: skip
+    script = Path(__file__).parents[1] / "examples" / "llm" / "generate.py"
+    command = [sys.executable, str(script), str(genai_lm.parent), str(tmp_path / "int4")]
+    command += ["--prompts", str(genai_lm.with_name("heldout.npz")), "--count", "2"]
+    command += ["--prompt-tokens", "8", "--new-tokens", "8"]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["model", "int4"]
+    assert rows[0][4:6] == ["16/16", "8/8"]  # the reference against itself
+    assert float(rows[1][1]) < float(rows[0][1])  # weights MB

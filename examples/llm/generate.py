@@ -80,7 +80,7 @@ def main() -> None:
         total = len(reference) * args.new_tokens
         rows.append((
             folder.name,
-            f"{_bytes(folder) / 1e6:.0f}",
+            f"{_bytes(folder) / 1e6:.1f}",
             f"{statistics.median(p for _, p, _ in results) * 1e3:.0f}",
             f"{statistics.median(r for _, _, r in results):.1f}",
             f"{sum(s for s, _ in same)}/{total}",
