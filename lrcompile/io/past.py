@@ -79,7 +79,9 @@ def past_dims(graph: ir.Graph, genai: Mapping[int, int] | None = None) -> dict[s
     for value in graph.inputs:
         if not is_past(value.name or "") or value.shape is None:
             continue
-        told = {**(genai or {}), **_told_by_readers(value)}
+        told = _told_by_readers(value)
+        if len(value.shape) == 4:  # [batch, heads, past, head size], as genai's builder writes
+            told = {**(genai or {}), **told}
         dims = tuple(
             told.get(axis, dim) if not isinstance(dim, int) else dim
             for axis, dim in enumerate(dims_of(value.shape))
@@ -100,7 +102,10 @@ def _told_by_readers(past: ir.Value) -> dict[int, int]:
     told: dict[int, int] = {}
     for node in past.consumers():
         slots = _ATTENTION_PASTS.get((node.domain or "", node.op_type))
-        if slots is not None and past in [node.inputs[i] for i in slots if i < len(node.inputs)]:
+        reads = slots is not None and past in [
+            node.inputs[i] for i in slots if i < len(node.inputs)
+        ]
+        if reads and len(past.shape) == 4:
             told.update(_attention_sizes(node))
         elif node.op_type == "Concat" and not node.domain:
             axis = node.attributes.get_int("axis", 0) % len(past.shape)
