@@ -103,6 +103,18 @@ def test_a_kv_cache_output_is_gated_on_rel_l2_under_top1_and_kl(lm, tmp_path, rn
         assert cache.error == cache.relative_l2 < 0.02
         assert outputs["logits"].kl is not None  # the logits keep their class statistics
         assert result.passed == all(o.error <= 0.02 for o in result.outputs)
+    # Under kl the cache's rel-l2 is the worst gated error: the verdict names it and its measure.
+    assert result.worst_cache == "present.0.key"
+    from click.testing import CliRunner
+
+    from lrcompile import cli
+
+    args = ["verify", str(lm), str(candidate), "--data", str(lm.with_name("heldout.npz"))]
+    shown = CliRunner().invoke(cli.main, [*args, "--metric", "kl", "--tolerance", "0.02"])
+    error = f"{result.outputs[1].relative_l2:.3e}"
+    assert (
+        f"verdict: PASS (worst relative L2 {error} (present.0.key), tolerance 0.02" in shown.output
+    )
 
 
 def test_input_shapes_may_give_a_past_input_an_empty_sequence(lm, tmp_path):

@@ -74,6 +74,14 @@ class VerifyResult:
         """The largest gated error (under ``metric``) of any output."""
         return max((o.error for o in self.outputs), default=0.0)
 
+    @property
+    def worst_cache(self) -> str | None:
+        """The output with the largest gated error when it is a cache output gated on rel-l2
+        under kl/top1/ppl (so the verdict names it and its measure), else None."""
+        worst = max(self.outputs, key=lambda o: o.error, default=None)
+        classed = worst is None or worst.kl is not None or worst.perplexity is not None
+        return None if classed or self.metric not in ("kl", "top1", "ppl") else worst.name
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,

@@ -149,8 +149,9 @@ def print_verification(result: VerifyResult) -> None:
     ]
     _echo_table((*header, "status"), rows)
     verdict = "PASS" if result.passed else "FAIL"
-    worst = result.worst_error
-    error = f"{worst:.3e}" if math.isfinite(worst) else "non-finite output"
+    error = f"{result.worst_error:.3e}" if math.isfinite(result.worst_error) else "non-finite"
+    cache = result.worst_cache  # gated on rel-l2 under kl/top1/ppl
+    error += f" ({cache})" if cache else ""
     data = result.data_source
     if result.synthetic:
         data = (
@@ -158,9 +159,9 @@ def print_verification(result: VerifyResult) -> None:
             if "synthetic" in data
             else f"SYNTHETIC {data}"
         )
+    measure = _METRIC_NAMES["rel-l2" if cache else result.metric]
     click.echo(
-        f"verdict: {verdict} (worst {_METRIC_NAMES[result.metric]} {error}, tolerance"
-        f" {result.tolerance:g},"
+        f"verdict: {verdict} (worst {measure} {error}, tolerance {result.tolerance:g},"
         f" {result.batches} batches of {data})"
     )
     if result.integer_weights is not None:
