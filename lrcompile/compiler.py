@@ -250,6 +250,7 @@ def checked(
                 labels=config.labels,
                 written=True,
                 accuracy_level=config.accuracy_level,
+                gate_cache=config.gate_cache,
             )
     if config.objective == "latency":
         with profile("timing"):  # the latency table's prediction against a measurement

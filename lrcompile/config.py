@@ -67,6 +67,9 @@ class CompileConfig:
             KL of the softmax over the last axis, nats), ``top1`` (fraction of positions whose
             argmax changed) or ``ppl`` (perplexity ratio - 1, needs ``labels``); see
             ``lrcompile.runtime.metrics``.
+        gate_cache: Under ``kl``, ``top1`` and ``ppl``, also gate the KV-cache outputs
+            (``present.*``) on rel-l2 at ``tolerance``; off, they are reported and the verdict
+            rests on the logits, which carry the cache's effect on every later position.
         labels: ``(input, output)``, e.g. ``("input_ids", "logits")``: the output's logits at
             each position predict the input's next entry; checks report both perplexities.
         verify_data: ``.npz`` of inputs for verification (synthetic inputs when None).
@@ -147,6 +150,7 @@ class CompileConfig:
     verify: bool = True
     tolerance: float = DEFAULT_TOLERANCE
     metric: str = "rel-l2"
+    gate_cache: bool = True
     labels: tuple[str, str] | None = None
     verify_data: Path | None = None
     input_shapes: InputShapes = dataclasses.field(default_factory=dict)

@@ -318,3 +318,49 @@ def test_the_runtimes_files_are_copied_beside_an_output_in_another_folder(tmp_pa
     assert same.exit_code == 0 and "beside it" not in same.output
     assert "names model.onnx, not model.lr.onnx" in caplog.text
     assert json.loads((tmp_path / "genai_config.json").read_text()) == config
+
+
+def test_no_gate_cache_reports_the_cache_and_rests_the_verdict_on_the_logits(lm, tmp_path, rng):
+    from click.testing import CliRunner
+
+    from lrcompile import cli
+
+    model = onnx.load(str(lm))
+    wk = next(t for t in model.graph.initializer if t.name == "Wk")
+    values = onnx.numpy_helper.to_array(wk)
+    noisy = values + 0.02 * np.abs(values).mean() * rng.standard_normal(values.shape)
+    wk.CopyFrom(onnx.numpy_helper.from_array(noisy.astype(np.float32), "Wk"))
+    candidate = save(model, tmp_path / "candidate.onnx")
+    data = lm.with_name("heldout.npz")
+    gated = lrcompile.verify(lm, candidate, data=data, metric="kl", tolerance=1.0)
+    cache, logits = gated.outputs[1].relative_l2, gated.outputs[0].kl
+    assert logits < cache / 2  # a tolerance between the two tells the modes apart
+    tolerance = (logits + cache) / 2
+    gated = lrcompile.verify(lm, candidate, data=data, metric="kl", tolerance=tolerance)
+    assert not gated.passed and gated.worst_cache == "present.0.key"
+    reported = lrcompile.verify(
+        lm, candidate, data=data, metric="kl", tolerance=tolerance, gate_cache=False
+    )
+    assert reported.passed and reported.worst_error == logits
+    assert not reported.outputs[1].gated and reported.outputs[1].relative_l2 == cache
+    # Under rel-l2 every output is gated either way.
+    plain = lrcompile.verify(lm, candidate, data=data, tolerance=cache / 2, gate_cache=False)
+    assert not plain.passed and plain.outputs[1].gated
+    args = ["verify", str(lm), str(candidate), "--data", str(data), "--metric", "kl"]
+    shown = CliRunner().invoke(cli.main, [*args, "--tolerance", str(tolerance), "--no-gate-cache"])
+    assert shown.exit_code == 0 and "not gated" in shown.output
+    assert f"verdict: PASS (worst KL {logits:.3e}," in shown.output
+    # auto's probes measure the same way (runtime.metrics.measure_error).
+    from lrcompile.runtime.metrics import measure_error
+
+    inputs = data_lib.model_inputs(load_model(lm))
+    source = data_lib.input_feeds(
+        str(data), None, inputs, shapes={}, batch_size=16, iterations=1, seed=0
+    )
+    feed = source.feeds[0]
+    names = ["logits", "present.0.key"]
+    reference = dict(zip(names, run(lm, feed), strict=True))
+    probe = load_model(candidate)
+    both = measure_error(probe, [feed], [reference], "kl")
+    logits_only = measure_error(probe, [feed], [reference], "kl", gate_cache=False)
+    assert both == pytest.approx(cache, rel=1e-6) and logits_only == pytest.approx(logits, rel=1e-6)

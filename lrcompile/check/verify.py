@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from lrcompile.check.gate import check_gate, check_labels
 from lrcompile.config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_ITERATIONS,
@@ -36,7 +37,7 @@ from lrcompile.io.model import load_model
 from lrcompile.io.past import is_present
 from lrcompile.io.spill import OutputStore
 from lrcompile.passes.inputs import index_ranges, synthetic_ranges
-from lrcompile.runtime.metrics import METRICS, ErrorAccumulator, Labels, OutputMetrics, add_batch
+from lrcompile.runtime.metrics import ErrorAccumulator, Labels, OutputMetrics, add_batch
 from lrcompile.runtime.rows import rows_per_run, split_rows, splittable
 from lrcompile.runtime.sessions import (
     create_session,
@@ -73,6 +74,18 @@ class VerifyResult:
     def worst_error(self) -> float:
         """The largest gated error (under ``metric``) of any output."""
         return max((o.error for o in self.outputs), default=0.0)
+
+    @property
+    def data_label(self) -> str:
+        """Where the data came from, marked SYNTHETIC when it was."""
+        data = self.data_source
+        if not self.synthetic:
+            return data
+        return (
+            data.replace("synthetic", "SYNTHETIC", 1)
+            if "synthetic" in data
+            else f"SYNTHETIC {data}"
+        )
 
     @property
     def worst_cache(self) -> str | None:
@@ -113,18 +126,17 @@ def verify(
     labels: Labels | None = None,
     written: bool = False,
     accuracy_level: int | None = None,
+    gate_cache: bool = True,
 ) -> VerifyResult:
     """Compares ``candidate`` against ``reference`` with Polygraphy and ONNX Runtime.
 
     Args:
-        reference: The original ONNX model.
-        candidate: The model to check (for example the compressed one).
+        reference, candidate: The original ONNX model, and the one to check against it.
         data: An ``.npz`` of inputs (samples along axis 0); synthetic inputs when None.
         tolerance, metric: Largest error allowed per output, under ``rel-l2``, ``cosine``,
             ``kl``, ``top1`` or ``ppl`` (``lrcompile.runtime.metrics``).
-        input_shapes, val_ranges, iterations, seed: Of synthetic inputs: shapes with dynamic
-            dimensions and value ranges (default ``[0, 1]``, or the rows of the table an
-            integer input indexes) by input name, how many batches, their seed.
+        input_shapes, val_ranges, iterations, seed: Of synthetic inputs: shapes and value
+            ranges by input name (``CompileConfig``), how many batches, their seed.
         batch_size: Rows per batch for ``data`` and for a dynamic leading dimension.
         feeds: Ready feeds to use instead of ``data`` (for example the calibration feeds).
         providers: ONNX Runtime's providers, in priority order (``cpu``, ``cuda``, ``tensorrt``).
@@ -134,24 +146,25 @@ def verify(
         written: lrcompile wrote ``candidate`` (a compile's check): its rejection is internal.
         accuracy_level: Of the MatMulNBits ONNX Runtime fuses from the candidate's integer
             weights (None: ONNX Runtime's default, int8 activations).
+        gate_cache: Off, KV-cache outputs under kl/top1/ppl are reported, not gated.
 
     Raises:
         LrcompileError: A model or the data is invalid, or the models' inputs/outputs differ.
         InternalError: ``written``, and the candidate was rejected (kept for a bug report).
     """
-    _check_gate(tolerance, metric, labels)
+    check_gate(tolerance, metric, labels)
     engine = Path(candidate).suffix in (".engine", ".plan") if engine is None else engine
-    ref_model = _load_pair(reference, candidate, engine, written)
+    ref_model = _load_pair(reference, candidate, engine, written, labels)
     if feeds is None:
         feeds = _feeds(ref_model, data, input_shapes, val_ranges, batch_size, iterations, seed)
     outputs = [value.name for value in ref_model.graph.outputs]
-    check_labels(reference, ref_model, labels)
     with _quiet_polygraphy():
         runners = _runners(reference, candidate, providers, engine, written, accuracy_level)
         pieces = _run_pair(runners, feeds.feeds, (reference, candidate), written, ref_model)
         accumulators = _accumulate(pieces, outputs, candidate, labels)
     _refuse_degenerate(reference, accumulators, feeds)
-    metrics = tuple(accumulators[name].metrics(name, tolerance, metric) for name in outputs)
+    gate = (tolerance, metric, gate_cache)
+    metrics = tuple(accumulators[name].metrics(name, *gate) for name in outputs)
     fused = None if engine else integer_weights_note(candidate, accuracy_level)
     batches, source = len(feeds.feeds), feeds.description
     return VerifyResult(metrics, tolerance, batches, source, feeds.synthetic, metric, fused)
@@ -199,46 +212,13 @@ def _feeds(ref_model, data, shapes, ranges, batch_size, iterations, seed):
     return feeds
 
 
-def _check_gate(tolerance: float, metric: str, labels: Labels | None) -> None:
-    if not tolerance >= 0:
-        raise LrcompileError(f"`tolerance` must be >= 0, got {tolerance}")
-    if metric not in METRICS:
-        raise LrcompileError(f"`metric` {metric!r} is not one of {', '.join(METRICS)}")
-    if metric == "ppl" and labels is None:
-        raise LrcompileError("`metric=ppl` needs `labels` INPUT:OUTPUT (e.g. input_ids:logits)")
-
-
-def check_labels(path, model, labels: Labels | None) -> None:
-    """The labels name an integer input and an output of the model.
-
-    Raises:
-        DataError: They do not.
-    """
-    if labels is None:
-        return
-    inputs = {value.name: value for value in model.graph.inputs}
-    label_input, output = labels
-    if label_input not in inputs:
-        raise DataError(
-            f"{path}: `labels` names no input {label_input!r} (inputs: {', '.join(inputs)})"
-        )
-    dtype = inputs[label_input].dtype
-    if dtype is None or not dtype.is_integer():
-        raise DataError(
-            f"{path}: `labels` input {label_input!r} is {dtype}, expected integer token ids"
-        )
-    names = [value.name for value in model.graph.outputs]
-    if output not in names:
-        raise DataError(
-            f"{path}: `labels` names no output {output!r} (outputs: {', '.join(names)})"
-        )
-
-
-def _load_pair(reference, candidate, engine: bool, written: bool):
-    """The reference model, after checking that the candidate exists and has its signature."""
+def _load_pair(reference, candidate, engine: bool, written: bool, labels: Labels | None):
+    """The reference model, after checking that the labels fit it and that the candidate exists
+    and has its signature."""
     if engine and not Path(candidate).is_file():
         raise ModelLoadError(f"{candidate}: no such file, expected a TensorRT engine")
     ref_model = load_model(reference)
+    check_labels(reference, ref_model, labels)
     if engine:
         return ref_model
     try:
@@ -252,7 +232,10 @@ def _load_pair(reference, candidate, engine: bool, written: bool):
 
 def _accumulate(pieces, outputs, candidate, labels) -> dict[str, ErrorAccumulator]:
     """Each output's error over every (feed, reference, candidate) piece of a batch."""
-    accumulators = {name: ErrorAccumulator(classes=not is_present(name)) for name in outputs}
+    accumulators = {
+        name: ErrorAccumulator(classes=not is_present(name), cache=is_present(name))
+        for name in outputs
+    }
     for feed, ref_out, cand_out in pieces:
         missing = [name for name in outputs if name not in cand_out]
         if missing:

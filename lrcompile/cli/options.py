@@ -52,6 +52,12 @@ CHECK_OPTIONS = [
         " ppl (perplexity ratio - 1, needs --labels).",
     ),
     config_option(
+        "--gate-cache/--no-gate-cache",
+        field="gate_cache",
+        help="Under kl/top1/ppl, also gate KV-cache outputs (present.*) on rel-l2 at"
+        " --tolerance; --no-gate-cache reports them, the logits carrying their effect.",
+    ),
+    config_option(
         "--labels",
         field="labels",
         metavar="INPUT:OUTPUT",

@@ -143,8 +143,11 @@ def print_verification(result: VerifyResult) -> None:
     labelled = any(o.perplexity is not None for o in result.outputs)
     header = ("output", "rel L2", "cosine", "max abs err", *(("KL", "top-1 changed") * classes))
     header += ("ppl ref", "ppl", "ppl ratio") * labelled
+    status = {
+        o.name: ("ok" if o.gated else "not gated") if o.passed else "FAIL" for o in result.outputs
+    }
     rows = [
-        (*_metric_cells(o, classes), *_perplexity_cells(o) * labelled, "ok" if o.passed else "FAIL")
+        (*_metric_cells(o, classes), *_perplexity_cells(o) * labelled, status[o.name])
         for o in result.outputs
     ]
     _echo_table((*header, "status"), rows)
@@ -152,17 +155,10 @@ def print_verification(result: VerifyResult) -> None:
     error = f"{result.worst_error:.3e}" if math.isfinite(result.worst_error) else "non-finite"
     cache = result.worst_cache  # gated on rel-l2 under kl/top1/ppl
     error += f" ({cache})" if cache else ""
-    data = result.data_source
-    if result.synthetic:
-        data = (
-            data.replace("synthetic", "SYNTHETIC", 1)
-            if "synthetic" in data
-            else f"SYNTHETIC {data}"
-        )
     measure = _METRIC_NAMES["rel-l2" if cache else result.metric]
     click.echo(
         f"verdict: {verdict} (worst {measure} {error}, tolerance {result.tolerance:g},"
-        f" {result.batches} batches of {data})"
+        f" {result.batches} batches of {result.data_label})"
     )
     if result.integer_weights is not None:
         click.echo(f"  {result.integer_weights}")

@@ -56,6 +56,7 @@ class OutputMetrics:
     metric: str = "rel-l2"
     perplexity: float | None = None  # the candidate's, on labelled outputs only
     reference_perplexity: float | None = None
+    gated: bool = True  # False: a KV cache reported, not gated (``gate_cache`` off)
 
     @property
     def perplexity_ratio(self) -> float | None:
@@ -72,6 +73,8 @@ class OutputMetrics:
         """The gated error under ``metric`` (inf when the output is not finite)."""
         if not self.finite:
             return math.inf
+        if not self.gated:
+            return 0.0
         if self.metric == "cosine":
             return 1.0 - self.cosine
         if self.metric == "kl" and self.kl is not None:
@@ -98,6 +101,7 @@ class ErrorAccumulator:
     result needs them."""
 
     classes: bool = True
+    cache: bool = False  # a KV-cache output (``io.past.is_present``)
     diff_sq: float = 0.0
     ref_sq: float = 0.0
     cand_sq: float = 0.0
@@ -204,7 +208,12 @@ class ErrorAccumulator:
             )
         return None
 
-    def metrics(self, name: str, tolerance: float, metric: str = "rel-l2") -> OutputMetrics:
+    def metrics(
+        self, name: str, tolerance: float, metric: str = "rel-l2", gate_cache: bool = True
+    ) -> OutputMetrics:
+        """The output's metrics; a cache output under kl/top1/ppl is gated on rel-l2, or only
+        reported when not ``gate_cache`` (the logits carry its effect on every later position)."""
+        gated = gate_cache or not self.cache or metric not in ("kl", "top1", "ppl")
         if not self.cand_finite:
             return OutputMetrics(name, math.inf, math.nan, math.inf, False, metric=metric)
         if self.ref_sq > 0:
@@ -220,7 +229,7 @@ class ErrorAccumulator:
             ppl = _exp(self.nll_candidate / self.labelled)
             ref_ppl = _exp(self.nll_reference / self.labelled)
         result = OutputMetrics(
-            name, rel, cosine, self.max_abs, False, kl, top1, metric, ppl, ref_ppl
+            name, rel, cosine, self.max_abs, False, kl, top1, metric, ppl, ref_ppl, gated
         )
         return dataclasses.replace(result, passed=math.isfinite(rel) and result.error <= tolerance)
 
@@ -232,10 +241,12 @@ def measure_error(
     metric: str = "rel-l2",
     labels: Labels | None = None,
     accuracy_level: int | None = None,
+    gate_cache: bool = True,
 ) -> float:
-    """Largest error under ``metric`` of any output of ``model`` on ``feeds`` against the
+    """Largest error under ``metric`` of any gated output of ``model`` on ``feeds`` against the
     ``reference`` outputs, one per feed (one ``ErrorMeter`` use)."""
-    return ErrorMeter(model, accuracy_level)(feeds, reference, metric, labels=labels)
+    meter = ErrorMeter(model, accuracy_level)
+    return meter(feeds, reference, metric, labels=labels, gate_cache=gate_cache)
 
 
 def add_batch(
@@ -255,7 +266,8 @@ def add_batch(
     if labels is not None and labels[1] not in reference:
         raise DataError(f"`labels` {labels[0]}:{labels[1]}: the model has no output {labels[1]!r}")
     for name, expected in reference.items():
-        accumulator = sums.setdefault(name, ErrorAccumulator(classes and not is_present(name)))
+        cache = is_present(name)
+        accumulator = sums.setdefault(name, ErrorAccumulator(classes and not cache, cache))
         try:
             accumulator.add(expected, candidate[name])
         except ValueError as e:
@@ -291,6 +303,7 @@ class ErrorMeter:
         metric: str = "rel-l2",
         extra: Mapping[str, np.ndarray] | None = None,
         labels: Labels | None = None,
+        gate_cache: bool = True,
     ) -> float:
         """The largest error under ``metric`` of any output (see ``measure_error``)."""
         sums: dict[str, ErrorAccumulator] = {}
@@ -304,7 +317,7 @@ class ErrorMeter:
                 add_batch(
                     sums, expected, candidate, feed, labels if metric == "ppl" else None, classes
                 )
-        return max(sums[name].metrics(name, 0.0, metric).error for name in sums)
+        return max(sums[name].metrics(name, 0.0, metric, gate_cache).error for name in sums)
 
 
 def _working(values: np.ndarray) -> np.ndarray:

@@ -295,8 +295,9 @@ class _Prober:
             feeds, reference = self.calibration.measured()  # batches not fitted to
             config = self.config
             error = measure_error(
-                candidate, feeds, reference, config.metric, config.labels, config.accuracy_level
-            )
+                candidate, feeds, reference, config.metric, config.labels, config.accuracy_level,
+                config.gate_cache,
+            )  # fmt: skip
             del candidate, fitted, factors, quantized
         passed = error <= self.tolerance
         self.steps.append(SearchStep(index, allocation.cost_ratio, predicted, error, passed))

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveInitializersFromInputsPass
 
-from lrcompile.check.verify import check_labels
+from lrcompile.check.gate import check_labels
 from lrcompile.config import DEFAULT_ITERATIONS, CompileConfig
 from lrcompile.errors import DataError, LrcompileError
 from lrcompile.io import data as data_lib
