@@ -341,6 +341,15 @@ def test_auto_with_quantize_chooses_a_form_per_layer_within_the_tolerance(quanti
     assert len(labels) >= 2, labels  # the tight tolerance buys different forms per layer
 
 
+def test_a_correction_has_fewer_parameters_than_its_weight():
+    from lrcompile.search.sensitivity import correction_ranks
+
+    assert correction_ranks(64, 128, 64) == (16, 32)  # 64 x 192 > 64 x 128: the weight again
+    assert correction_ranks(64, 64, 64) == (16,)
+    assert correction_ranks(896, 4864, 256) == (16, 32, 64, 128, 256)
+    assert correction_ranks(896, 4864, 100) == (16, 32, 64)  # as many as were fitted
+
+
 def test_a_budget_with_quantize_is_a_fraction_of_the_dense_bytes(quantizable_lm, tmp_path):
     model, calib = quantizable_lm
     result = lrcompile.compile_model(

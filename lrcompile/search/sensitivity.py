@@ -13,8 +13,9 @@ embeddings it spans ~300x (attention projections ~0.02, MLP layers up to ~7), wh
 alone cannot see.
 
 With ``quantize`` each ``auto`` layer's options are its stored forms (``quantized_layers``:
-integers alone, with a correction of each rank in ``CORRECTION_RANKS``, int8 under int4), their
-errors the whitened energies of what each leaves of the quantization error. Its sensitivity is
+integers alone, with a correction of each rank in ``CORRECTION_RANKS`` that has fewer parameters
+than the weight, int8 under int4), their errors the whitened energies of what each leaves of the
+quantization error. Its sensitivity is
 measured by adding the leading ``PROBE_CORRECTION_RANK`` components of that error to the layer
 alone (``probe_model(perturb=True)``): the error a quantized layer makes, of a known size.
 """
@@ -101,6 +102,12 @@ def measure_sensitivities(
     return _with_sensitivities(spectra, measured)
 
 
+def correction_ranks(k: int, n: int, available: int) -> tuple[int, ...]:
+    """The ranks of ``CORRECTION_RANKS`` a ``k x n`` weight may take, of ``available`` fitted
+    components: those with fewer parameters than the weight (one as large is the weight again)."""
+    return tuple(r for r in CORRECTION_RANKS if r <= available and r * (k + n) < k * n)
+
+
 def quantized_layers(
     planner: Planner,
     provider: FactorProvider,
@@ -128,7 +135,7 @@ def quantized_layers(
         base = stored_bytes(group, template)
         choices = [Choice(0, base, residual / weight)]
         kept = np.cumsum(np.square(entry.spectrum))
-        for rank in (r for r in CORRECTION_RANKS if r <= entry.left.shape[1]):
+        for rank in correction_ranks(k, n, entry.left.shape[1]):
             error = max(residual - float(kept[rank - 1]), 0.0) / weight
             choices.append(Choice(rank, base + correction_bytes(rank, k, n), error))
         if higher is not None and (energies := provider.quantized_energies(group.key, higher)):
