@@ -24,6 +24,7 @@ from lrcompile.factors.provider import FactorProvider, ProgressCallback
 from lrcompile.io import data as data_lib
 from lrcompile.io import model as model_io
 from lrcompile.io import runtime_files
+from lrcompile.io import shapes as shapes_lib
 from lrcompile.pipeline import Fp8Report
 from lrcompile.plan import Plan
 from lrcompile.profile import Profile
@@ -280,7 +281,7 @@ def _verification_feeds(config: CompileConfig, prepared) -> data_lib.FeedSource 
 
     Checked before anything runs, so bad data fails before anything is written.
     """
-    data_lib.resolve_shapes(prepared.inputs, config.input_shapes, config.batch_size)
+    shapes_lib.resolve_shapes(prepared.inputs, config.input_shapes, config.batch_size)
     if not config.verify or config.verify_data is None:
         return None
     return load_stage.feeds(prepared, config, str(config.verify_data))

@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from lrcompile import cli
 from lrcompile.cli.terminal import Progress
 from lrcompile.config import CHOICES, CompileConfig
-from lrcompile.io.data import parse_input_shapes, parse_val_ranges
+from lrcompile.io.data import parse_val_ranges
+from lrcompile.io.shapes import parse_input_shapes
 from tests.conftest import make_model, save
 
 

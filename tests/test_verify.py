@@ -8,6 +8,7 @@ import pytest
 import lrcompile
 from lrcompile.errors import DataError, LrcompileError
 from lrcompile.io import data as data_lib
+from lrcompile.io import shapes as shapes_lib
 from lrcompile.io.model import load_model
 from tests.conftest import make_model, run, save
 
@@ -50,9 +51,9 @@ def test_gate_passes_and_fails_at_the_tolerance(mlp, tmp_path):
 
 def test_synthetic_inputs_use_input_shapes_and_are_seeded(mlp):
     inputs = data_lib.model_inputs(load_model(mlp))
-    shapes = data_lib.resolve_shapes(inputs, data_lib.parse_input_shapes(["x:3x64"]), 8)
+    shapes = shapes_lib.resolve_shapes(inputs, shapes_lib.parse_input_shapes(["x:3x64"]), 8)
     assert shapes == {"x": (3, 64)}
-    assert data_lib.resolve_shapes(inputs, {}, 5) == {"x": (5, 64)}
+    assert shapes_lib.resolve_shapes(inputs, {}, 5) == {"x": (5, 64)}
     first = list(data_lib.synthetic_feeds(inputs, shapes, 2, seed=1))
     again = list(data_lib.synthetic_feeds(inputs, shapes, 2, seed=1))
     assert [f["x"].shape for f in first] == [(3, 64), (3, 64)]
@@ -104,7 +105,7 @@ def test_static_batch_dimension_sets_the_batch(tmp_path, rng):
 
 def test_bad_input_shapes(mlp):
     with pytest.raises(DataError, match="expected name:DxDx"):
-        data_lib.parse_input_shapes(["x=3x64"])
+        shapes_lib.parse_input_shapes(["x=3x64"])
     with pytest.raises(DataError, match="'y' is not a model input"):
         lrcompile.verify(mlp, mlp, input_shapes={"y": (1, 2)})
     with pytest.raises(DataError, match="does not fit the model's input shape"):
@@ -190,3 +191,20 @@ def test_input_shapes_are_one_mapping_type_in_config_and_verify(mlp, tmp_path):
             lrcompile.CompileConfig(rank="16", input_shapes=bad)
         with pytest.raises(LrcompileError, match="must be a sequence of positive integers"):
             lrcompile.verify(mlp, mlp, input_shapes=bad)
+
+
+def test_a_given_shape_sizes_the_dimensions_it_names_in_other_inputs():
+    f32, i64 = np.dtype(np.float32), np.dtype(np.int64)
+    inputs = [
+        data_lib.InputSpec("input_ids", i64, ("batch_size", "sequence_length")),
+        data_lib.InputSpec("past.0.key", f32, ("batch_size", 2, "past_length", 16)),
+        data_lib.InputSpec("past.0.value", f32, ("batch_size", 2, "past_length", 16)),
+    ]
+    shapes = shapes_lib.resolve_shapes(inputs, {"past.0.key": (4, 2, 0, 16)}, 8)
+    assert shapes == {
+        "input_ids": (4, 1),
+        "past.0.key": (4, 2, 0, 16),
+        "past.0.value": (4, 2, 0, 16),
+    }
+    with pytest.raises(DataError, match="'batch_size' two sizes \\(4 and 3\\)"):
+        shapes_lib.resolve_shapes(inputs, {"past.0.key": (4, 2, 0, 16), "input_ids": (3, 5)}, 8)

@@ -40,7 +40,8 @@ from lrcompile.cli.terminal import (
 )
 from lrcompile.config import CHOICES, DEFAULT_ITERATIONS, CompileConfig, parse_labels
 from lrcompile.errors import InternalError
-from lrcompile.io.data import parse_input_shapes, parse_val_ranges
+from lrcompile.io.data import parse_val_ranges
+from lrcompile.io.shapes import parse_input_shapes
 
 _VERBOSITY = [0]  # -v count of the running command, for the internal-error handler
 

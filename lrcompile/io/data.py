@@ -6,15 +6,13 @@ axis: ``batch_size`` rows, or exactly the model's batch dimension when it is sta
 Synthetic data (Polygraphy's seeded ``DataLoader``): each value uniform in a range, inclusive:
 ``[0, 1]`` for floats and integers by default; for an integer input that indexes a table (a
 ``Gather``, found by ``lrcompile.passes.inputs``) ``[0, rows - 1]``; any input's range set by
-``val_ranges`` (``--val-range NAME:LO,HI``). Dynamic dimensions: ``--input-shapes``, else the
-leading one is the batch size and the others 1.
+``val_ranges`` (``--val-range NAME:LO,HI``). Dynamic dimensions: ``io.shapes``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,11 +22,11 @@ import onnx_ir as ir
 
 from lrcompile.errors import DataError
 from lrcompile.io.past import GENAI_META_KEY, dims_of, is_past, past_dims, with_empty_past
+from lrcompile.io.shapes import format_shape, resolve_shapes
 
 logger = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
-_SHAPE = re.compile(r"^([^:]+):(\d+(?:x\d+)*)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,24 +51,6 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
         dims = pasts.get(value.name, dims_of(value.shape))
         specs.append(InputSpec(value.name or "", np.dtype(dtype), dims))
     return specs
-
-
-def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Parses ``["input_ids:1x128", "mask:1x128"]`` (comma-separated entries too).
-
-    Raises:
-        DataError: An entry is not ``name:DxDx...``.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    for item in items:
-        for entry in filter(None, (e.strip() for e in item.split(","))):
-            match = _SHAPE.match(entry)
-            if not match:
-                raise DataError(
-                    f"invalid input shape {entry!r}: expected name:DxDx..., e.g. input_ids:1x128"
-                )
-            shapes[match.group(1)] = tuple(int(d) for d in match.group(2).split("x"))
-    return shapes
 
 
 def load_npz(path: str | Path, inputs: Sequence[InputSpec]) -> Feed:
@@ -123,13 +103,13 @@ def _check_array(source: str, array: np.ndarray, spec: InputSpec) -> None:
     if array.ndim != len(spec.shape) or array.ndim == 0:
         raise DataError(
             f"{where} has shape {list(array.shape)}, the model expects rank {len(spec.shape)}"
-            f" {_format_shape(spec.shape)} with samples along axis 0"
+            f" {format_shape(spec.shape)} with samples along axis 0"
         )
     for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
         if axis > 0 and isinstance(want, int) and got != want:
             raise DataError(
                 f"{where} has shape {list(array.shape)}, the model expects"
-                f" {_format_shape(spec.shape)} (axis {axis} must be {want})"
+                f" {format_shape(spec.shape)} (axis {axis} must be {want})"
             )
     batch = spec.shape[0]
     if isinstance(batch, int) and array.shape[0] % batch:
@@ -150,47 +130,6 @@ def batches(
         {name: np.ascontiguousarray(array[start : start + size]) for name, array in arrays.items()}
         for start in range(0, total, size)
     ]
-
-
-def resolve_shapes(
-    inputs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]], batch_size: int
-) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for synthetic data: ``shapes`` where given, else static dimensions,
-    ``batch_size`` for a dynamic leading dimension and 1 for any other dynamic dimension.
-
-    Raises:
-        DataError: ``shapes`` names an unknown input or contradicts a static dimension.
-    """
-    known = {spec.name for spec in inputs}
-    for name in shapes:
-        if name not in known:
-            raise DataError(
-                f"`input_shapes`: {name!r} is not a model input (inputs: {sorted(known)})"
-            )
-    resolved = {}
-    for spec in inputs:
-        if spec.name in shapes:
-            shape = tuple(shapes[spec.name])
-            _check_given_shape(spec, shape)
-        else:
-            shape = tuple(
-                d if isinstance(d, int) else (batch_size if axis == 0 else 1)
-                for axis, d in enumerate(spec.shape)
-            )
-        resolved[spec.name] = shape
-    return resolved
-
-
-def _check_given_shape(spec: InputSpec, shape: tuple[int, ...]) -> None:
-    fits = len(shape) == len(spec.shape) and all(
-        not isinstance(want, int) or want == got
-        for got, want in zip(shape, spec.shape, strict=True)
-    )
-    if not fits:
-        raise DataError(
-            f"`input_shapes`: {spec.name}:{'x'.join(map(str, shape))} does not fit the model's"
-            f" input shape {_format_shape(spec.shape)}"
-        )
 
 
 def synthetic_feeds(
@@ -254,10 +193,6 @@ def parse_val_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
             )
         ranges[name] = (low, high)
     return ranges
-
-
-def _format_shape(shape: Sequence[int | str | None]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
 def load_script(spec: str, inputs: Sequence[InputSpec]) -> list[Feed]:
