@@ -7,7 +7,8 @@ Then the ONNX checker, on the file or on the in-memory skeleton of a model whose
 are read in place (``io.inline``). An operator the checker does not know (``No Op registered``:
 ONNX Runtime's contrib ops, or those onnxruntime-genai's builder writes in the default domain,
 such as SimplifiedLayerNormalization) is judged by ONNX Runtime instead: a model it can load is
-accepted, with a warning naming the operator; one it cannot is refused as before.
+accepted, with a warning naming the operator (once per process: a compile loads its input twice
+and its output once); one it cannot is refused as before.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lrcompile.io import inline
 logger = logging.getLogger(__name__)
 
 UNKNOWN_OP = "No Op registered for"  # the checker's line for an operator it has no schema of
+_WARNED: set[str] = set()  # the checker's lines already warned about as accepted
 
 
 def check_tensors(path: Path, proto: onnx.ModelProto, source: inline.InlineSource | None) -> None:
@@ -59,7 +61,11 @@ def _check(path: Path, proto: onnx.ModelProto, source: inline.InlineSource | Non
         line = _first_line(e)
         if not (line.startswith(UNKNOWN_OP) and _runtime_loads(path)):
             raise ModelLoadError(f"{path}: fails the ONNX checker: {line}") from None
-        logger.warning("%s: the ONNX checker says %r; ONNX Runtime loads it: accepted", path, line)
+        if line not in _WARNED:
+            _WARNED.add(line)
+            logger.warning(
+                "%s: the ONNX checker says %r; ONNX Runtime loads it: accepted", path, line
+            )
     except UnicodeDecodeError as e:  # the checker's message quotes a name that is not UTF-8
         message = e.object.decode("utf-8", "replace")
         raise ModelLoadError(f"{path}: fails the ONNX checker: {_first_line(message)}") from None
