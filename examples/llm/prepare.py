@@ -159,6 +159,11 @@ def _export(module, example, path: Path, inputs, outputs, axes) -> None:
 def export_genai(model, tokenizer, workdir: Path) -> None:
     """onnxruntime-genai's model builder on the model, fp32 and int4 for the CPU."""
     with tempfile.TemporaryDirectory() as hf:
+        # The weights were dequantized while loading the GGUF file: saved as the plain fp32
+        # checkpoint they are (transformers refuses to save a model it still marks as GGUF).
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(hf)
         tokenizer.save_pretrained(hf)
         for precision, folder in (("fp32", "genai"), ("int4", "genai-int4")):
