@@ -22,20 +22,11 @@ import onnx_ir as ir
 
 from lrcompile.errors import DataError
 from lrcompile.io.past import GENAI_META_KEY, dims_of, is_past, past_dims, with_empty_past
-from lrcompile.io.shapes import format_shape, resolve_shapes
+from lrcompile.io.shapes import InputSpec, format_shape, resolve_shapes
 
 logger = logging.getLogger(__name__)
 
 Feed = dict[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """A model input: name, numpy dtype, and dimensions (int when static, else a name or None)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...]
 
 
 def model_inputs(model: ir.Model) -> list[InputSpec]:

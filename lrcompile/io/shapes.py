@@ -1,4 +1,5 @@
-"""Concrete shapes for synthetic inputs: ``--input-shapes`` parsed and resolved against the model.
+"""A model input's spec, and concrete shapes for synthetic inputs: ``--input-shapes`` parsed and
+resolved against the model.
 
 A dynamic dimension takes, in order: the size ``--input-shapes`` gives it; the size a given shape
 sets for a dimension of the same name (``past_key_values.0.key:4x2x0x64`` sets ``batch_size`` to
@@ -8,16 +9,24 @@ one; else 1.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+
+import numpy as np
 
 from lrcompile.errors import DataError
 
-if TYPE_CHECKING:
-    from lrcompile.io.data import InputSpec
-
 _SHAPE = re.compile(r"^([^:]+):(\d+(?:x\d+)*)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """A model input: name, numpy dtype, and dimensions (int when static, else a name or None)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
 
 
 def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
