@@ -10,10 +10,13 @@ the peaks are left out. ``process_peak_kib`` is the whole process's peak despite
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -59,6 +62,8 @@ class Profile:
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        if stage not in self.seconds and stage not in self._stack:
+            logger.info("%s ...", stage)  # with -v, a long compile says where it is
         self._pause()
         self._stack.append(stage)
         try:

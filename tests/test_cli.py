@@ -232,6 +232,28 @@ def test_console_entry_point_runs(mlp, tmp_path):
     )
 
 
+def test_verbose_says_each_stage_and_leaves_other_libraries_info_to_vv(mlp, tmp_path):
+    def log(flag: str) -> list[str]:
+        command = [sys.executable, "-m", "lrcompile", flag, str(mlp), "--rank", "16"]
+        command += ["-o", str(tmp_path / f"o{flag}.onnx")]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stderr.splitlines() if line.startswith("INFO ")]
+
+    lines = log("-v")
+    stages = [line.split(": ")[1] for line in lines if line.startswith("INFO lrcompile.profile")]
+    assert stages == [
+        "load ...",
+        "factors ...",
+        "search ...",
+        "rewrite ...",
+        "save ...",
+        "verify ...",
+    ]
+    assert not [line for line in lines if not line.startswith("INFO lrcompile.")]
+    assert [line for line in log("-vv") if line.startswith("INFO onnx_ir.")]
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

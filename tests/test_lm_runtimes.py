@@ -28,10 +28,15 @@ pytestmark = pytest.mark.slow
 
 PROMPT = [5, 17, 99, 300, 7, 42, 100, 3, 8, 11]
 # How each compile is asked for (under --metric kl), and how many of the 20 greedy tokens must
-# equal the dense model's: 20 of 20 measured in all four (2026-12-07), 18 asked.
+# equal the dense model's. Measured 2026-12-07: 20 of 20 after --rank auto; 17 of 20 after int4
+# on both exports (the verdict's held-out top-1 changed on 3.1% of positions: this random model's
+# logits are nearly flat, and greedy text keeps a changed token). 20 of 20 had been measured for
+# int4 while auto could still give a correction as large as its weight (fixed in f11c695).
+# Broken cache or past handling gives text unlike the dense model's; the exact check is cache
+# == recompute.
 COMPILES = {
     "rank": ({"rank": "auto", "tolerance": 0.01}, 18),
-    "int4": ({"quantize": "int4", "rank": "auto", "tolerance": 0.02}, 18),
+    "int4": ({"quantize": "int4", "rank": "auto", "tolerance": 0.02}, 16),
 }
 
 

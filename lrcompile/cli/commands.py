@@ -104,7 +104,10 @@ def main(verbose: int) -> None:
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(FlagFormatter("%(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler])
+    # -v: lrcompile's INFO; other libraries' (onnx_ir logs a stack for every operator it has no
+    # schema of) only from -vv on.
+    logging.basicConfig(level=logging.WARNING if verbose < 2 else level, handlers=[handler])
+    logging.getLogger("lrcompile").setLevel(level)
 
 
 @main.command("compile")
