@@ -69,12 +69,14 @@ class CurvePoint:
 
 @dataclasses.dataclass(frozen=True)
 class Inspection:
-    """The candidates, the nodes left alone with reasons, and the measured trade-off curve."""
+    """The candidates, the nodes left alone with reasons, the ops lrcompile does not factor
+    (``(op, why, count)``: already quantized, or not MatMul/Gemm), and the trade-off curve."""
 
     layers: tuple[LayerInfo, ...]
     skipped: tuple[tuple[str, str], ...]
     curve: tuple[CurvePoint, ...]
     calibration: str | None
+    left_alone: tuple[tuple[str, str, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +97,9 @@ class Inspection:
                 for layer in self.layers
             ],
             "skipped": [{"node": node, "reason": reason} for node, reason in self.skipped],
+            "left_alone": [
+                {"op": op, "reason": why, "count": count} for op, why, count in self.left_alone
+            ],
             "curve": [dataclasses.asdict(point) for point in self.curve],
         }
 
@@ -123,8 +128,9 @@ def inspect_model(
     prepared = load(path, config)
     layers = [_layer_info(group, spectra) for group in prepared.groups]
     notes = tuple((s.node.name or "", s.reason) for s in prepared.skipped)
+    left_alone = tuple(prepared.left_alone)
     if not config.calibrated:
-        return Inspection(tuple(layers), notes, (), None)
+        return Inspection(tuple(layers), notes, (), None, left_alone)
     # What a compile's search starts from: cached factors, spectra, sensitivities.
     with calibration(prepared, config, Profile()) as (provider, calibrated):
         measured = search_stage.measure(prepared, calibrated, config, provider)
@@ -138,7 +144,7 @@ def inspect_model(
                 )
         curve = _curve(prepared, calibrated, measured.spectra, provider, config, curve_points)
         description = statistics_description(calibrated.source)
-    return Inspection(tuple(layers), notes, curve, description)
+    return Inspection(tuple(layers), notes, curve, description, left_alone)
 
 
 def _layer_info(group, spectra: bool) -> LayerInfo:

@@ -89,3 +89,26 @@ def test_cli_inspect_bad_calibration_exits_2(two_layer, tmp_path):
     )
     assert result.exit_code == 2
     assert "array 'y' is not a model input" in result.stderr
+
+
+def test_cli_inspect_names_the_ops_it_leaves_alone(tmp_path, rng):
+    # An already-quantized LM (genai's int4) has no MatMul to list: inspect says why.
+    model = make_model(
+        """g (uint8[N, 8] x, float[N, 8] f) => (int32[N, 8] y, float[N, 4] z) {
+            y = MatMulInteger(x, Wq)
+            z = MatMul(f, W)
+        }""",
+        {"Wq": np.ones((8, 8), np.uint8), "W": rng.standard_normal((8, 4)).astype(np.float32)},
+        opset=19,
+    )
+    path = save(model, tmp_path / "m.onnx")
+    result = CliRunner().invoke(
+        cli.main, ["inspect", str(path), "--json", str(tmp_path / "i.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == "left alone: 1 MatMulInteger (already quantized)"
+    data = json.loads((tmp_path / "i.json").read_text())
+    assert data["left_alone"] == [
+        {"op": "MatMulInteger", "reason": "already quantized", "count": 1}
+    ]
+    assert [layer["weight"] for layer in data["layers"]] == ["W"]

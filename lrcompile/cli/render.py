@@ -94,9 +94,7 @@ def _human(count: int) -> str:
 
 def print_compile(result: CompileResult) -> None:
     click.echo(layer_table(result.layers))
-    if result.left_alone:
-        ops = ", ".join(f"{count} {op} ({why})" for op, why, count in result.left_alone)
-        click.echo(f"left alone: {ops}")
+    _echo_left_alone(result.left_alone)
     if result.output_path is None:
         if result.auto is not None:
             _print_auto(result)
@@ -300,6 +298,12 @@ def _peer_rows(demo) -> list[tuple[str, str]]:
     return rows
 
 
+def _echo_left_alone(left_alone) -> None:
+    """``left alone: 121 MatMulNBits (already quantized), ...``: ops no candidate comes from."""
+    if left_alone:
+        click.echo("left alone: " + ", ".join(f"{n} {op} ({why})" for op, why, n in left_alone))
+
+
 def print_inspection(result) -> None:
     header = ("layer", "op", "shape", "readers", "break-even", "r99", "r99 whitened", "sensitivity")
     rows = [
@@ -318,6 +322,7 @@ def print_inspection(result) -> None:
     _echo_table(header, rows)
     for node, reason in result.skipped:
         click.echo(f"left alone: {node}: {reason}")
+    _echo_left_alone(result.left_alone)
     if result.curve:
         click.echo(
             f"auto trade-off on the held-back batches of {result.calibration}"
