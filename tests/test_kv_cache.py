@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -84,15 +85,21 @@ def test_an_lm_with_a_kv_cache_calibrates_searches_and_verifies_on_prompts_alone
     assert logits.shape == (2, 3, 200) and present.shape == (2, 8, 32)
 
 
-def test_a_kv_cache_output_is_gated_on_rel_l2_under_top1_and_kl(lm, tmp_path, rng):
-    # The candidate changes only the cache slightly: its last axis (the head size) is no class
-    # axis, so argmax changes along it must not fail the check.
+def _with_noisy_keys(lm: Path, path: Path, rng, scale: float) -> Path:
+    """``lm`` with noise of ``scale`` x its mean magnitude on the key projection: a candidate
+    that changes the cache more than the logits."""
     model = onnx.load(str(lm))
     wk = next(t for t in model.graph.initializer if t.name == "Wk")
     values = onnx.numpy_helper.to_array(wk)
-    noisy = values + 0.01 * np.abs(values).mean() * rng.standard_normal(values.shape)
+    noisy = values + scale * np.abs(values).mean() * rng.standard_normal(values.shape)
     wk.CopyFrom(onnx.numpy_helper.from_array(noisy.astype(np.float32), "Wk"))
-    candidate = save(model, tmp_path / "candidate.onnx")
+    return save(model, path)
+
+
+def test_a_kv_cache_output_is_gated_on_rel_l2_under_top1_and_kl(lm, tmp_path, rng):
+    # The candidate changes only the cache slightly: its last axis (the head size) is no class
+    # axis, so argmax changes along it must not fail the check.
+    candidate = _with_noisy_keys(lm, tmp_path / "candidate.onnx", rng, 0.01)
     for metric in ("top1", "kl"):
         result = lrcompile.verify(
             lm, candidate, data=lm.with_name("heldout.npz"), metric=metric, tolerance=0.02
@@ -325,12 +332,7 @@ def test_no_gate_cache_reports_the_cache_and_rests_the_verdict_on_the_logits(lm,
 
     from lrcompile import cli
 
-    model = onnx.load(str(lm))
-    wk = next(t for t in model.graph.initializer if t.name == "Wk")
-    values = onnx.numpy_helper.to_array(wk)
-    noisy = values + 0.02 * np.abs(values).mean() * rng.standard_normal(values.shape)
-    wk.CopyFrom(onnx.numpy_helper.from_array(noisy.astype(np.float32), "Wk"))
-    candidate = save(model, tmp_path / "candidate.onnx")
+    candidate = _with_noisy_keys(lm, tmp_path / "candidate.onnx", rng, 0.02)
     data = lm.with_name("heldout.npz")
     gated = lrcompile.verify(lm, candidate, data=data, metric="kl", tolerance=1.0)
     cache, logits = gated.outputs[1].relative_l2, gated.outputs[0].kl
